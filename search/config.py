@@ -1,0 +1,276 @@
+"""TrialConfig: the one flat, frozen description of a trial.
+
+Field names are the public vocabulary: MLflow params and Parquet columns use
+them unchanged. This module imports no torch; backbone names are checked
+against timm's registry lazily (timm is imported only when a config with a
+backbone outside our CIFAR families is validated).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = [
+    "TrialConfig",
+    "ConfigError",
+    "PLACEMENTS",
+    "DROPOUT_TYPES",
+    "DATASETS",
+    "CIFAR_FAMILIES",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message names field, value and what is allowed."""
+
+
+PLACEMENTS = ("none", "pre_bn", "pre_conv", "head")
+# Kept in sync with search.dropout's registry (a test checks); listed here so
+# validation needs no torch.
+DROPOUT_TYPES = ("bernoulli", "gaussian", "uout")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+SCHEDULES = ("cosine", "multistep")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Depth rules of the paper's CIFAR families: (rule text, predicate).
+CIFAR_FAMILIES: dict[str, tuple[str, Any]] = {
+    "cifar_wrn": ("6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)", lambda d: d >= 10 and (d - 4) % 6 == 0),
+    "cifar_preresnet": (
+        "9n+2 (bottleneck: 29, 47, 110, ...) or 6n+2 (basic: 8, 14, 20, 56, ...) with n >= 1",
+        lambda d: d >= 8 and ((d - 2) % 9 == 0 or (d - 2) % 6 == 0),
+    ),
+    "cifar_resnext": ("9n+2 with n >= 1 (11, 20, 29, ...)", lambda d: d >= 11 and (d - 2) % 9 == 0),
+    "cifar_densenet_bc": ("6n+4 with n >= 1 (10, 16, 40, 100, ...)", lambda d: d >= 10 and (d - 4) % 6 == 0),
+}
+
+
+def _meta(hashed: bool = True, help: str = "") -> dict[str, Any]:
+    return {"hashed": hashed, "help": help}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that defines one trial. Frozen; build variants with `replace`."""
+
+    backbone: str = field(default="cifar_wrn", metadata=_meta(help="timm model name or a CIFAR family"))
+    depth: int | None = field(default=16, metadata=_meta(help="CIFAR family depth; None for stock timm models"))
+    width: float = field(default=1.0, metadata=_meta(help="width multiplier (WRN: widen factor k)"))
+    dropout_type: str = field(default="bernoulli", metadata=_meta(help="|".join(DROPOUT_TYPES)))
+    dropout_placement: str = field(default="none", metadata=_meta(help="|".join(PLACEMENTS)))
+    dropout_rate: float = field(default=0.0, metadata=_meta(help="drop rate 1-p (uout: beta), in [0, 1)"))
+    dataset: str = field(default="digits", metadata=_meta(help="|".join(DATASETS)))
+    image_size: int = field(default=32, metadata=_meta(help="input side in pixels"))
+    in_chans: int = field(default=3, metadata=_meta(help="input channels (1 or 3)"))
+    num_classes: int | None = field(default=None, metadata=_meta(help="None: the dataset's"))
+    train_samples: int | None = field(default=None, metadata=_meta(help="cap on training images; None: all"))
+    epochs: int = field(default=5, metadata=_meta(help="training epochs"))
+    batch_size: int = field(default=128, metadata=_meta(help="images per step"))
+    lr: float = field(default=0.1, metadata=_meta(help="peak learning rate"))
+    momentum: float = field(default=0.9, metadata=_meta(help="SGD momentum"))
+    nesterov: bool = field(default=True, metadata=_meta(help="Nesterov momentum"))
+    weight_decay: float = field(default=5e-4, metadata=_meta(help="L2 weight decay"))
+    schedule: str = field(default="cosine", metadata=_meta(help="|".join(SCHEDULES)))
+    warmup_epochs: float = field(default=0.0, metadata=_meta(help="linear warm-up length in epochs"))
+    label_smoothing: float = field(default=0.0, metadata=_meta(help="in [0, 1)"))
+    augment: bool = field(default=True, metadata=_meta(help="random crop + flip (flip off for digits)"))
+    seed: int = field(default=0, metadata=_meta(help="seeds weights, data order and dropout"))
+    # Execution knobs: they change speed, not the experiment, so they stay out of the hash.
+    device: str = field(default="auto", metadata=_meta(False, "|".join(DEVICES)))
+    data_dir: str | None = field(default=None, metadata=_meta(False, "where on-disk datasets live"))
+    channels_last: bool = field(default=True, metadata=_meta(False, "NHWC memory format on CUDA"))
+    amp: bool = field(default=True, metadata=_meta(False, "bf16 autocast on CUDA"))
+    compile: bool = field(default=False, metadata=_meta(False, "torch.compile the model"))
+    num_workers: int = field(default=0, metadata=_meta(False, "DataLoader workers off the GPU-resident path"))
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_values()
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrialConfig":
+        """Build from a flat mapping; an unknown key is an error (with a suggestion).
+
+        Raises:
+            ConfigError: on an unknown key or a bad value.
+        """
+        names = cls.field_names()
+        for key in d:
+            if key not in names:
+                hint = difflib.get_close_matches(str(key), names, n=3)
+                extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+                raise ConfigError(f"unknown field {key!r}{extra} (allowed: {', '.join(names)})")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat dict of plain values (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def config_hash(self) -> str:
+        """16 hex chars of SHA-256 over the canonical JSON of the experiment fields.
+
+        Stable across processes and Python versions: sorted keys, no whitespace,
+        floats normalised so 1 and 1.0 hash alike.
+        """
+        payload = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("hashed", True):
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, float):
+                v = float(repr(v)) if v != int(v) else int(v)
+            payload[f.name] = v
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def is_cifar_family(self) -> bool:
+        return self.backbone in CIFAR_FAMILIES
+
+    # ------------------------------------------------------------- validation
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want = str(f.type)
+            optional = "None" in want
+            if v is None:
+                if not optional:
+                    raise ConfigError(f"field {f.name!r} must not be None (expects {want})")
+                continue
+            base = want.replace(" | None", "")
+            if base == "bool":
+                ok = isinstance(v, bool)
+            elif base == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif base == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if ok and isinstance(v, int):
+                    object.__setattr__(self, f.name, float(v))
+            else:
+                ok = isinstance(v, str)
+            if not ok:
+                raise ConfigError(f"field {f.name!r} expects {want}, got {v!r} ({type(v).__name__})")
+
+    def _check_values(self) -> None:
+        _choice("dropout_placement", self.dropout_placement, PLACEMENTS)
+        _choice("dropout_type", self.dropout_type, DROPOUT_TYPES)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ConfigError(f"field 'dropout_rate' must be in [0, 1), got {self.dropout_rate!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"field 'label_smoothing' must be in [0, 1), got {self.label_smoothing!r}")
+        if self.width <= 0:
+            raise ConfigError(f"field 'width' must be > 0, got {self.width!r}")
+        if self.in_chans not in (1, 3):
+            raise ConfigError(f"field 'in_chans' must be 1 or 3, got {self.in_chans!r}")
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"field {name!r} must be >= 1, got {getattr(self, name)!r}")
+        if self.image_size < 8:
+            raise ConfigError(f"field 'image_size' must be >= 8, got {self.image_size!r}")
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"field {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"field 'num_classes' must be >= 2 or None, got {self.num_classes!r}")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise ConfigError(f"field 'train_samples' must be >= 1 or None, got {self.train_samples!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"field 'num_workers' must be >= 0, got {self.num_workers!r}")
+        self._check_backbone()
+
+    def _check_backbone(self) -> None:
+        if self.backbone in CIFAR_FAMILIES:
+            rule, ok = CIFAR_FAMILIES[self.backbone]
+            if self.depth is None or not ok(self.depth):
+                raise ConfigError(
+                    f"field 'depth' = {self.depth!r} is invalid for backbone {self.backbone!r}: depth must be {rule}"
+                )
+            return
+        known = timm_model_names()
+        if self.backbone not in known:
+            hint = difflib.get_close_matches(self.backbone, list(CIFAR_FAMILIES) + sorted(known), n=3, cutoff=0.6)
+            extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+            raise ConfigError(
+                f"field 'backbone' = {self.backbone!r} is not a timm model nor a CIFAR family"
+                f" ({', '.join(CIFAR_FAMILIES)}){extra}"
+            )
+        if self.depth is not None:
+            raise ConfigError(
+                f"field 'depth' = {self.depth!r} is only for CIFAR families ({', '.join(CIFAR_FAMILIES)});"
+                f" stock timm model {self.backbone!r} fixes its own depth: set depth=None"
+            )
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"field {name!r} = {value!r} is not allowed (allowed: {', '.join(allowed)}){extra}")
+
+
+_TIMM_NAMES: frozenset[str] | None = None
+
+
+def timm_model_names() -> frozenset[str]:
+    """All model names in timm's registry (imported lazily; cached)."""
+    global _TIMM_NAMES
+    if _TIMM_NAMES is None:
+        import timm  # heavy: only when a stock backbone is validated
+
+        _TIMM_NAMES = frozenset(timm.list_models())
+    return _TIMM_NAMES
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a `key=value` override, typed by TrialConfig's field type. Never evaluates code.
+
+    Raises:
+        ConfigError: unknown key, missing '=', or a value that does not parse as the field's type.
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrialConfig)}
+    if key not in types:
+        hint = difflib.get_close_matches(key, list(types), n=3)
+        extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+        raise ConfigError(f"override {text!r}: unknown field {key!r}{extra} (allowed: {', '.join(types)})")
+    return key, parse_value(key, types[key], raw)
+
+
+def parse_value(key: str, type_text: str, raw: str) -> Any:
+    optional = "None" in type_text
+    base = type_text.replace(" | None", "")
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base == "bool":
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base == "int":
+            return int(raw)
+        if base == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"field {key!r} expects {type_text}, got {raw!r}") from None
+    return raw
