@@ -36,6 +36,9 @@ DROPOUT_TYPES = ("bernoulli", "gaussian", "uout")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cpu", "cuda")
+STEMS = ("auto", "cifar", "imagenet")
+# Classes per dataset when TrialConfig.num_classes is None (imagefolder: counted from the tree).
+DATASET_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100}
 
 # Depth rules of the paper's CIFAR families: (rule text, predicate).
 CIFAR_FAMILIES: dict[str, tuple[str, Any]] = {
@@ -66,6 +69,7 @@ class TrialConfig:
     dataset: str = field(default="digits", metadata=_meta(help="|".join(DATASETS)))
     image_size: int = field(default=32, metadata=_meta(help="input side in pixels"))
     in_chans: int = field(default=3, metadata=_meta(help="input channels (1 or 3)"))
+    stem: str = field(default="auto", metadata=_meta(help="auto|cifar|imagenet: stock timm stem; auto = cifar below 64 px"))
     num_classes: int | None = field(default=None, metadata=_meta(help="None: the dataset's"))
     train_samples: int | None = field(default=None, metadata=_meta(help="cap on training images; None: all"))
     epochs: int = field(default=5, metadata=_meta(help="training epochs"))
@@ -170,6 +174,7 @@ class TrialConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("stem", self.stem, STEMS)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"field 'dropout_rate' must be in [0, 1), got {self.dropout_rate!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
