@@ -51,6 +51,9 @@ CIFAR_FAMILIES: dict[str, tuple[str, Any]] = {
     "cifar_densenet_bc": ("6n+4 with n >= 1 (10, 16, 40, 100, ...)", lambda d: d >= 10 and (d - 4) % 6 == 0),
 }
 
+# Depth used when a CIFAR family is named without one (CLI convenience).
+DEFAULT_DEPTH = {"cifar_wrn": 16, "cifar_preresnet": 20, "cifar_resnext": 29, "cifar_densenet_bc": 40}
+
 
 def _meta(hashed: bool = True, help: str = "") -> dict[str, Any]:
     return {"hashed": hashed, "help": help}

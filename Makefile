@@ -1,0 +1,32 @@
+# `make run` and `make test` create .venv on first use; later calls reuse it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SPACE ?= wrn_widths
+PROFILE ?= quick
+ARGS ?=
+
+.PHONY: install run test test-fast report clean
+
+install: $(VENV)/.installed
+
+# pip takes torch/torchvision from the capped releases on disk (<=2.14.1 / <=0.29.1).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: install
+	$(PY) -m search.run --space $(SPACE) --profile $(PROFILE) $(ARGS)
+
+report: install
+	$(PY) -m analysis.report --space $(SPACE)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf results reports mlflow.db mlruns ray_results

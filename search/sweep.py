@@ -1,0 +1,221 @@
+"""The Ray Tune driver: trials scheduled by Tune, searched by grid, random or Optuna.
+
+The trainable runs `run_trial` on a worker and reports per-epoch metrics; a
+Tune callback in the driver is the single writer to MLflow and Parquet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+
+from .config import TrialConfig
+from .results import TrialResult
+from .tracking import DONE_STATUSES, Tracker
+
+__all__ = ["SweepPlan", "run_sweep", "trainable"]
+
+
+@dataclass
+class SweepPlan:
+    """Everything the driver needs, resolved and validated by `search.run`."""
+
+    space: str
+    profile: str
+    algo: str  # grid | random | optuna
+    configs: list[dict[str, Any]]  # grid/random: the trials to run (already de-duplicated)
+    samples: int = 0  # optuna: trials to ask for
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    scheduler: str = "fifo"  # fifo | asha
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0
+    retries: int = 1
+    storage: str = "results"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    finished: dict[str, str] = field(default_factory=dict)  # config_hash -> run_id already done
+    verbose: int = 1
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """Tune function trainable: one trial; the last report carries the whole result."""
+    import torch
+
+    from .trial import run_trial
+
+    cfg = TrialConfig.from_dict(config["cfg"] if "cfg" in config else _strip(config))
+    ctx = tune.get_context()
+    cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx else 1
+    torch.set_num_threads(max(1, int(cpus)))
+    t0 = time.time()
+    result = run_trial(cfg, report=lambda m: tune.report(dict(m)))
+    last = result.history[-1] if result.history else {}
+    final = {**{k: v for k, v in last.items()}, **result.summary(), "status": result.status,
+             "config_hash": cfg.config_hash, "node_ip": _node_ip(), "pid": os.getpid(),
+             "started_at": t0, "ended_at": time.time(),
+             "trial_result": json.dumps(result.to_dict()), "cfg_json": json.dumps(cfg.to_dict())}
+    tune.report(final)
+
+
+def _strip(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("__")}
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - metadata only
+        return ""
+
+
+class TrackingCallback(tune.Callback):
+    """The one writer: MLflow runs and Parquet rows, plus a line per finished trial."""
+
+    def __init__(self, plan: SweepPlan, tracker: Tracker) -> None:
+        self.plan, self.tracker = plan, tracker
+        self.runs: dict[str, str] = {}  # tune trial_id -> MLflow run id
+        self.history: dict[str, list[dict[str, float]]] = {}
+        self.done = 0
+        self.total = len(plan.configs) or plan.samples
+        self.meta: dict[str, dict[str, Any]] = {}  # trial_id -> node/pid/time of the final report
+
+    def _cfg(self, trial: Any) -> TrialConfig:
+        c = trial.config
+        return TrialConfig.from_dict(c["cfg"] if "cfg" in c else _strip(c))
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id not in self.runs:  # a retried trial keeps its run
+            self.runs[trial.trial_id] = self.tracker.start(self._cfg(trial), trial_id=trial.trial_id,
+                                                           algo=self.plan.algo)
+        self.history[trial.trial_id] = []
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "trial_result" not in result and "epoch" in result:
+            self.history.setdefault(trial.trial_id, []).append(
+                {k: float(result[k]) for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
+                                                "lr", "epoch_time_s", "throughput") if k in result})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        cfg = self._cfg(trial)
+        if "trial_result" in last:
+            result = TrialResult.from_dict(json.loads(last["trial_result"]))
+            self.meta[trial.trial_id] = {k: last.get(k) for k in ("node_ip", "pid", "started_at", "ended_at")}
+        else:  # stopped early by the scheduler: keep the epochs it did
+            hist = self.history.get(trial.trial_id, [])
+            result = TrialResult(status="stopped", history=hist, epochs_completed=len(hist))
+            if hist:
+                result.test_acc, result.test_loss = hist[-1].get("test_acc", float("nan")), hist[-1].get("test_loss")
+        tags = {"node_ip": str(last.get("node_ip", "")), "device": result.device}
+        self.tracker.finish(self._run(trial, cfg), cfg, result, extra_tags=tags)
+        self._line(cfg, result)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        cfg = self._cfg(trial)
+        err = _error_line(trial)
+        hist = self.history.get(trial.trial_id, [])
+        result = TrialResult(status="failed", error=err, history=hist, epochs_completed=len(hist))
+        self.tracker.finish(self._run(trial, cfg), cfg, result)
+        self._line(cfg, result)
+
+    def _run(self, trial: Any, cfg: TrialConfig) -> str:
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = self.tracker.start(cfg, trial_id=trial.trial_id, algo=self.plan.algo)
+        return self.runs[trial.trial_id]
+
+    def _line(self, cfg: TrialConfig, r: TrialResult) -> None:
+        self.done += 1
+        what = (f"{cfg.backbone} d={cfg.depth} w={cfg.width:g} {cfg.dropout_placement}"
+                + ("" if cfg.dropout_placement == "none" else f"/{cfg.dropout_type}@{cfg.dropout_rate:g}")
+                + f" seed={cfg.seed}")
+        if r.status == "failed":
+            msg = f"FAILED: {r.error}"
+        else:
+            msg = (f"{r.status}  acc {r.test_acc:.3f} -> {r.test_acc_reest:.3f} after BN re-est.  "
+                   f"shift mean {r.mean_shift:.3f} max {r.max_shift:.3f}  {r.wall_time_s:.0f}s")
+        print(f"[{self.done}/{self.total}] {what}: {msg}", flush=True)
+
+
+def _error_line(trial: Any) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    text = ""
+    try:
+        text = open(path).read() if path and os.path.exists(path) else str(getattr(trial, "error_msg", "") or "")
+    except OSError:
+        pass
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "trial raised")[:1000]
+
+
+def _search_alg(plan: SweepPlan, metric: str, mode: str) -> Any:
+    if plan.algo != "optuna":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from spaces import get_space
+
+    space = get_space(plan.space)
+
+    def define_by_run(trial: "optuna.trial.Trial") -> dict[str, Any]:
+        return {**space.suggest(trial, plan.profile), **plan.overrides}
+
+    store = os.path.join(_local_root(plan.storage), plan.space)
+    os.makedirs(store, exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(store, 'optuna.db')}")
+    return OptunaSearch(space=define_by_run, metric=metric, mode=mode, storage=storage,
+                        study_name=f"{plan.space}-{plan.profile}",
+                        sampler=optuna.samplers.TPESampler(seed=plan.seed))
+
+
+def _local_root(storage: str) -> str:
+    if "://" in storage and not storage.startswith("file://"):
+        # Optuna's RDB file needs a local disk; keep it beside the driver.
+        return os.path.abspath("results")
+    return os.path.abspath(storage.replace("file://", ""))
+
+
+def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
+    """Run the planned trials with Ray Tune; returns Tune's ResultGrid."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    metric, mode = "test_acc", "max"
+    resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
+    fn = tune.with_resources(trainable, resources)
+    if plan.algo == "optuna":
+        param_space: dict[str, Any] = {}
+        num_samples = plan.samples
+    else:
+        param_space = {"cfg": tune.grid_search(plan.configs)}
+        num_samples = 1
+    scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2)
+                 if plan.scheduler == "asha" else FIFOScheduler())
+    tune_config = tune.TuneConfig(
+        metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
+        search_alg=_search_alg(plan, metric, mode), max_concurrent_trials=plan.max_concurrent or None,
+        reuse_actors=True)
+    storage = plan.storage if "://" in plan.storage else os.path.abspath(plan.storage)
+    run_config = tune.RunConfig(
+        name=f"{plan.space}-{plan.profile}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=f"{storage.rstrip('/')}/{plan.space}/ray",
+        callbacks=[TrackingCallback(plan, tracker)],
+        failure_config=tune.FailureConfig(max_failures=plan.retries),
+        verbose=plan.verbose, log_to_file=True)
+    tuner = tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tuner.fit()
+
+
+def done_statuses() -> tuple[str, ...]:
+    return DONE_STATUSES
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m search.run --space NAME")

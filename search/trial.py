@@ -1,0 +1,171 @@
+"""One trial, measured: data -> model with dropout -> train -> probes -> BN re-estimation.
+
+`run_trial` needs no Ray, Optuna or MLflow, so it runs the same inside a Tune
+worker, in a benchmark, or from `python -m search.trial` on a bare GPU image.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+from .config import DEFAULT_DEPTH, ConfigError, TrialConfig, parse_value
+from .results import TrialResult
+
+__all__ = ["run_trial", "main"]
+
+Report = Callable[[dict[str, float]], None]
+
+
+def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None) -> TrialResult:
+    """Train one configuration and measure its variance shift.
+
+    Args:
+        cfg: the trial (a TrialConfig or a flat dict of its fields).
+        report: called once per epoch with that epoch's metrics (Ray Tune's
+            `tune.report`, or anything else).
+
+    Returns:
+        The summary metrics and one `LayerShift` per BatchNorm layer. A NaN/inf
+        loss gives status "diverged" with the metrics so far; it does not raise.
+
+    Raises:
+        ConfigError: a bad configuration. Other errors (a dataset missing, out
+        of memory) propagate so the caller can record and retry them.
+    """
+    import torch
+
+    from .data import load_data, resolve_device
+    from .models import build_model
+    from .probes import measure_variance_shift, reestimate_bn
+    from .train import evaluate, seed_everything, train
+
+    if not isinstance(cfg, TrialConfig):
+        cfg = TrialConfig.from_dict(cfg)
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_data(cfg, device)
+    model = build_model(cfg, num_classes=data.num_classes).to(device)
+    result = TrialResult(params=sum(p.numel() for p in model.parameters()), device=str(device))
+
+    outcome = train(model, data, cfg, device, on_epoch=report)
+    result.status = outcome.status
+    result.history = outcome.history
+    result.epochs_completed = outcome.epochs_completed
+    result.train_loss, result.train_acc = outcome.train_loss, outcome.train_acc
+    result.train_time_s, result.throughput = outcome.train_time_s, outcome.throughput
+    if outcome.history:
+        last = outcome.history[-1]
+        result.test_loss, result.test_acc = last["test_loss"], last["test_acc"]
+
+    if outcome.status == "ok":
+        amp = cfg.amp and device.type == "cuda"
+        t_probe = time.perf_counter()
+        # The paper's protocol: training data, eval mode, dropout off.
+        result.layers = measure_variance_shift(model, data.train_eval, device)
+        if not outcome.history:  # no per-epoch eval happened
+            result.test_loss, result.test_acc = evaluate(model, data.test, device, amp=amp)
+        reestimate_bn(model, data.train_eval, device)
+        result.test_loss_reest, result.test_acc_reest = evaluate(model, data.test, device, amp=amp)
+        after = measure_variance_shift(model, data.train_eval, device)
+        result.probe_time_s = time.perf_counter() - t_probe
+        _summarise_shift(result, after)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result.wall_time_s = time.perf_counter() - t0
+    return result
+
+
+def _summarise_shift(result: TrialResult, after: list) -> None:
+    shifts = [x.shift for x in result.layers if math.isfinite(x.shift)]
+    fed = [x.shift for x in result.layers if x.fed_by_dropout and math.isfinite(x.shift)]
+    reest = [x.shift for x in after if math.isfinite(x.shift)]
+    result.mean_shift = sum(shifts) / len(shifts) if shifts else float("nan")
+    result.max_shift = max(shifts) if shifts else float("nan")
+    result.mean_shift_fed = sum(fed) / len(fed) if fed else float("nan")
+    result.mean_shift_reest = sum(reest) / len(reest) if reest else float("nan")
+
+
+# ---------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    import dataclasses
+
+    p = argparse.ArgumentParser(
+        prog="python -m search.trial",
+        description="Run one trial (no Ray needed) and print its summary and per-layer variance shift.",
+    )
+    for f in dataclasses.fields(TrialConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=str(f.type).upper().replace(" | NONE", ""),
+                       default=None, help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
+    p.add_argument("--layers", action="store_true", help="print the per-BN-layer table")
+    p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _config_from_args(ns: argparse.Namespace) -> TrialConfig:
+    import dataclasses
+
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrialConfig):
+        raw = getattr(ns, f.name)
+        if raw is not None:
+            values[f.name] = parse_value(f.name, str(f.type), raw)
+    # Spare the user `--depth none` for stock timm models and a depth for CIFAR families.
+    if "backbone" in values and "depth" not in values:
+        values["depth"] = DEFAULT_DEPTH.get(values["backbone"])
+    return TrialConfig.from_dict(values)
+
+
+def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str:
+    """A readable multi-line summary of one trial."""
+    lines = [
+        f"trial {cfg.config_hash}: {cfg.backbone} depth={cfg.depth} width={cfg.width:g} "
+        f"{cfg.dropout_placement}/{cfg.dropout_type}@{cfg.dropout_rate:g} on {cfg.dataset} ({r.device})",
+        f"  status            {r.status}" + (f" ({r.error})" if r.error else ""),
+        f"  epochs            {r.epochs_completed}/{cfg.epochs}   params {r.params:,}",
+        f"  test acc          {r.test_acc:.4f}   loss {r.test_loss:.4f}",
+        f"  after BN re-est.  {r.test_acc_reest:.4f}   loss {r.test_loss_reest:.4f}",
+        f"  variance shift    mean {r.mean_shift:.4f}  max {r.max_shift:.4f}  "
+        f"fed-by-dropout mean {r.mean_shift_fed:.4f}  after re-est. {r.mean_shift_reest:.4f}",
+        f"  throughput        {r.throughput:,.0f} img/s   train {r.train_time_s:.1f}s  "
+        f"probes {r.probe_time_s:.1f}s  wall {r.wall_time_s:.1f}s",
+    ]
+    if layers and r.layers:
+        lines.append(f"  {'idx':>3} {'layer':<34} {'ch':>5} {'d':>6} {'drop':>4} {'moving':>9} {'real':>9} "
+                     f"{'shift':>7} {'chan':>7}")
+        for x in r.layers:
+            lines.append(
+                f"  {x.index:>3} {x.name[-34:]:<34} {x.channels:>5} {x.fan_in if x.fan_in else '-':>6} "
+                f"{'yes' if x.fed_by_dropout else '':>4} {x.moving_var:>9.4g} {x.real_var:>9.4g} "
+                f"{x.shift:>7.4f} {x.shift_channelwise:>7.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        cfg = _config_from_args(ns)
+        result = run_trial(cfg, report=lambda m: print(
+            f"  epoch {int(m['epoch']):>3}  train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.4f}  "
+            f"{m['throughput']:,.0f} img/s", flush=True))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if ns.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_result(cfg, result, layers=ns.layers))
+    if ns.json:
+        import json
+
+        with open(ns.json, "w") as fh:
+            json.dump({"config": cfg.to_dict(), "config_hash": cfg.config_hash, "result": result.to_dict()}, fh,
+                      indent=1, default=float)
+    return 0 if result.status != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
