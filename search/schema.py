@@ -37,7 +37,8 @@ METRIC_FIELDS = [
     pa.field(k, pa.int64() if k in ("params", "epochs_completed") else pa.float64())
     for k in TrialResult.SUMMARY_KEYS
 ]
-TRIALS_SCHEMA = pa.schema(ID_FIELDS + CONFIG_FIELDS + METRIC_FIELDS + [pa.field("device", pa.string())])
+# `ran_on` is where the trial ran (e.g. cuda:0); `device` is what the config asked for.
+TRIALS_SCHEMA = pa.schema(ID_FIELDS + CONFIG_FIELDS + METRIC_FIELDS + [pa.field("ran_on", pa.string())])
 
 # Config columns repeated on every layer row so analysis groups without a join.
 LAYER_CONFIG_COLUMNS = (
@@ -57,7 +58,7 @@ def trial_row(cfg: TrialConfig, result: TrialResult, *, run_id: str, space: str,
                                status=result.status, error=result.error, finished_at=finished_at)
     row.update(cfg.to_dict())
     row.update(result.summary())
-    row["device"] = result.device
+    row["ran_on"] = result.device
     return row
 
 
