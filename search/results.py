@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 __all__ = ["LayerShift", "TrialResult", "STATUSES", "Status"]
 
-Status = Literal["ok", "diverged", "failed"]
-STATUSES: tuple[str, ...] = ("ok", "diverged", "failed")
+Status = Literal["ok", "diverged", "failed", "stopped"]
+STATUSES: tuple[str, ...] = ("ok", "diverged", "failed", "stopped")  # stopped: early-stopped by ASHA
 
 
 @dataclass
