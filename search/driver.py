@@ -32,7 +32,19 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
              configure_logging=False)
 
 
-def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any], gpus: float) -> int:
+def resolve_auto_gpus(configs: list[dict[str, Any]]) -> float:
+    """Measure one training step on a GPU of the cluster and pick the packing fraction."""
+    import ray
+
+    from .packing import auto_gpus_per_trial
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise ValueError("--gpus-per-trial auto: the Ray cluster has no GPU to measure on; give a number instead")
+    return ray.get(ray.remote(num_gpus=1)(auto_gpus_per_trial).remote(configs))
+
+
+def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
+          gpus: float | str) -> int:
     """Run the sweep the arguments describe; returns the exit code."""
     from .sweep import SweepPlan, run_sweep
 
@@ -51,12 +63,15 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
             print(f"{reused} of {len(configs)} trials already finished in {args.tracking_uri}: reused "
                   "(--force to train them again)", flush=True)
         if todo if args.algo != "optuna" else samples:
+            init_ray(args.address, args.num_cpus)
+            if gpus == "auto":
+                gpus = resolve_auto_gpus(todo or configs)
+                print(f"--gpus-per-trial auto: {gpus:.3g} GPU per trial (measured peak memory of one step)")
             plan = SweepPlan(space=args.space, profile=args.profile, algo=args.algo, configs=todo,
                              samples=samples, overrides=overrides, seed=args.search_seed, scheduler=args.scheduler,
                              cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
                              max_concurrent=args.max_concurrent, retries=args.retries, storage=args.storage,
                              tracking_uri=args.tracking_uri, finished=finished, verbose=0 if args.quiet else 1)
-            init_ray(args.address, args.num_cpus)
             n = len(todo) or samples
             print(f"sweep {args.space!r} (profile {args.profile}, {args.algo}): {n} trial(s) to run, "
                   f"{args.cpus_per_trial:g} CPU + {gpus:g} GPU each", flush=True)

@@ -107,11 +107,13 @@ def _print_table(configs: list[dict[str, Any]]) -> None:
         print("  ".join(f"{v:<17}" if i == 4 else f"{v:<10}" for i, v in enumerate(cells)))
 
 
-def _gpus(value: str) -> float:
+def _gpus(value: str) -> float | str:
+    if value == "auto":
+        return "auto"
     try:
         g = float(value)
     except ValueError:
-        raise UsageError(f"--gpus-per-trial {value!r} must be a number >= 0 (e.g. 0.25)") from None
+        raise UsageError(f"--gpus-per-trial {value!r} must be 'auto' or a number >= 0 (e.g. 0.25)") from None
     if g < 0:
         raise UsageError(f"--gpus-per-trial {value!r} must be >= 0")
     return g

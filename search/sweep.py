@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from ray import tune
 
 from .config import TrialConfig
 from .results import TrialResult
-from .tracking import DONE_STATUSES, Tracker
+from .tracking import Tracker
 
 __all__ = ["SweepPlan", "run_sweep", "trainable"]
 
@@ -51,8 +50,13 @@ def trainable(config: dict[str, Any]) -> None:
 
     cfg = TrialConfig.from_dict(config["cfg"] if "cfg" in config else _strip(config))
     ctx = tune.get_context()
-    cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx else 1
-    torch.set_num_threads(max(1, int(cpus)))
+    need = ctx.get_trial_resources().required_resources if ctx else {}
+    torch.set_num_threads(max(1, int(need.get("CPU", 1))))
+    gpu = float(need.get("GPU", 0))
+    if 0 < gpu < 1 and torch.cuda.is_available():
+        # Ray does not isolate GPU memory: a packed trial that outgrows its share fails alone
+        # (and is retried) instead of pushing its neighbours out of memory.
+        torch.cuda.set_per_process_memory_fraction(gpu)
     t0 = time.time()
     result = run_trial(cfg, report=lambda m: tune.report(dict(m)))
     last = result.history[-1] if result.history else {}
@@ -212,10 +216,3 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
     tuner = tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
     return tuner.fit()
 
-
-def done_statuses() -> tuple[str, ...]:
-    return DONE_STATUSES
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: python -m search.run --space NAME")
