@@ -1,0 +1,35 @@
+"""WRN widths x dropout placement x type x rate: where does in-block dropout stop hurting?
+
+The paper's explanation predicts the variance shift shrinks as the feature
+dimension d grows; this space varies the WRN widen factor k to fit that.
+"""
+from __future__ import annotations
+
+from ._defaults import DROPOUT_TYPES, PAPER, PLACEMENTS, QUICK, rate_axis
+from ._registry import register_space
+from ._space import Profile, Space
+
+
+@register_space
+def wrn_widths() -> Space:
+    return Space(
+        name="wrn_widths",
+        description="WRN across widen factors x dropout placement x type x rate (the width-vs-shift study)",
+        fixed=dict(backbone="cifar_wrn", depth=28),
+        axes=dict(
+            width=[1.0, 2.0, 4.0, 8.0, 10.0],
+            dropout_placement=list(PLACEMENTS),
+            dropout_type=list(DROPOUT_TYPES),
+            dropout_rate=rate_axis(),
+        ),
+        profiles=dict(
+            # 3 widths x (none + 3 placements x bernoulli@0.5) = 12 trials on a 2-core CPU.
+            quick=Profile(
+                fixed=dict(QUICK, depth=10),
+                axes=dict(width=[1.0, 2.0, 4.0], dropout_type=["bernoulli"], dropout_rate=rate_axis((0.5,))),
+                text="WRN-10-{1,2,4} on digits",
+            ),
+            # 5 widths x (none + 3 placements x 3 types x 4 rates) = 185 trials.
+            paper=Profile(fixed=dict(PAPER, depth=28), text="WRN-28-{1,2,4,8,10} on CIFAR-10, 200 epochs"),
+        ),
+    )
