@@ -1,0 +1,391 @@
+"""Datasets by name, served as device-resident batches (airbench style).
+
+In-memory datasets (digits, synthetic, cifar10, cifar100) live on the device
+as one uint8 tensor [N, C, H, W]; a batch is a slice of a randperm, and the
+random crop + flip is one batched gather on that device, so no
+DataLoader sits in the hot path. Only `imagefolder` uses a DataLoader (PIL
+decoding needs workers); its batches get the same on-device augmentation.
+
+All randomness (epoch order, crop offsets, flips) comes from CPU generators
+seeded by (cfg.seed, epoch), so a seed gives the same batches on CPU and CUDA,
+whatever else drew random numbers before. Train/test splits and
+`train_samples` subsets use a fixed seed: every trial sees the same images.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from search.config import DATASET_CLASSES, TrialConfig
+
+__all__ = ["DataBundle", "DatasetNotFoundError", "CorruptDatasetError", "TensorLoader", "FolderLoader",
+           "load_data", "resolve_device"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+SPLIT_SEED = 0  # fixed: every trial shares the digits split and the train_samples subset
+SYNTHETIC_SIZES = (2048, 512)  # train, test images
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FLIP_OK = {"cifar10", "cifar100", "imagefolder"}  # digits and synthetic patterns are not mirror-symmetric
+CIFAR = {  # name -> (folder, train files, test files, label key, archive to fetch by hand)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """On-disk dataset files are missing; the one-line message says which files, where, and how to get them."""
+
+
+class CorruptDatasetError(ValueError):
+    """A dataset file exists but cannot be read; the one-line message names the file."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cpu'/'cuda' (or 'cuda:1') as given.
+
+    Raises:
+        ValueError: 'cuda' requested but no CUDA device is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"field 'device' = {name!r} but CUDA is not available here (allowed: auto, cpu)")
+    return dev
+
+
+@dataclass
+class DataBundle:
+    """Loaders and facts about one dataset. Each loader yields (x, y) on the device; len() = batches."""
+
+    train: TensorLoader | FolderLoader  # augmented, reshuffled every epoch
+    train_eval: TensorLoader | FolderLoader  # same training images, no augmentation, fixed order
+    test: TensorLoader | FolderLoader
+    num_classes: int
+    in_chans: int
+    image_size: int
+    n_train: int
+    n_test: int
+    mean: tuple[float, ...] = ()  # per-channel normalisation, in [0, 1] pixel units
+    std: tuple[float, ...] = ()
+
+
+# --------------------------------------------------------------------------- batching
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # A fresh generator per (seed, epoch): the order depends on nothing else (not on earlier draws).
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _sample_aug(n: int, pad: int, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Crop offsets in [0, 2*pad] and flip flags for n images."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    fl = torch.rand(n, generator=gen) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return dy, dx, fl
+
+
+def _crop_flip(padded: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+               flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Images idx of a zero-padded stack, each cropped at (dy, dx) and maybe mirrored.
+
+    One index_select and one gather over flattened pixels: no per-image loop, and the
+    index is [B, S*S] (not [B, C, S, S]), which keeps large images cheap.
+    """
+    p = padded.shape[-1]
+    ar = torch.arange(size, device=padded.device)
+    rows = dy[:, None] + ar  # [B, S]
+    cols = dx[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)  # mirrored: read right-to-left
+    pix = (rows[:, :, None] * p + cols[:, None, :]).flatten(1)  # [B, S*S] positions in the padded image
+    x = padded[idx].flatten(2)  # [B, C, P*P]
+    return x.gather(2, pix[:, None, :].expand(-1, x.shape[1], -1)).view(-1, x.shape[1], size, size)
+
+
+class _Normalise:
+    """uint8 [B, C, H, W] -> float32 normalised (channels_last on request)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool):
+        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+        self.scale = 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.shift) * self.scale).contiguous(memory_format=self.fmt)
+
+
+class TensorLoader:
+    """Batches of a device-resident uint8 image tensor, augmented on the device.
+
+    Iterating draws the order and augmentation of epoch `self.epoch` and then
+    advances it; `set_epoch(e)` pins it (as DistributedSampler does), which
+    the trainer uses so a seed fixes the batches of every epoch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalise: _Normalise, *, batch_size: int,
+                 shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0):
+        self.images, self.labels, self.normalise = images, labels, normalise
+        self.batch_size, self.shuffle, self.pad, self.flip, self.seed = batch_size, shuffle, pad, flip, seed
+        self.epoch = 0
+        # Pad once up front, so each augmented batch is a single gather from this stack.
+        self.padded = F.pad(images, (pad,) * 4) if pad else None
+        n = len(labels)
+        # A trailing training batch of one image would break BatchNorm; drop it (only when shuffling).
+        self.n_batches = -(-n // batch_size) - int(shuffle and n > 1 and n % batch_size == 1)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        gen = _epoch_generator(self.seed, self.epoch)
+        self.epoch += 1
+        n, dev, bs = len(self.labels), self.labels.device, self.batch_size
+        order = torch.randperm(n, generator=gen).to(dev) if self.shuffle else None
+        aug = [a.to(dev) for a in _sample_aug(n, self.pad, self.flip, gen)] if self.padded is not None else None
+        for i in range(self.n_batches):
+            sl = slice(i * bs, min(n, (i + 1) * bs))
+            if order is None and aug is None:  # fixed order, no augmentation: plain slices, no gather
+                yield self.normalise(self.images[sl]), self.labels[sl]
+                continue
+            idx = order[sl] if order is not None else torch.arange(sl.start, sl.stop, device=dev)
+            if aug is not None:
+                x = _crop_flip(self.padded, idx, aug[0][sl], aug[1][sl], aug[2][sl], self.images.shape[-1])
+            else:
+                x = self.images[idx]
+            yield self.normalise(x), self.labels[idx]
+
+
+class _EpochPermutation(torch.utils.data.Sampler[int]):
+    """Sampler whose order is a function of (seed, epoch) only."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        gen = _epoch_generator(self.seed, self.epoch)
+        self.epoch += 1
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
+class FolderLoader:
+    """A DataLoader of uint8 images (imagefolder), moved to the device and augmented there like TensorLoader."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, normalise: _Normalise, device: torch.device, *,
+                 batch_size: int, shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0,
+                 num_workers: int = 0):
+        self.sampler = _EpochPermutation(len(dataset), seed) if shuffle else None
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            pin_memory=device.type == "cuda", drop_last=shuffle and len(dataset) % batch_size == 1,
+            persistent_workers=num_workers > 0)
+        self.normalise, self.device, self.pad, self.flip, self.seed = normalise, device, pad, flip, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        gen = _epoch_generator(self.seed + 1, self.epoch)  # +1: augmentation stream apart from the sampler's
+        if self.sampler is not None:
+            self.sampler.epoch = self.epoch
+        self.epoch += 1
+        for x, y in self.loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.pad:
+                dy, dx, fl = (a.to(self.device) for a in _sample_aug(len(y), self.pad, self.flip, gen))
+                x = _crop_flip(F.pad(x, (self.pad,) * 4), torch.arange(len(y), device=self.device), dy, dx, fl,
+                               x.shape[-1])
+            yield self.normalise(x), y
+
+
+# --------------------------------------------------------------------------- datasets
+def _resize_u8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a uint8 stack, in chunks to bound float memory."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < c.shape[-1]).round_().clamp_(0, 255).to(torch.uint8)
+           for c in x.split(4096)]
+    return torch.cat(out)
+
+
+def _set_chans(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """1 -> 3 channels by repetition, 3 -> 1 by ITU-R 601 luma."""
+    if x.shape[1] == in_chans:
+        return x
+    if in_chans == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return torch.cat([(c.float() * luma).sum(1, keepdim=True).round_().to(torch.uint8) for c in x.split(4096)])
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a uint8 stack, in [0, 1] units (float64 sums, chunked)."""
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for c in x.split(4096):
+        c = c.double().transpose(0, 1).reshape(x.shape[1], -1) / 255.0
+        s += c.sum(1)
+        s2 += (c * c).sum(1)
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / m
+    std = (s2 / m - mean**2).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _digits() -> tuple[torch.Tensor, ...]:
+    """scikit-learn's bundled 8x8 digits as uint8, with a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(np.round(d.images * (255.0 / 16.0))).to(torch.uint8)[:, None]  # 0..16 -> 0..255
+    y = np.asarray(d.target)
+    rng = np.random.RandomState(SPLIT_SEED)  # legacy RandomState: its stream is frozen across numpy versions
+    test = np.zeros(len(y), dtype=bool)
+    for k in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == k))
+        test[members[: round(0.2 * len(members))]] = True
+    yt = torch.from_numpy(y).long()
+    tr, te = torch.from_numpy(~test), torch.from_numpy(test)
+    return x[tr], yt[tr], x[te], yt[te]
+
+
+def _synthetic(num_classes: int, chans: int, size: int) -> tuple[torch.Tensor, ...]:
+    """Class-conditional images: a smooth random pattern per class plus pixel noise; fixed seed."""
+    gen = torch.Generator().manual_seed(SPLIT_SEED)
+    patterns = F.interpolate(torch.randn(num_classes, chans, 4, 4, generator=gen), size=(size, size),
+                             mode="bilinear", align_corners=False)
+    patterns = patterns / patterns.flatten(1).std(1).view(-1, 1, 1, 1)
+    out = []
+    for n in SYNTHETIC_SIZES:
+        y = torch.randperm(n, generator=gen) % num_classes
+        img = patterns[y] + 1.5 * torch.randn(n, chans, size, size, generator=gen)
+        out += [(128 + 32 * img).round().clamp(0, 255).to(torch.uint8), y]
+    return tuple(out)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    # The CIFAR python files are pickles. Unpickling can run arbitrary code, so only the
+    # globals needed to rebuild numpy arrays are allowed; anything else is refused.
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        module = module.replace("numpy.core", "numpy._core") if hasattr(np, "_core") else module
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name} (only numpy arrays are allowed)")
+        return super().find_class(module, name)
+
+
+def _read_cifar_file(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with open(path, "rb") as f:
+            raw = _NumpyOnlyUnpickler(f, encoding="latin1").load()  # latin1: the files come from Python 2
+        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[label_key], dtype=np.int64)
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+    except Exception as e:  # any failure here means the file is not a CIFAR batch
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise CorruptDatasetError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {msg}); "
+                                  "delete it and untar the archive again") from None
+    return torch.from_numpy(x.copy()), torch.from_numpy(y)
+
+
+def _cifar(name: str, data_dir: str | None) -> tuple[torch.Tensor, ...]:
+    folder, train_files, test_files, label_key, url = CIFAR[name]
+    expected = f"{', '.join(train_files + test_files)} in <data_dir>/{folder}/"
+    how = f"download {url} and untar it into data_dir (nothing is downloaded at run time)"
+    if data_dir is None:
+        raise DatasetNotFoundError(f"dataset {name!r} needs field 'data_dir' (got None): expected {expected}; {how}")
+    root = Path(data_dir).expanduser()
+    root = root if (root / test_files[0]).is_file() else root / folder  # accept the folder itself too
+    missing = [f for f in train_files + test_files if not (root / f).is_file()]
+    if missing:
+        raise DatasetNotFoundError(f"dataset {name!r}: missing {', '.join(missing)} in {root} (field 'data_dir' = "
+                                   f"{data_dir!r}); expected {expected}; {how}")
+    parts = [[_read_cifar_file(root / f, label_key) for f in files] for files in (train_files, test_files)]
+    return tuple(torch.cat([p[i] for p in ps]) for ps in parts for i in (0, 1))
+
+
+def _imagefolder(cfg: TrialConfig, device: torch.device) -> tuple:
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.data_dir or ".").expanduser()
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if cfg.data_dir is None or not (root / "train").is_dir() or test_dir is None:
+        raise DatasetNotFoundError(f"dataset 'imagefolder': field 'data_dir' = {cfg.data_dir!r} must hold train/ and "
+                                   "val/ (or test/), each with one subfolder of images per class")
+    tf = [transforms.Grayscale(1)] if cfg.in_chans == 1 else []
+    tf = transforms.Compose(tf + [transforms.Resize((cfg.image_size, cfg.image_size)), transforms.PILToTensor()])
+    train, test = datasets.ImageFolder(str(root / "train"), tf), datasets.ImageFolder(str(test_dir), tf)
+    if train.classes != test.classes:
+        raise ValueError(f"dataset 'imagefolder': class folders differ between {root / 'train'} and {test_dir}")
+    if cfg.train_samples is not None and cfg.train_samples < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED))[: cfg.train_samples]
+        train = torch.utils.data.Subset(train, keep.tolist())
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_chans == 3 else ((0.449,), (0.226,))
+    norm = _Normalise(mean, std, device, cfg.channels_last and device.type == "cuda")
+    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
+    pad = cfg.image_size // 8 if cfg.augment else 0
+    loaders = (FolderLoader(train, norm, device, shuffle=True, pad=pad, flip=True, **kw),
+               FolderLoader(train, norm, device, **kw), FolderLoader(test, norm, device, **kw))
+    return loaders, len(test.classes), len(train), len(test), mean, std
+
+
+def load_data(cfg: TrialConfig, device: torch.device | str) -> DataBundle:
+    """Load cfg.dataset and serve it on `device` (see the module docstring).
+
+    Raises:
+        DatasetNotFoundError: on-disk files missing (one line: which files, where, how to get them).
+        CorruptDatasetError: a dataset file cannot be read (one line naming it).
+        ValueError: cfg.num_classes smaller than the dataset's number of classes.
+    """
+    device = torch.device(device)
+    own = DATASET_CLASSES.get(cfg.dataset)
+    if cfg.dataset == "imagefolder":
+        loaders, own, n_train, n_test, mean, std = _imagefolder(cfg, device)
+    else:
+        if cfg.dataset == "digits":
+            xtr, ytr, xte, yte = _digits()
+        elif cfg.dataset == "synthetic":
+            own = cfg.num_classes or own
+            xtr, ytr, xte, yte = _synthetic(own, cfg.in_chans, cfg.image_size)
+        else:
+            xtr, ytr, xte, yte = _cifar(cfg.dataset, cfg.data_dir)
+        xtr, xte = (_set_chans(_resize_u8(x, cfg.image_size), cfg.in_chans) for x in (xtr, xte))
+        # Statistics of the whole training split, so a train_samples cap leaves the input scaling unchanged.
+        mean, std = _channel_stats(xtr)
+        if cfg.train_samples is not None and cfg.train_samples < len(ytr):
+            keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(SPLIT_SEED))[: cfg.train_samples]
+            xtr, ytr = xtr[keep], ytr[keep]
+        n_train, n_test = len(ytr), len(yte)
+        xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
+        norm = _Normalise(mean, std, device, cfg.channels_last and device.type == "cuda")
+        pad = cfg.image_size // 8 if cfg.augment else 0
+        loaders = (TensorLoader(xtr, ytr, norm, batch_size=cfg.batch_size, shuffle=True, pad=pad,
+                                flip=cfg.dataset in FLIP_OK, seed=cfg.seed),
+                   TensorLoader(xtr, ytr, norm, batch_size=cfg.batch_size),
+                   TensorLoader(xte, yte, norm, batch_size=cfg.batch_size))
+    num_classes = cfg.num_classes or own
+    if num_classes < own:
+        raise ValueError(f"field 'num_classes' = {cfg.num_classes!r} is below dataset {cfg.dataset!r}'s {own} "
+                         f"classes (allowed: None or >= {own})")
+    return DataBundle(*loaders, num_classes=num_classes, in_chans=cfg.in_chans, image_size=cfg.image_size,
+                      n_train=n_train, n_test=n_test, mean=tuple(mean), std=tuple(std))

@@ -1,0 +1,183 @@
+"""The training loop: one flat, commented function plus small helpers (nanoGPT style).
+
+Choices, documented once here:
+- SGD with cfg.momentum / cfg.nesterov; weight decay on conv and linear weights
+  only (tensors with ndim >= 2), none on BatchNorm affine parameters or biases.
+  Nesterov is dropped when momentum is 0 (torch refuses that combination).
+- Learning rate set every step: linear warm-up over cfg.warmup_epochs, then
+  cosine to 0 or multistep (x0.1 at 50% and 75% of the steps).
+- Train loss uses cfg.label_smoothing; evaluation loss is plain cross-entropy.
+- On CUDA: bf16 autocast (cfg.amp), channels_last (cfg.channels_last),
+  torch.compile (cfg.compile), cudnn.benchmark. On CPU all are no-ops.
+- A NaN/inf loss ends the trial with status 'diverged' (a result, not an error).
+  The check reads the accumulated loss once every CHECK_EVERY steps and at
+  epoch end, so the GPU is not synchronised every step.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.config import TrialConfig
+
+__all__ = ["TrainOutcome", "train", "evaluate", "seed_everything", "lr_at", "CHECK_EVERY"]
+
+CHECK_EVERY = 32  # steps between divergence checks (each is one host-device sync)
+EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "throughput")
+
+
+@dataclass
+class TrainOutcome:
+    """What `train` returns. Loss/accuracy are of the last epoch run (partial, NaN-laden if it diverged)."""
+
+    status: str  # 'ok' | 'diverged'
+    epochs_completed: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per completed epoch (EPOCH_KEYS)
+    train_loss: float = float("nan")
+    train_acc: float = float("nan")
+    train_time_s: float = 0.0  # training steps only; evaluation excluded
+    images_seen: int = 0
+    throughput: float = float("nan")  # images_seen / train_time_s
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
+    """Learning rate of 0-based `step`: linear warm-up to `peak`, then cosine to 0 or multistep."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "multistep":
+        return peak * 0.1 ** sum(step >= int(f * total_steps) for f in (0.5, 0.75))
+    if schedule == "cosine":
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 at the first post-warm-up step
+        return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    raise ValueError(f"field 'schedule' = {schedule!r} is not allowed (allowed: cosine, multistep)")
+
+
+def _optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    # bf16 needs no GradScaler; on CPU autocast stays off (fp32 is the reference path).
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in [0, 1] of `model` in eval mode over `loader`.
+
+    The model's train/eval mode is restored afterwards. One host-device sync, at the end.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    with _autocast(torch.device(device), amp):
+        for x, y in loader:
+            out = model(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+            n += y.shape[0]
+    model.train(was_training)
+    return loss_sum.item() / max(n, 1), correct.item() / max(n, 1)
+
+
+def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
+          on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainOutcome:
+    """Train `model` in place on `data` (a search.data.DataBundle) for cfg.epochs.
+
+    After each epoch the test set is evaluated and `on_epoch` gets a dict with
+    EPOCH_KEYS as plain floats (epoch is 1-based; lr is the last step's; epoch_time_s
+    and throughput cover the training steps only).
+
+    Returns:
+        TrainOutcome; status 'diverged' (no exception) when the loss turned NaN/inf.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    # Dropout noise is drawn from the global RNG; reseed it from (seed, 'train') so it does not
+    # depend on how many numbers building the model consumed. Data order has its own generator.
+    seed_everything(cfg.seed * 7919 + 1)
+    model.to(device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # batch shapes are fixed, so autotuning pays off after step 1
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cuda and cfg.compile else model  # shares parameters with `model`
+    opt = _optimizer(model, cfg)
+    steps_per_epoch = len(data.train)
+    if steps_per_epoch < 1:
+        raise ValueError(f"data.train yields no batches (field 'batch_size' = {cfg.batch_size!r}); need >= 1 batch")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    autocast = _autocast(device, cfg.amp)
+    out = TrainOutcome(status="ok", epochs_completed=0)
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        if hasattr(data.train, "set_epoch"):
+            data.train.set_epoch(epoch - 1)  # order and augmentation fixed by (seed, epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no sync per step
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        n = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        for x, y in data.train:
+            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast:
+                logits = net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().float() * y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
+            n += y.shape[0]
+            step += 1
+            if step % CHECK_EVERY == 0 and not math.isfinite(loss_sum.item()):
+                break  # diverged: further steps would only push NaNs around
+        _sync(device)
+        dt = time.perf_counter() - t0
+        # Bookkeeping for this epoch (partial if it diverged).
+        out.train_time_s += dt
+        out.images_seen += n
+        out.train_loss, out.train_acc = loss_sum.item() / max(n, 1), correct.item() / max(n, 1)
+        if not math.isfinite(out.train_loss):
+            out.status = "diverged"
+            break
+        test_loss, test_acc = evaluate(net, data.test, device, amp=cfg.amp)
+        row = dict(epoch=epoch, train_loss=out.train_loss, train_acc=out.train_acc, test_loss=test_loss,
+                   test_acc=test_acc, lr=lr, epoch_time_s=dt, throughput=n / dt if dt > 0 else float("nan"))
+        row = {k: float(v) for k, v in row.items()}
+        out.history.append(row)
+        out.epochs_completed = epoch
+        if on_epoch is not None:
+            on_epoch(row)
+    out.throughput = out.images_seen / out.train_time_s if out.train_time_s > 0 else float("nan")
+    return out

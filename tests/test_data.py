@@ -1,0 +1,217 @@
+"""search.data: datasets, splits, caps, augmentation and on-disk formats (CPU, no network)."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from search.config import TrialConfig
+from search.data import (CorruptDatasetError, DatasetNotFoundError, TensorLoader, _Normalise, load_data,
+                         resolve_device)
+
+CPU = torch.device("cpu")
+
+
+def cfg(**kw) -> TrialConfig:
+    base = dict(dataset="digits", image_size=16, in_chans=1, batch_size=64, augment=False)
+    return TrialConfig(**{**base, **kw})
+
+
+def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("in_chans,size", [(1, 8), (3, 32)])
+def test_digits_shapes_ranges_classes(in_chans, size):
+    b = load_data(cfg(in_chans=in_chans, image_size=size), CPU)
+    assert (b.num_classes, b.in_chans, b.image_size) == (10, in_chans, size)
+    assert b.n_train + b.n_test == 1797 and abs(b.n_test - 0.2 * 1797) < 10
+    for loader, n in ((b.train, b.n_train), (b.train_eval, b.n_train), (b.test, b.n_test)):
+        x, y = all_batches(loader)
+        assert x.shape == (n, in_chans, size, size) and x.dtype == torch.float32 and x.device == CPU
+        assert y.dtype == torch.long and set(y.tolist()) == set(range(10))
+        assert len(loader) == -(-n // 64)
+    x, _ = all_batches(b.train_eval)  # normalised by the training split's own statistics
+    assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-2
+    if in_chans == 3:
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+
+
+def test_channels_last_only_on_cuda():
+    x, _ = next(iter(load_data(cfg(in_chans=3, channels_last=True), CPU).train))
+    assert x.is_contiguous()  # CPU keeps NCHW whatever cfg.channels_last says
+    norm = _Normalise((0.5,) * 3, (0.25,) * 3, CPU, channels_last=True)  # what CUDA batches go through
+    y = norm(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.allclose(y, torch.full_like(y, 2.0))
+
+
+def test_digits_split_deterministic_disjoint_and_seed_independent():
+    a, b = load_data(cfg(seed=0), CPU), load_data(cfg(seed=5), CPU)
+    xa, ya = all_batches(a.train_eval)
+    xb, yb = all_batches(b.train_eval)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    xt, _ = all_batches(a.test)
+    train_rows = {tuple(r) for r in xa.flatten(1).tolist()}
+    overlap = sum(tuple(r) in train_rows for r in xt.flatten(1).tolist())
+    assert overlap <= 5  # digits holds a handful of exact duplicate images; the split itself is disjoint
+    # Stratified: every class keeps ~20% of its images in the test split.
+    _, yt = all_batches(a.test)
+    counts = torch.bincount(yt, minlength=10).float() / torch.bincount(torch.cat([ya, yt]), minlength=10)
+    assert torch.all((counts - 0.2).abs() < 0.02)
+
+
+def test_train_samples_cap_is_shared_subset():
+    b = load_data(cfg(train_samples=100), CPU)
+    assert b.n_train == 100 and len(b.train) == 2
+    x, _ = all_batches(b.train_eval)
+    assert x.shape[0] == 100
+    assert torch.equal(x, all_batches(load_data(cfg(train_samples=100, seed=9), CPU).train_eval)[0])
+
+
+def test_train_shuffles_per_epoch_and_train_eval_is_fixed():
+    b = load_data(cfg(seed=1), CPU)
+    _, y1 = all_batches(b.train)
+    _, y2 = all_batches(b.train)
+    assert not torch.equal(y1, y2)  # a new order each epoch
+    assert torch.equal(torch.sort(y1).values, torch.sort(y2).values)
+    e1, e2 = all_batches(b.train_eval), all_batches(b.train_eval)
+    assert torch.equal(e1[0], e2[0]) and torch.equal(e1[1], e2[1])
+
+
+def test_augmentation_changes_pixels_keeps_labels_and_is_seeded():
+    plain = load_data(cfg(seed=3, batch_size=2000), CPU)
+    aug = load_data(cfg(seed=3, augment=True, batch_size=2000), CPU)
+    aug2 = load_data(cfg(seed=3, augment=True, batch_size=2000), CPU)
+    other = load_data(cfg(seed=4, augment=True, batch_size=2000), CPU)
+    xp, yp = next(iter(plain.train))
+    xa, ya = next(iter(aug.train))
+    assert xa.shape == xp.shape and torch.equal(ya, yp)  # same order for a seed; only pixels differ
+    assert (xa != xp).any(dim=(1, 2, 3)).float().mean() > 0.5
+    xa2, _ = next(iter(aug2.train))
+    assert torch.equal(xa, xa2)
+    assert not torch.equal(xa, next(iter(other.train))[0])
+    # train_eval never augments.
+    assert torch.equal(all_batches(aug.train_eval)[0], all_batches(plain.train_eval)[0])
+
+
+def test_crop_is_a_shift_and_flip_a_mirror():
+    img = torch.arange(2 * 1 * 8 * 8, dtype=torch.uint8).view(2, 1, 8, 8)
+    ident = lambda x: x.float()  # noqa: E731
+    loader = TensorLoader(img, torch.tensor([0, 1]), ident, batch_size=2, shuffle=True, pad=1, flip=True, seed=0)
+    padded = torch.nn.functional.pad(img.float(), (1, 1, 1, 1))
+    for _ in range(10):  # every output is some crop of the padded image, possibly mirrored
+        x, y = next(iter(loader))
+        for xi, yi in zip(x, y):
+            crops = [padded[yi, :, i:i + 8, j:j + 8] for i in range(3) for j in range(3)]
+            assert any(torch.equal(xi, c) or torch.equal(xi, c.flip(-1)) for c in crops)
+
+
+def test_digits_are_never_flipped():
+    assert not load_data(cfg(augment=True), CPU).train.flip
+    assert load_data(cfg(augment=True), CPU).train.pad == 2  # image_size // 8
+
+
+@pytest.mark.parametrize("size,chans,classes", [(8, 1, None), (20, 3, 4)])
+def test_synthetic_any_shape(size, chans, classes):
+    b = load_data(cfg(dataset="synthetic", image_size=size, in_chans=chans, num_classes=classes), CPU)
+    k = classes or 10
+    assert (b.n_train, b.n_test, b.num_classes) == (2048, 512, k)
+    x, y = all_batches(b.test)
+    assert x.shape == (512, chans, size, size) and set(y.tolist()) == set(range(k))
+    again = all_batches(load_data(cfg(dataset="synthetic", image_size=size, in_chans=chans, num_classes=classes,
+                                      seed=7), CPU).test)
+    assert torch.equal(x, again[0])
+
+
+def test_num_classes_below_dataset_is_an_error():
+    with pytest.raises(ValueError, match="num_classes"):
+        load_data(cfg(num_classes=5), CPU)
+
+
+def _write_fake_cifar10(root, per_file=4):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        data[:, 0] = i  # first red pixel tags the file
+        with open(d / name, "wb") as f:
+            pickle.dump({b"batch_label": b"fake", b"data": data, b"labels": list(range(i, i + per_file))}, f)
+    return d
+
+
+def test_cifar10_reads_the_on_disk_format(tmp_path):
+    _write_fake_cifar10(tmp_path)
+    b = load_data(cfg(dataset="cifar10", data_dir=str(tmp_path), image_size=32, in_chans=3, batch_size=8), CPU)
+    assert (b.n_train, b.n_test, b.num_classes) == (20, 4, 10) and b.train.flip
+    x, y = all_batches(b.train_eval)
+    assert x.shape == (20, 3, 32, 32) and y.tolist() == [i + j for i in range(5) for j in range(4)]
+    # Undo normalisation: the tagged pixel of each image equals its file index.
+    px = x[:, 0, 0, 0] * b.std[0] * 255 + b.mean[0] * 255
+    assert torch.allclose(px, torch.tensor([float(i) for i in range(5) for _ in range(4)]), atol=1e-3)
+    # The folder itself is accepted as data_dir, and resizing / grayscale work.
+    small = load_data(cfg(dataset="cifar10", data_dir=str(tmp_path / "cifar-10-batches-py"), image_size=16), CPU)
+    assert next(iter(small.test))[0].shape == (4, 1, 16, 16)
+
+
+@pytest.mark.parametrize("data_dir", [None, "missing"])
+def test_missing_cifar_is_one_line_naming_files(tmp_path, data_dir):
+    d = None if data_dir is None else str(tmp_path / data_dir)
+    with pytest.raises(FileNotFoundError) as e:
+        load_data(cfg(dataset="cifar100", data_dir=d), CPU)
+    msg = str(e.value)
+    assert "\n" not in msg and "data_dir" in msg and "cifar-100-python" in msg and "train, test" in msg
+    assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in msg
+    assert isinstance(e.value, DatasetNotFoundError)
+
+
+def test_corrupt_cifar_file_is_one_line_naming_it(tmp_path):
+    d = _write_fake_cifar10(tmp_path)
+    (d / "data_batch_3").write_bytes(b"this is not a pickle")
+    with pytest.raises(CorruptDatasetError) as e:
+        load_data(cfg(dataset="cifar10", data_dir=str(tmp_path)), CPU)
+    assert "\n" not in str(e.value) and str(d / "data_batch_3") in str(e.value)
+
+
+def test_cifar_pickle_with_foreign_globals_is_refused(tmp_path):
+    d = _write_fake_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(CorruptDatasetError, match="refusing global builtins.print"):
+        load_data(cfg(dataset="cifar10", data_dir=str(tmp_path)), CPU)
+
+
+def test_imagefolder_tree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for cls in ("cat", "dog", "eel"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+    b = load_data(cfg(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, in_chans=3, batch_size=4,
+                      augment=True), CPU)
+    assert (b.n_train, b.n_test, b.num_classes) == (15, 6, 3)
+    x, y = all_batches(b.train)
+    assert x.shape == (15, 3, 8, 8) and sorted(y.tolist()) == sorted([0, 1, 2] * 5)
+    assert len(b.train) == 4 and len(b.test) == 2
+    e1, e2 = all_batches(b.train_eval), all_batches(b.train_eval)
+    assert torch.equal(e1[0], e2[0]) and e1[1].tolist() == sorted(e1[1].tolist())
+    g = load_data(cfg(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, in_chans=1), CPU)
+    assert next(iter(g.test))[0].shape == (6, 1, 8, 8)
+    with pytest.raises(FileNotFoundError, match="train/"):
+        load_data(cfg(dataset="imagefolder", data_dir=str(tmp_path / "nope")), CPU)
