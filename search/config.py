@@ -44,7 +44,7 @@ DATASET_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100
 CIFAR_FAMILIES: dict[str, tuple[str, Any]] = {
     "cifar_wrn": ("6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)", lambda d: d >= 10 and (d - 4) % 6 == 0),
     "cifar_preresnet": (
-        "9n+2 (bottleneck: 29, 47, 110, ...) or 6n+2 (basic: 8, 14, 20, 56, ...) with n >= 1",
+        "6n+2 (basic blocks: 8, 20, 56, 110, ...) or 9n+2 (bottleneck: 29, 47, 164, ...) with n >= 1",
         lambda d: d >= 8 and ((d - 2) % 9 == 0 or (d - 2) % 6 == 0),
     ),
     "cifar_resnext": ("9n+2 with n >= 1 (11, 20, 29, ...)", lambda d: d >= 11 and (d - 2) % 9 == 0),

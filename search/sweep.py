@@ -57,14 +57,30 @@ def trainable(config: dict[str, Any]) -> None:
         # Ray does not isolate GPU memory: a packed trial that outgrows its share fails alone
         # (and is retried) instead of pushing its neighbours out of memory.
         torch.cuda.set_per_process_memory_fraction(gpu)
+    if cfg.data_dir and "://" in cfg.data_dir:
+        from .staging import stage_data_dir
+
+        cfg = cfg.replace(data_dir=stage_data_dir(cfg.data_dir))  # once per node, not per trial
     t0 = time.time()
-    result = run_trial(cfg, report=lambda m: tune.report(dict(m)))
+    from .faults import maybe_inject
+
+    run_cfg = cfg.replace(lr=1e12) if maybe_inject(cfg) == "nan" else cfg  # reliability tests only
+    result = run_trial(run_cfg, report=lambda m: tune.report(dict(m)))
     last = result.history[-1] if result.history else {}
     final = {**{k: v for k, v in last.items()}, **result.summary(), "status": result.status,
-             "config_hash": cfg.config_hash, "node_ip": _node_ip(), "pid": os.getpid(),
+             "config_hash": cfg.config_hash, "node_ip": _node_ip(), "node_id": _node_id(), "pid": os.getpid(),
              "started_at": t0, "ended_at": time.time(),
              "trial_result": json.dumps(result.to_dict()), "cfg_json": json.dumps(cfg.to_dict())}
     tune.report(final)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - metadata only
+        return ""
 
 
 def _strip(config: dict[str, Any]) -> dict[str, Any]:
@@ -112,13 +128,15 @@ class TrackingCallback(tune.Callback):
         cfg = self._cfg(trial)
         if "trial_result" in last:
             result = TrialResult.from_dict(json.loads(last["trial_result"]))
-            self.meta[trial.trial_id] = {k: last.get(k) for k in ("node_ip", "pid", "started_at", "ended_at")}
+            self.meta[trial.trial_id] = {k: last.get(k) for k in ("node_ip", "node_id", "pid", "started_at",
+                                                                  "ended_at")}
         else:  # stopped early by the scheduler: keep the epochs it did
             hist = self.history.get(trial.trial_id, [])
             result = TrialResult(status="stopped", history=hist, epochs_completed=len(hist))
             if hist:
                 result.test_acc, result.test_loss = hist[-1].get("test_acc", float("nan")), hist[-1].get("test_loss")
-        tags = {"node_ip": str(last.get("node_ip", "")), "device": result.device}
+        tags = {k: str(last.get(k, "")) for k in ("node_ip", "node_id", "pid", "started_at", "ended_at")}
+        tags["device"] = result.device
         self.tracker.finish(self._run(trial, cfg), cfg, result, extra_tags=tags)
         self._line(cfg, result)
 

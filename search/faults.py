@@ -1,0 +1,68 @@
+"""Fault injection for reliability tests: make chosen trials fail in chosen ways.
+
+Off unless the environment variable DBN_FAULTS is set, e.g.
+
+    DBN_FAULTS="raise:dropout_placement=head"              every head trial raises
+    DBN_FAULTS="raise-once:dropout_type=uout"              raises on the first attempt only
+    DBN_FAULTS="oom:width=2.0;kill:dropout_type=gaussian"  simulated CUDA OOM; the worker process dies
+
+`*-once` faults remember their first attempt in DBN_FAULT_STATE (a directory),
+so the retry succeeds. Nothing here runs in a normal sweep.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+__all__ = ["maybe_inject", "InjectedFault"]
+
+KINDS = ("raise", "oom", "kill", "nan")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by an injected `raise` fault."""
+
+
+def _matches(cfg: Any, cond: str) -> bool:
+    key, _, value = cond.partition("=")
+    have = getattr(cfg, key.strip(), None)
+    return str(have) == value.strip()
+
+
+def maybe_inject(cfg: Any) -> str | None:
+    """Apply the first DBN_FAULTS rule matching `cfg`; returns 'nan' for the caller to apply, else None."""
+    spec = os.environ.get("DBN_FAULTS", "")
+    for rule in filter(None, (r.strip() for r in spec.split(";"))):
+        kind, _, cond = rule.partition(":")
+        once = kind.endswith("-once")
+        kind = kind.removesuffix("-once")
+        if kind not in KINDS or not _matches(cfg, cond):
+            continue
+        if once and _seen(cfg, rule):
+            continue
+        if kind == "raise":
+            raise InjectedFault(f"injected fault for {cond}")
+        if kind == "oom":
+            raise RuntimeError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected for {cond})")
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return kind
+    return None
+
+
+def _seen(cfg: Any, rule: str) -> bool:
+    """True if this (rule, config) already fired once; records the first firing."""
+    state = os.environ.get("DBN_FAULT_STATE")
+    if not state:
+        return False
+    os.makedirs(state, exist_ok=True)
+    import hashlib
+
+    mark = os.path.join(state, f"{hashlib.sha1(rule.encode()).hexdigest()[:8]}-{cfg.config_hash}")
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return True
+    os.close(fd)
+    return False

@@ -1,0 +1,90 @@
+"""Models by name: the paper's CIFAR networks (registered in timm's registry) and stock timm CNNs.
+
+Importing this package registers `cifar_wrn`, `cifar_preresnet`, `cifar_resnext`
+and `cifar_densenet_bc` with timm, so `timm.create_model` serves both kinds.
+`build_model(cfg)` is the one entry point the trial uses.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from search.config import CIFAR_FAMILIES, DATASET_CLASSES, ConfigError, TrialConfig
+from search.dropout.placement import PlacementSite, apply_placement
+
+from . import cifar_densenet, cifar_preresnet, cifar_resnext, cifar_wrn  # noqa: F401  (registers with timm)
+from .cifar_densenet import DenseNetBC
+from .cifar_preresnet import PreResNet
+from .cifar_resnext import ResNeXt
+from .cifar_wrn import WideResNet
+from .stock import STOCK_BACKBONES, create_stock, timm_family, width_kwargs
+
+__all__ = [
+    "SUPPORTED_BACKBONES", "CIFAR_BACKBONES", "STOCK_BACKBONES", "build_model", "family_of", "resolve_num_classes",
+    "WideResNet", "PreResNet", "ResNeXt", "DenseNetBC", "PlacementSite",
+]
+
+CIFAR_BACKBONES: tuple[str, ...] = tuple(CIFAR_FAMILIES)
+# Tested end to end with every placement; other timm names work where timm's model does.
+SUPPORTED_BACKBONES: tuple[str, ...] = CIFAR_BACKBONES + STOCK_BACKBONES
+
+
+def family_of(backbone: str) -> str:
+    """The architecture family: the CIFAR family name itself, or the timm module that defines the model.
+
+    e.g. 'cifar_wrn' -> 'cifar_wrn'; 'resnext50_32x4d' -> 'resnet'; 'densenet121' -> 'densenet'.
+
+    Raises:
+        ConfigError: unknown backbone.
+    """
+    if backbone in CIFAR_FAMILIES:
+        return backbone
+    return timm_family(backbone)
+
+
+def resolve_num_classes(cfg: TrialConfig, num_classes: int | None = None) -> int:
+    """Explicit `num_classes`, else cfg.num_classes, else the dataset's class count.
+
+    Raises:
+        ConfigError: none of the three is known (e.g. imagefolder without num_classes).
+    """
+    if num_classes is not None:
+        return int(num_classes)
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    if cfg.dataset in DATASET_CLASSES:
+        return DATASET_CLASSES[cfg.dataset]
+    known = ", ".join(f"{k}={v}" for k, v in DATASET_CLASSES.items())
+    raise ConfigError(f"field 'num_classes' is None and dataset {cfg.dataset!r} has no fixed class count"
+                      f" (known: {known}): set num_classes")
+
+
+def build_model(cfg: TrialConfig, num_classes: int | None = None) -> nn.Module:
+    """Build cfg.backbone with weights seeded by cfg.seed, then insert dropout per cfg.
+
+    Same cfg gives bit-identical weights. The inserted sites are stored as
+    `model.dropout_sites` (a list of PlacementSite).
+
+    Args:
+        cfg: the trial's configuration.
+        num_classes: overrides cfg.num_classes and the dataset's count (e.g. counted from disk).
+
+    Raises:
+        ConfigError / ValueError: a configuration the model cannot honour (width, stem,
+            placement), each naming the field, the value and what is allowed.
+    """
+    import timm
+
+    classes = resolve_num_classes(cfg, num_classes)
+    if cfg.backbone in CIFAR_FAMILIES:
+        torch.manual_seed(cfg.seed)
+        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=classes, in_chans=cfg.in_chans,
+                                  depth=cfg.depth, width=cfg.width)
+    else:
+        extra = width_kwargs(cfg.backbone, cfg.width)  # before seeding; it draws no random numbers anyway
+        torch.manual_seed(cfg.seed)
+        model = create_stock(cfg.backbone, num_classes=classes, in_chans=cfg.in_chans, stem=cfg.stem,
+                             image_size=cfg.image_size, **extra)
+    sites = apply_placement(model, cfg.dropout_placement, cfg.dropout_type, cfg.dropout_rate)
+    model.dropout_sites = sites
+    return model
