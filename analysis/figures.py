@@ -1,0 +1,219 @@
+"""The report's figures, PNG and PDF, with matplotlib's Agg backend (the only module importing matplotlib).
+
+- shift vs BN layer index per configuration (the paper's figure), one file per dropout type;
+- shift - 1 vs feature dimension d on log axes with the fitted lines and the theory's;
+- accuracy vs width per placement with 95% t intervals over seeds;
+- BN re-estimation: accuracy before vs after per configuration, and gain vs measured shift.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+from .fit import mean_ci  # noqa: E402
+from .guidelines import Analysis, fmt_width  # noqa: E402
+from .load import group_codes  # noqa: E402
+
+__all__ = ["Figure", "write_figures"]
+
+PLACEMENT_ORDER = ("none", "pre_bn", "pre_conv", "head")
+COLORS = {"none": "black", "pre_bn": "tab:red", "pre_conv": "tab:blue", "head": "tab:green"}
+LAYER_CONTEXT = ("backbone", "depth", "dataset")  # context columns the layers table carries
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One written figure: `stem`.png and `stem`.pdf under the figures folder."""
+
+    stem: str
+    caption: str
+
+
+def write_figures(a: Analysis, folder: str, *, max_points: int = 4000, seed: int = 0) -> list[Figure]:
+    """Write every figure the analysis supports into `folder`; returns what was written."""
+    os.makedirs(folder, exist_ok=True)
+    figs: list[Figure] = []
+    for make in (_shift_by_layer, _shift_vs_dim, _accuracy_vs_width, _reestimation):
+        for stem, caption, fig in make(a, max_points=max_points, seed=seed):
+            fig.tight_layout()  # once; constrained layout would redo it for every file written
+            fig.savefig(os.path.join(folder, f"{stem}.png"), dpi=100)
+            fig.savefig(os.path.join(folder, f"{stem}.pdf"))
+            plt.close(fig)
+            figs.append(Figure(stem, caption))
+    return figs
+
+
+def _grid(rows: int, cols: int, w: float = 3.6, h: float = 3.0):
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    return fig, axes
+
+
+def _ctx_label(key: dict, varying: list[str]) -> str:
+    return ", ".join(f"{k}={key[k]}" for k in varying)
+
+
+def _shift_by_layer(a: Analysis, **_: object):
+    L = a.study.layers
+    if L.num_rows == 0:
+        return
+    keys = list(LAYER_CONTEXT) + ["dropout_type", "dropout_placement", "dropout_rate", "width", "index"]
+    agg = L.group_by(keys).aggregate([("shift", "mean")]).sort_by([(k, "ascending") for k in keys])
+    rows = agg.to_pylist()
+    ctx_vary = [k for k in LAYER_CONTEXT if len({r[k] for r in rows}) > 1]
+    types = sorted({r["dropout_type"] for r in rows if r["dropout_placement"] != "none"}) or ["bernoulli"]
+    placements = [p for p in PLACEMENT_ORDER if any(r["dropout_placement"] == p for r in rows)]
+    widths = sorted({r["width"] for r in rows})
+    cmap = plt.get_cmap("viridis")
+    styles = ["-", "--", ":", "-."]
+    for dtype in types:
+        fig, axes = _grid(1, len(placements))
+        for ax, pl in zip(axes[0], placements):
+            sel = [r for r in rows if r["dropout_placement"] == pl and (pl == "none" or r["dropout_type"] == dtype)]
+            series: dict[tuple, list[tuple[int, float]]] = {}
+            for r in sel:
+                series.setdefault((tuple(r[k] for k in ctx_vary), r["dropout_rate"], r["width"]), []).append(
+                    (r["index"], r["shift_mean"]))
+            rates = sorted({k[1] for k in series})
+            for (ctx, rate, width), pts in series.items():
+                x, y = zip(*sorted(pts))
+                color = cmap(widths.index(width) / max(len(widths) - 1, 1))
+                label = f"w={fmt_width(width)}" + (f" r={rate:g}" if len(rates) > 1 else "") + (
+                    f" {'/'.join(map(str, ctx))}" if ctx else "")
+                ax.plot(x, y, styles[rates.index(rate) % 4], color=color, marker=".", label=label, lw=1)
+            ax.axhline(1.0, color="grey", lw=0.5)
+            ax.set_title(f"{pl}" + ("" if pl == "none" else f" ({dtype})"))
+            ax.set_xlabel("BN layer index")
+            if len(series) <= 12:
+                ax.legend(fontsize=6)
+        axes[0][0].set_ylabel("variance shift (mean over seeds)")
+        yield (f"shift_by_layer_{dtype}", f"Variance shift at each BN layer, {dtype} dropout, per placement; "
+               "lines: width (colour) and rate (style), mean over seeds", fig)
+
+
+def _shift_vs_dim(a: Analysis, *, max_points: int, seed: int):
+    fits = [f for f in a.shift_fits if math.isfinite(f.slope)]
+    if not fits:
+        return
+    L = a.study.layers
+    L = L.filter(pc.and_(pc.and_(pc.fill_null(L.column("fed_by_dropout"), False), pc.is_valid(L.column("fan_in"))),
+                         pc.greater(L.column("shift"), 1.0)))
+    types = sorted({f.dropout_type for f in fits})
+    placements = [p for p in PLACEMENT_ORDER if any(f.dropout_placement == p for f in fits)]
+    rates = sorted({f.dropout_rate for f in fits})
+    cmap = plt.get_cmap("plasma")
+    codes, keys = group_codes(L, ["dropout_type", "dropout_placement", "dropout_rate"])
+    d, s = L.column("fan_in").to_numpy().astype(float), L.column("shift").to_numpy()
+    rng = np.random.default_rng(seed)
+    fig, axes = _grid(len(types), len(placements))
+    for f in fits:
+        ax = axes[types.index(f.dropout_type)][placements.index(f.dropout_placement)]
+        color = cmap(0.85 * rates.index(f.dropout_rate) / max(len(rates) - 1, 1))
+        g = keys.index((f.dropout_type, f.dropout_placement, f.dropout_rate)) if (
+            f.dropout_type, f.dropout_placement, f.dropout_rate) in keys else -1
+        rows = np.flatnonzero(codes == g)
+        if rows.size > max_points // max(len(fits), 1):  # a readable, small file
+            rows = rng.choice(rows, max_points // max(len(fits), 1), replace=False)
+        ax.scatter(d[rows], s[rows] - 1.0, s=6, alpha=0.35, color=color)
+        xs = np.geomspace(d[rows].min() if rows.size else 1, d[rows].max() if rows.size else 10, 20)
+        ax.plot(xs, np.exp(f.intercept) * xs**f.slope, color=color, lw=1.5,
+                label=f"rate {f.dropout_rate:g}: slope {f.slope:.2f} [{f.slope_ci[0]:.2f}, {f.slope_ci[1]:.2f}]")
+        if math.isfinite(f.theory_slope):
+            ax.plot(xs, np.exp(f.theory_intercept) * xs**f.theory_slope, "--", color=color, lw=1,
+                    label=f"theory: slope {f.theory_slope:.2f}")
+    for i, t in enumerate(types):
+        for j, pl in enumerate(placements):
+            ax = axes[i][j]
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # minor labels on a short log range overlap
+                axis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{t}, {pl}")
+            ax.set_xlabel("feature dimension d (fan-in)")
+            ax.legend(fontsize=6)
+        axes[i][0].set_ylabel("shift - 1")
+    yield ("shift_vs_dim", "Excess variance shift (shift - 1) against the feature dimension d, log axes, BN layers "
+           "fed by dropout; solid: least-squares fit (95% bootstrap CI of the slope); dashed: theory", fig)
+
+
+def _accuracy_vs_width(a: Analysis, **_: object):
+    t = a.study.trials.filter(pc.is_finite(a.study.trials.column("test_acc")))
+    if t.num_rows == 0:
+        return
+    ctx_codes, ctx_keys = group_codes(t, a.context) if a.context else (np.zeros(t.num_rows, np.int64), [()])
+    for ci, ckey in enumerate(ctx_keys):
+        sub = t.filter(pa.array(ctx_codes == ci))
+        drop = sub.filter(pc.not_equal(sub.column("dropout_placement"), "none"))
+        types = sorted(set(drop.column("dropout_type").to_pylist())) or ["bernoulli"]
+        rates = sorted(set(drop.column("dropout_rate").to_pylist())) or [0.0]
+        fig, axes = _grid(len(types), len(rates))
+        codes, keys = group_codes(sub, ["dropout_type", "dropout_placement", "dropout_rate", "width"])
+        acc = sub.column("test_acc").to_numpy()
+        summary = {k: mean_ci(acc[codes == g], a.level) for g, k in enumerate(keys)}
+        for i, dtype in enumerate(types):
+            for j, rate in enumerate(rates):
+                ax = axes[i][j]
+                for pl in PLACEMENT_ORDER:
+                    pts = sorted((k[3], v) for k, v in summary.items()
+                                 if k[1] == pl and (pl == "none" or (k[0] == dtype and k[2] == rate)))
+                    if not pts:
+                        continue
+                    w = np.array([p[0] for p in pts])
+                    m = np.array([100 * p[1][0] for p in pts])
+                    lo = np.array([100 * p[1][1] for p in pts])
+                    hi = np.array([100 * p[1][2] for p in pts])
+                    err = np.where(np.isfinite(lo), np.vstack([m - lo, hi - m]), 0.0)
+                    ax.errorbar(w, m, yerr=err, color=COLORS[pl], marker="o", ms=3, capsize=2, lw=1, label=pl)
+                ax.set_xscale("log", base=2)
+                tested = sorted({k[3] for k in summary})
+                ax.set_xticks(tested, [fmt_width(w) for w in tested])
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.set_title(f"{dtype}, rate {rate:g}")
+                ax.set_xlabel("width")
+                ax.legend(fontsize=6)
+            axes[i][0].set_ylabel("test accuracy (%)")
+        label = _ctx_label(dict(zip(a.context, ckey)), a.context)
+        stem = "accuracy_vs_width" + (f"_{ci + 1}" if len(ctx_keys) > 1 else "")
+        yield (stem, f"Test accuracy against width per placement{' (' + label + ')' if label else ''}; "
+               f"bars: {a.level:.0%} t intervals over seeds (none where n = 1)", fig)
+
+
+def _reestimation(a: Analysis, **_: object):
+    if not a.reest:
+        return
+    fig, axes = _grid(1, 2 if a.correlation is not None else 1, w=4.0, h=3.6)
+    ax = axes[0][0]
+    for pl in PLACEMENT_ORDER:
+        rows = [r for r in a.reest if dict(r.label).get("dropout_placement") == pl]
+        if rows:
+            ax.scatter([100 * r.before for r in rows], [100 * r.after for r in rows], s=14, color=COLORS[pl], label=pl)
+    lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+    ax.plot(lims, lims, color="grey", lw=0.8)
+    ax.set_xlabel("test accuracy before (%)")
+    ax.set_ylabel("after BN re-estimation (%)")
+    ax.set_title("per configuration (mean over seeds)")
+    ax.legend(fontsize=6)
+    if a.correlation is not None:
+        c, t = a.correlation, a.study.trials
+        x, b, aft = t.column(c.x).to_numpy(), t.column("test_acc").to_numpy(), t.column("test_acc_reest").to_numpy()
+        pl = np.asarray(t.column("dropout_placement").to_pylist(), dtype=object)
+        ax = axes[0][1]
+        for p in PLACEMENT_ORDER[1:]:
+            sel = (pl == p) & np.isfinite(x) & np.isfinite(aft - b)
+            if sel.any():
+                ax.scatter(x[sel], 100 * (aft - b)[sel], s=8, color=COLORS[p], label=p, alpha=0.6)
+        ax.set_xlabel(c.x)
+        ax.set_ylabel("gain (pp)")
+        ax.set_title(f"r = {c.r:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}], n = {c.n}")
+        ax.legend(fontsize=6)
+    yield ("bn_reestimation", "BN re-estimation: accuracy before vs after per configuration (left, diagonal = no "
+           "change) and the gain against the measured shift per dropout trial (right)", fig)

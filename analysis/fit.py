@@ -1,0 +1,398 @@
+"""The study's fits: shift vs feature dimension, accuracy cost vs width, BN re-estimation.
+
+Vectorised numpy over Arrow columns; every random step (the bootstrap) is
+seeded. Intervals are two-sided at `level` (0.95): t intervals over seeds for
+accuracy, a percentile bootstrap over trials (clusters of layers) for slopes.
+`analysis.guidelines.analyse` runs them all and states what they support.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy import stats
+
+from .load import DROPOUT_KEYS, Study, context_fields, group_codes, varying
+
+__all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "shift_vs_dim", "accuracy_cost",
+           "bn_reestimation", "mean_ci", "holm"]
+
+MIN_CLUSTERS = 5  # fewer trials than this: bootstrap the layers instead (and say so)
+Key = tuple[tuple[str, Any], ...]  # ((field, value), ...) of the context a row belongs to
+
+
+# ------------------------------------------------------------------ statistics
+def mean_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float, int]:
+    """Mean, t-interval low/high, two-sided p (mean = 0) and n of the finite values; no CI for n < 2."""
+    x = np.asarray(x, float)[np.isfinite(x)]
+    n = x.size
+    if n == 0:
+        return math.nan, math.nan, math.nan, math.nan, 0
+    m = float(x.mean())
+    if n == 1:
+        return m, math.nan, math.nan, math.nan, 1
+    se = float(x.std(ddof=1)) / math.sqrt(n)
+    if se == 0.0:
+        return m, m, m, (1.0 if m == 0 else 0.0), n
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    return m, m - half, m + half, float(2 * stats.t.sf(abs(m / se), n - 1)), n
+
+
+def _welch(a: np.ndarray, b: np.ndarray, level: float) -> tuple[float, float, float, float]:
+    """Difference of means a - b with Welch's t interval and p."""
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    d, se = float(a.mean() - b.mean()), math.sqrt(va + vb)
+    if se == 0.0:
+        return d, d, d, (1.0 if d == 0 else 0.0)
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    return d, d - half, d + half, float(2 * stats.t.sf(abs(d / se), df))
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count as a test)."""
+    p = np.asarray(p, float)
+    out = np.full(p.shape, math.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if ok.size:
+        order = ok[np.argsort(p[ok])]
+        adj = np.maximum.accumulate(p[order] * (ok.size - np.arange(ok.size)))
+        out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+# ------------------------------------------------------------ shift vs d fit
+@dataclass
+class ShiftFit:
+    """log(shift - 1) = intercept + slope * log(d) over BN layers fed by one dropout configuration."""
+
+    dropout_type: str
+    dropout_placement: str
+    dropout_rate: float
+    n: int  # layers in the fit (shift > 1)
+    n_trials: int
+    n_dropped: int  # layers with shift <= 1 (log undefined)
+    n_dims: int  # distinct d
+    slope: float = math.nan
+    intercept: float = math.nan
+    r2: float = math.nan
+    slope_ci: tuple[float, float] = (math.nan, math.nan)
+    intercept_ci: tuple[float, float] = (math.nan, math.nan)
+    resample: str = "trials"  # the bootstrap unit: 'trials' (clusters of layers) or 'layers'
+    shift_mean: float = math.nan
+    theory_mean: float = math.nan  # mean predicted shift over the same layers
+    theory_slope: float = math.nan
+    theory_intercept: float = math.nan
+    cos2_assumed: int = 0  # layers without a measured cos^2 (theory used cos^2 = 1)
+    note: str = ""
+
+
+def _theory() -> Callable[..., Any] | None:
+    try:
+        from .theory import predict_layer_shift  # written alongside; optional
+    except ImportError:
+        return None
+    return predict_layer_shift
+
+
+def _predict(fn: Callable[..., Any], key: tuple, c: np.ndarray, v: np.ndarray, d: np.ndarray,
+             cos2: np.ndarray) -> np.ndarray:
+    """Predicted paper shift per point; arrays at once when the theory accepts them, else one by one."""
+    try:
+        out = np.asarray(fn(*key, c, v, d, cos2), float)
+        assert out.shape == c.shape
+    except Exception:  # noqa: BLE001 - whatever the array call did wrong: call per point
+        out = np.array([_scalar(fn, key, *a) for a in zip(c.tolist(), v.tolist(), d.tolist(), cos2.tolist())])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.maximum(out, 1.0 / out)  # paper_shift, idempotent if the theory already returns it
+
+
+def _scalar(fn: Callable[..., Any], key: tuple, *args: float) -> float:
+    try:
+        return float(fn(*key, *args))
+    except (ValueError, ArithmeticError):  # outside the theory's domain
+        return math.nan
+
+
+def _ols(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
+    w = np.ones_like(x) if w is None else w
+    sw, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
+    den = sw * (w * x * x).sum() - sx * sx
+    if den <= 0:
+        return math.nan, math.nan
+    slope = (sw * (w * x * y).sum() - sx * sy) / den
+    return float(slope), float((sy - slope * sx) / sw)
+
+
+def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[ShiftFit]:
+    """Fit log(shift - 1) against log(fan_in) per (dropout_type, placement, rate).
+
+    Uses BN layers with fed_by_dropout and a finite fan_in > 0; layers with shift <= 1 are
+    dropped (counted). The slope/intercept CIs are percentile bootstraps resampling trials
+    (each trial's layers together); with fewer than 5 trials, layers are resampled instead.
+    """
+    L = study.layers
+    if L.num_rows == 0:
+        return []
+    fan = L.column("fan_in")
+    mask = pc.and_(pc.and_(pc.fill_null(L.column("fed_by_dropout"), False), pc.is_valid(fan)),
+                   pc.not_equal(L.column("dropout_placement"), "none"))
+    L = L.filter(mask)
+    L = L.filter(pc.and_(pc.greater(L.column("fan_in"), 0), pc.is_finite(L.column("shift"))))
+    if L.num_rows == 0:
+        return []
+    codes, keys = group_codes(L, DROPOUT_KEYS)
+    runs = pc.dictionary_encode(L.column("run_id").combine_chunks()).indices.to_numpy().astype(np.int64)
+    d, s = L.column("fan_in").to_numpy().astype(float), L.column("shift").to_numpy()
+    c, v, cos2 = (L.column(k).to_numpy() for k in ("real_mean", "real_var", "cos2"))
+    theory, rng = _theory(), np.random.default_rng(seed)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))
+    fits = []
+    for g, key in enumerate(keys):
+        rows = order[bounds[g]:bounds[g + 1]]
+        fit = _fit_group(key, rows, d, s, runs, rng, n_boot, level)
+        if theory is not None:
+            _add_theory(fit, theory, key, d[rows], c[rows], v[rows], cos2[rows])
+        fits.append(fit)
+    return sorted(fits, key=lambda f: (f.dropout_type, f.dropout_placement, f.dropout_rate))
+
+
+def _fit_group(key: tuple, rows: np.ndarray, d: np.ndarray, s: np.ndarray, runs: np.ndarray,
+               rng: np.random.Generator, n_boot: int, level: float) -> ShiftFit:
+    up = s[rows] > 1.0
+    x, y = np.log(d[rows][up]), np.log(s[rows][up] - 1.0)
+    _, cl = np.unique(runs[rows][up], return_inverse=True)
+    k = int(cl.max()) + 1 if cl.size else 0
+    fit = ShiftFit(*key, n=int(up.sum()), n_trials=k, n_dropped=int((~up).sum()), n_dims=int(np.unique(x).size),
+                   shift_mean=float(s[rows].mean()))
+    if fit.n < 3 or fit.n_dims < 2:
+        fit.note = f"not fitted: {fit.n} layers with shift > 1 over {fit.n_dims} distinct d (need 3 and 2)"
+        return fit
+    fit.slope, fit.intercept = _ols(x, y)
+    resid = y - fit.intercept - fit.slope * x
+    sst = float(((y - y.mean()) ** 2).sum())
+    fit.r2 = 1.0 - float((resid**2).sum()) / sst if sst > 0 else math.nan
+    # Sufficient statistics per resampling unit; a bootstrap replicate is a weighted sum of them.
+    unit, fit.resample = (cl, "trials") if k >= MIN_CLUSTERS else (np.arange(x.size), "layers")
+    m = int(unit.max()) + 1
+    suff = np.stack([np.bincount(unit, w, minlength=m) for w in (np.ones_like(x), x, y, x * x, x * y)], axis=1)
+    block = max(1, 4_000_000 // m)  # replicates per block: bounds the weight matrix to ~32 MB
+    s0, sx, sy, sxx, sxy = np.vstack([rng.multinomial(m, np.full(m, 1.0 / m), size=min(block, n_boot - i)) @ suff
+                                      for i in range(0, n_boot, block)]).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        den = s0 * sxx - sx * sx
+        b = np.where(den > 1e-12 * np.maximum(s0 * sxx, 1e-300), (s0 * sxy - sx * sy) / den, np.nan)
+        a = (sy - b * sx) / s0
+    q = [50 * (1 - level), 50 * (1 + level)]
+    if np.isfinite(b).sum() >= 0.9 * n_boot:
+        fit.slope_ci = tuple(float(t) for t in np.nanpercentile(b, q))  # type: ignore[assignment]
+        fit.intercept_ci = tuple(float(t) for t in np.nanpercentile(a, q))  # type: ignore[assignment]
+    else:
+        fit.note = "bootstrap degenerate (most replicates hold one d): no CI"
+    return fit
+
+
+def _add_theory(fit: ShiftFit, theory: Callable[..., Any], key: tuple, d: np.ndarray, c: np.ndarray,
+                v: np.ndarray, cos2: np.ndarray) -> None:
+    """Theory at each distinct d (c, v, cos^2 averaged over the layers with that d), fitted like the data."""
+    miss = ~np.isfinite(cos2)
+    fit.cos2_assumed = int(miss.sum())
+    cos2 = np.where(miss, 1.0, cos2)
+    dims, inv, cnt = np.unique(d, return_inverse=True, return_counts=True)
+    mean = [np.bincount(inv, a) / cnt for a in (c, v, cos2)]
+    try:
+        pred = _predict(theory, key, mean[0], mean[1], dims, mean[2])
+    except Exception as exc:  # noqa: BLE001 - a broken theory must not sink the fits: say so beside them
+        fit.note = f"theory failed: {type(exc).__name__}: {exc}"
+        return
+    ok = np.isfinite(pred)
+    if ok.any():
+        fit.theory_mean = float(np.average(pred[ok], weights=cnt[ok]))
+    up = ok & (pred > 1.0 + 1e-12)
+    if up.sum() >= 2:
+        fit.theory_slope, fit.theory_intercept = _ols(np.log(dims[up]), np.log(pred[up] - 1.0), cnt[up].astype(float))
+
+
+# -------------------------------------------------------- accuracy vs width
+@dataclass
+class CostCell:
+    """Accuracy of one dropout configuration at one width minus no dropout (placement none), same context."""
+
+    context: Key
+    dropout_type: str
+    dropout_placement: str
+    dropout_rate: float
+    width: float
+    n: int  # seeds (pairs when paired)
+    cost: float  # accuracy difference as a fraction (x100 = percentage points)
+    ci_low: float
+    ci_high: float
+    p: float
+    method: str  # paired | welch | n=1
+    acc: float
+    acc_none: float
+    p_adj: float = math.nan
+    harm: bool = False  # significantly below zero and by at least the tolerance
+
+
+@dataclass
+class CriticalWidth:
+    """Smallest width from which on a configuration's cost is not significantly below zero."""
+
+    context: Key
+    dropout_type: str
+    dropout_placement: str
+    dropout_rate: float
+    width: float | None  # None: not reached in this study (it still hurts at the largest width)
+    widths: tuple[float, ...]
+    hurts_below: bool  # some smaller width is significantly hurt (so there is a transition)
+    with_ci: bool  # every cell from `width` on has n >= 2 (a CI); else decided on points
+    cell: CostCell | None = None  # the cell at `width` (or the largest width when not reached)
+    below: CostCell | None = None  # the hurt cell just below `width`
+
+
+def _members(codes: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each group code 0..G-1."""
+    return np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1]) if codes.size else []
+
+
+def _by_seed(acc: np.ndarray, seed: np.ndarray, rows: np.ndarray) -> dict[int, float]:
+    seeds, inv = np.unique(seed[rows], return_inverse=True)  # a seed run twice (two spaces) counts once
+    return dict(zip(seeds.tolist(), (np.bincount(inv, acc[rows]) / np.bincount(inv)).tolist()))
+
+
+def accuracy_cost(study: Study, *, tol: float = 0.005, level: float = 0.95, adjust: str = "holm"
+                  ) -> tuple[list[CostCell], list[CriticalWidth]]:
+    """Cost of each dropout configuration vs no dropout at each width, and the critical widths.
+
+    Paired over common seeds when at least two seeds match, else Welch; one seed gives the point
+    only. A cell `harm`s when its p (Holm-adjusted over all cells with `adjust='holm'`, raw with
+    'none', which is the same as 'CI upper < 0') is below 1 - level and cost <= -tol; n = 1
+    cells are decided on the point (cost <= -tol).
+    """
+    if adjust not in ("holm", "none"):
+        raise ValueError(f"adjust = {adjust!r} is not allowed (allowed: holm, none)")
+    t = study.trials.filter(pc.is_finite(study.trials.column("test_acc")))
+    ctx = context_fields(t)
+    codes, keys = group_codes(t, ctx + ["width"] + list(DROPOUT_KEYS))
+    acc, seed, members, nc = t.column("test_acc").to_numpy(), t.column("seed").to_numpy(), _members(codes), len(ctx)
+    base = {k[:nc + 1]: _by_seed(acc, seed, members[g]) for g, k in enumerate(keys) if k[nc + 2] == "none"}
+    cells: list[CostCell] = []
+    for g, k in enumerate(keys):
+        if k[nc + 2] == "none" or k[:nc + 1] not in base:
+            continue
+        a, b = _by_seed(acc, seed, members[g]), base[k[:nc + 1]]
+        common = sorted(set(a) & set(b))
+        va, vb = np.array(list(a.values())), np.array(list(b.values()))
+        if len(common) >= 2:
+            (cost, lo, hi, p, n), method = mean_ci(np.array([a[s] - b[s] for s in common]), level), "paired"
+        elif va.size >= 2 and vb.size >= 2:
+            (cost, lo, hi, p), n, method = _welch(va, vb, level), min(va.size, vb.size), "welch"
+        else:
+            cost, lo, hi, p, n, method = float(va.mean() - vb.mean()), math.nan, math.nan, math.nan, 1, "n=1"
+        cells.append(CostCell(tuple(zip(ctx, k[:nc])), k[nc + 1], k[nc + 2], k[nc + 3], k[nc], n, cost, lo, hi,
+                              p, method, float(va.mean()), float(vb.mean())))
+    padj = holm(np.array([c.p for c in cells])) if adjust == "holm" else np.array([c.p for c in cells])
+    for c, pa_ in zip(cells, padj):
+        c.p_adj = float(pa_)
+        c.harm = bool(c.cost <= -tol and (c.p_adj < 1 - level if math.isfinite(c.p_adj) else c.method == "n=1"))
+    cells.sort(key=lambda c: (c.context, c.dropout_type, c.dropout_placement, c.dropout_rate, c.width))
+    return cells, _critical(cells)
+
+
+def _critical(cells: list[CostCell]) -> list[CriticalWidth]:
+    series: dict[tuple, list[CostCell]] = {}
+    for c in cells:  # cells are sorted by width within a configuration
+        series.setdefault((c.context, c.dropout_type, c.dropout_placement, c.dropout_rate), []).append(c)
+    out = []
+    for key, cs in series.items():
+        first = len(cs)  # the first index from which on no cell is harmed
+        while first > 0 and not cs[first - 1].harm:
+            first -= 1
+        reached = first < len(cs)
+        tail = cs[first:] if reached else cs[-1:]  # the cells the conclusion rests on
+        out.append(CriticalWidth(*key, width=cs[first].width if reached else None,
+                                 widths=tuple(c.width for c in cs), hurts_below=any(c.harm for c in cs[:first]),
+                                 with_ci=all(c.method != "n=1" for c in tail),
+                                 cell=cs[first] if reached else cs[-1], below=cs[first - 1] if first > 0 else None))
+    return out
+
+
+# ---------------------------------------------------------- BN re-estimation
+@dataclass
+class ReestRow:
+    """Accuracy before and after BN re-estimation for one configuration (or one placement pooled)."""
+
+    label: Key  # the configuration's fields, or (('dropout_placement', p),) when pooled
+    n: int
+    before: float
+    after: float
+    gain: float
+    ci_low: float
+    ci_high: float
+    p: float
+    p_adj: float = math.nan
+
+
+@dataclass
+class Correlation:
+    """Pearson correlation (Fisher-z CI) and Spearman's rho between the re-estimation gain and the shift."""
+
+    x: str  # the shift column used
+    n: int
+    r: float
+    ci_low: float
+    ci_high: float
+    p: float
+    rho: float
+    p_rho: float
+
+
+def bn_reestimation(study: Study, *, level: float = 0.95) -> tuple[list[ReestRow], list[ReestRow], Correlation | None]:
+    """Per-configuration and per-placement gain (test_acc_reest - test_acc), and its correlation with the shift.
+
+    The shift is mean_shift_fed (BN layers fed by dropout) where measured, else mean_shift.
+    Pooled rows treat the trials of a placement as one sample; their p are Holm-adjusted.
+    """
+    before, after = study.trials.column("test_acc").to_numpy(), study.trials.column("test_acc_reest").to_numpy()
+    ok = np.isfinite(before) & np.isfinite(after)
+    t, before, after = study.trials.filter(pa.array(ok)), before[ok], after[ok]
+    if t.num_rows == 0:
+        return [], [], None
+    fields = context_fields(t)
+    label_fields = varying(t, fields) + list(DROPOUT_KEYS) + ["width"]
+    codes, keys = group_codes(t, fields + list(DROPOUT_KEYS) + ["width"])
+    placement = np.asarray(t.column("dropout_placement").to_pylist(), dtype=object)
+    groups = [(tuple((f, dict(zip(fields + list(DROPOUT_KEYS) + ["width"], k))[f]) for f in label_fields), sel)
+              for k, sel in zip(keys, _members(codes))]
+    rows = sorted((_reest_row(label, sel, before, after, level) for label, sel in groups),
+                  key=lambda r: tuple(str(v) for _, v in r.label))
+    pooled = [_reest_row((("dropout_placement", pl),), np.flatnonzero(placement == pl), before, after, level)
+              for pl in sorted(set(placement))]
+    for r, q in zip(pooled, holm(np.array([r.p for r in pooled]))):
+        r.p_adj = float(q)
+    return rows, pooled, _correlation(t, after - before, placement != "none", level)
+
+
+def _reest_row(label: Key, sel: np.ndarray, before: np.ndarray, after: np.ndarray, level: float) -> ReestRow:
+    m, lo, hi, p, n = mean_ci(after[sel] - before[sel], level)
+    return ReestRow(label, n, float(before[sel].mean()), float(after[sel].mean()), m, lo, hi, p)
+
+
+def _correlation(t: pa.Table, gain: np.ndarray, dropout: np.ndarray, level: float) -> Correlation | None:
+    fed, all_ = t.column("mean_shift_fed").to_numpy(), t.column("mean_shift").to_numpy()
+    use_fed = np.isfinite(fed[dropout]).mean() >= 0.5 if dropout.any() else False
+    x, name = (fed, "mean_shift_fed") if use_fed else (all_, "mean_shift")
+    sel = dropout & np.isfinite(x) & np.isfinite(gain)
+    n = int(sel.sum())
+    if n < 4 or np.ptp(x[sel]) == 0 or np.ptp(gain[sel]) == 0:
+        return None
+    r, p = stats.pearsonr(x[sel], gain[sel])
+    rho, p_rho = stats.spearmanr(x[sel], gain[sel])
+    z, half = math.atanh(max(min(r, 0.999999), -0.999999)), stats.norm.ppf(0.5 + level / 2) / math.sqrt(n - 3)
+    return Correlation(name, n, float(r), math.tanh(z - half), math.tanh(z + half), float(p), float(rho), float(p_rho))

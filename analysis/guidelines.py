@@ -1,0 +1,283 @@
+"""What the study supports: factor importance, all fits in one `Analysis`, and guideline statements.
+
+Every guideline is generated from a fit whose interval supports it; nothing is
+stated by default. Decisions use two-sided intervals at the analysis level
+(95%) and Holm-adjusted p values where a family of tests is scanned, so a
+study with no effect yields no statement about one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.compute as pc
+from scipy import stats
+
+from .fit import (Correlation, CostCell, CriticalWidth, ReestRow, ShiftFit, _theory, accuracy_cost, bn_reestimation,
+                  holm, shift_vs_dim)
+from .load import EXPERIMENT_FIELDS, Study, context_fields, group_codes, varying
+
+__all__ = ["FactorRow", "factor_importance", "Analysis", "analyse", "Guideline", "guidelines", "PLACEMENT_TEXT"]
+
+PLACEMENT_TEXT = {
+    "none": "without dropout",
+    "pre_bn": "directly before BN (pre_bn, the paper's Dropout-(a))",
+    "pre_conv": "before the conv feeding BN (pre_conv, the paper's Dropout-(b))",
+    "head": "after all BN, before the classifier (head)",
+}
+
+
+# ------------------------------------------------------- factor importance
+@dataclass
+class FactorRow:
+    """One factor's sum of squares in a main-effects ANOVA (factors categorical)."""
+
+    response: str
+    factor: str
+    levels: int
+    df: int
+    ss: float  # unique SS: the residual SS gained by adding the factor last (type II for main effects)
+    share: float  # ss / total SS
+    eta2: float  # one-way SS between the factor's levels / total SS (ignores the other factors)
+    f: float
+    p: float
+    p_adj: float = math.nan
+
+
+def _design(n: int, cols: list[np.ndarray]) -> np.ndarray:
+    """Intercept + treatment-coded dummies; a code of -1 (not applicable) is an all-zero row."""
+    blocks = [np.ones((n, 1))]
+    for codes in cols:
+        ref = codes[codes >= 0].min() if (codes >= 0).any() else 0
+        levels = [k for k in np.unique(codes) if k >= 0 and k != ref]
+        blocks.append((codes[:, None] == np.array(levels)[None, :]).astype(float))
+    return np.hstack(blocks)
+
+
+def _rss(X: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    beta, _, rank, _ = np.linalg.lstsq(X, y, rcond=None)
+    r = y - X @ beta
+    return float(r @ r), int(rank)
+
+
+def factor_importance(study: Study, response: str = "test_acc") -> list[FactorRow]:
+    """Main-effects ANOVA of `response` over the experiment fields that vary (seed excluded).
+
+    Rows are sorted by unique SS, largest first; p values are Holm-adjusted over the factors.
+    """
+    t = study.trials.filter(pc.is_finite(study.trials.column(response)))
+    factors = varying(t, [f for f in EXPERIMENT_FIELDS if f != "seed"])
+    if t.num_rows < 3 or not factors:
+        return []
+    y = t.column(response).to_numpy().astype(float)
+    codes = {f: group_codes(t, [f])[0] for f in factors}
+    # Type and rate mean nothing without dropout: code them "not applicable" there, or their
+    # rate-0/bernoulli level would duplicate placement none and hide the dropout effect from both.
+    no_dropout = pc.equal(t.column("dropout_placement"), "none").to_numpy(zero_copy_only=False)
+    nested = {f: np.where(no_dropout, -1, c) for f, c in codes.items() if f in ("dropout_type", "dropout_rate")}
+    sst = float(((y - y.mean()) ** 2).sum())
+    rss_full, rank_full = _rss(_design(y.size, [nested.get(f, c) for f, c in codes.items()]), y)
+    df_res = y.size - rank_full
+    rows = []
+    for f in factors:
+        rss, rank = _rss(_design(y.size, [nested.get(g, c) for g, c in codes.items() if g != f]), y)
+        ss, df = max(rss - rss_full, 0.0), rank_full - rank
+        F = (ss / df) / (rss_full / df_res) if df > 0 and df_res > 0 and rss_full > 0 else math.nan
+        p = float(stats.f.sf(F, df, df_res)) if math.isfinite(F) else math.nan
+        cnt = np.bincount(codes[f])
+        between = float((np.bincount(codes[f], y) ** 2 / cnt).sum() - y.sum() ** 2 / y.size)
+        rows.append(FactorRow(response, f, int(cnt.size), df, ss, ss / sst if sst else math.nan,
+                              between / sst if sst else math.nan, F, p))
+    for r, q in zip(rows, holm(np.array([r.p for r in rows]))):
+        r.p_adj = float(q)
+    return sorted(rows, key=lambda r: -r.ss)
+
+
+# ------------------------------------------------------------------ bundle
+@dataclass
+class Analysis:
+    """Everything `analyse` computed, plus notes on what the study lacks."""
+
+    study: Study
+    shift_fits: list[ShiftFit] = field(default_factory=list)
+    costs: list[CostCell] = field(default_factory=list)
+    critical: list[CriticalWidth] = field(default_factory=list)
+    reest: list[ReestRow] = field(default_factory=list)
+    reest_pooled: list[ReestRow] = field(default_factory=list)
+    correlation: Correlation | None = None
+    factors: dict[str, list[FactorRow]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    context: list[str] = field(default_factory=list)  # context fields that vary (they label rows)
+    level: float = 0.95
+    tol: float = 0.005
+
+
+def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, tol: float = 0.005,
+            adjust: str = "holm") -> Analysis:
+    """Run every fit on the study's ok trials; `notes` name each analysis the data could not support."""
+    ok = study.ok()
+    out = Analysis(ok, level=level, tol=tol, notes=list(study.notes),
+                   context=varying(ok.trials, context_fields(ok.trials)))
+    if ok.trials.num_rows == 0:
+        out.notes.append("no trials with status ok: nothing fitted")
+        return out
+    placements = set(ok.trials.column("dropout_placement").to_pylist())
+    out.shift_fits = shift_vs_dim(ok, n_boot=n_boot, seed=seed, level=level)
+    if not out.shift_fits:
+        out.notes.append("no BN layer fed by dropout with a known fan-in: shift vs d not fitted")
+    elif _theory() is None:
+        out.notes.append("analysis.theory is not importable: no theory prediction beside the fits")
+    if "none" not in placements:
+        out.notes.append("no trials with placement none: accuracy cost not computed")
+    elif placements == {"none"}:
+        out.notes.append("only trials with placement none: accuracy cost not computed")
+    else:
+        out.costs, out.critical = accuracy_cost(ok, tol=tol, level=level, adjust=adjust)
+        if out.costs and all(c.method == "n=1" for c in out.costs):
+            out.notes.append("every accuracy-cost cell has one seed (n = 1): costs are points without CIs and no "
+                             "accuracy guideline is drawn; rerun the sweep with --seeds 3")
+        if not out.costs:
+            out.notes.append("no dropout configuration shares a context and width with a no-dropout trial")
+    out.reest, out.reest_pooled, out.correlation = bn_reestimation(ok, level=level)
+    if not out.reest:
+        out.notes.append("no trial has both test_acc and test_acc_reest: BN re-estimation not analysed")
+    for resp in ("test_acc", "mean_shift"):
+        rows = factor_importance(ok, resp)
+        if rows:
+            out.factors[resp] = rows
+        else:
+            out.notes.append(f"factor importance of {resp}: fewer than 3 finite values or no varying factor")
+    return out
+
+
+# --------------------------------------------------------------- guidelines
+@dataclass(frozen=True)
+class Guideline:
+    """One statement the data supports, with its headline number and interval.
+
+    kind: critical_width | hurts | no_cost | shift_vs_dim | bn_reestimation | reest_vs_shift | factor.
+    """
+
+    text: str
+    number: float
+    ci_low: float
+    ci_high: float
+    kind: str
+    unit: str = ""  # pp (percentage points), exponent, r, %
+    n: int = 0  # seeds per cell, trials or layers behind the number
+    width: float | None = None  # the critical width, for kind critical_width
+
+
+def fmt_width(w: float) -> str:
+    """1.0 -> '1', 2.5 -> '2.5'."""
+    return f"{w:g}"
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _ci_pp(c: CostCell | ReestRow, level: float) -> str:
+    return f"{level:.0%} CI [{_pp(c.ci_low)}, {_pp(c.ci_high)}]"
+
+
+def _who(a: Analysis, context: tuple, dtype: str, placement: str, rate: float) -> str:
+    ctx = ", ".join(f"{k}={v}" for k, v in context if k in a.context)
+    where = f" on {ctx}" if ctx else ""
+    return f"with {dtype} dropout at {_rate(dtype, rate)} {PLACEMENT_TEXT.get(placement, placement)}{where}"
+
+
+def _rate(dtype: str, rate: float) -> str:
+    return f"beta {rate:g}" if dtype == "uout" else f"rate {rate:g}"  # uout's knob is its noise half-width
+
+
+def guidelines(a: Analysis) -> list[Guideline]:
+    """The statements the analysis supports, in report order (accuracy, shift, re-estimation, factors)."""
+    out = _width_guidelines(a) + _shift_guidelines(a) + _reest_guidelines(a)
+    alpha = 1 - a.level
+    labels = {"test_acc": "test accuracy", "mean_shift": "the mean variance shift"}
+    for resp, rows in a.factors.items():
+        top = rows[0] if rows else None
+        if top is not None and math.isfinite(top.p_adj) and top.p_adj < alpha and top.share > 0:
+            out.append(Guideline(
+                f"of the factors varied, {top.factor} explains the largest unique share of "
+                f"{labels.get(resp, resp)} across the study: "
+                f"{top.share:.0%} of the total sum of squares (main-effects ANOVA, F = {top.f:.1f}, "
+                f"Holm-adjusted p = {top.p_adj:.2g}, {top.levels} levels)",
+                100 * top.share, math.nan, math.nan, "factor", "%", int(a.study.trials.num_rows)))
+    return [dataclasses.replace(g, text=g.text[:1].upper() + g.text[1:]) for g in out]
+
+
+def _width_guidelines(a: Analysis) -> list[Guideline]:
+    out = []
+    for cw in a.critical:
+        who, c = _who(a, cw.context, cw.dropout_type, cw.dropout_placement, cw.dropout_rate), cw.cell
+        if c is None or not cw.with_ci:
+            continue  # n = 1 cells carry no interval: no statement rests on them
+        if cw.width is not None and cw.hurts_below and cw.below is not None and cw.below.method != "n=1":
+            b = cw.below
+            out.append(Guideline(
+                f"{who}, accuracy matches no-dropout from width {fmt_width(cw.width)} on (cost {_pp(c.cost)} pp, "
+                f"{_ci_pp(c, a.level)}); at width {fmt_width(b.width)} it costs {_pp(b.cost)} pp "
+                f"({_ci_pp(b, a.level)})",
+                100 * c.cost, 100 * c.ci_low, 100 * c.ci_high, "critical_width", "pp", c.n, cw.width))
+        elif cw.width is None:
+            out.append(Guideline(
+                f"{who}, dropout costs {_pp(c.cost)} pp of accuracy ({_ci_pp(c, a.level)}) even at the largest width "
+                f"tested ({fmt_width(c.width)}): the width from which it stops hurting is not reached in this study",
+                100 * c.cost, 100 * c.ci_low, 100 * c.ci_high, "hurts", "pp", c.n))
+        else:
+            cells = [x for x in a.costs if (x.context, x.dropout_type, x.dropout_placement, x.dropout_rate)
+                     == (cw.context, cw.dropout_type, cw.dropout_placement, cw.dropout_rate)]
+            # Equivalence, not mere non-significance: every interval lies inside +-tol.
+            if cells and all(x.ci_low >= -a.tol and x.ci_high <= a.tol for x in cells):
+                first = cells[0]
+                out.append(Guideline(
+                    f"{who}, accuracy is within {100 * a.tol:.1f} pp of no-dropout at every tested width "
+                    f"({', '.join(fmt_width(x.width) for x in cells)}); at width {fmt_width(first.width)} the cost is "
+                    f"{_pp(first.cost)} pp ({_ci_pp(first, a.level)})",
+                    100 * first.cost, 100 * first.ci_low, 100 * first.ci_high, "no_cost", "pp", first.n))
+    return out
+
+
+def _shift_guidelines(a: Analysis) -> list[Guideline]:
+    out = []
+    for f in a.shift_fits:
+        lo, hi = f.slope_ci
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
+            continue
+        trend = "falls" if hi < 0 else "rises"
+        theory = f"; theory: d^{f.theory_slope:.2f}" if math.isfinite(f.theory_slope) else ""
+        out.append(Guideline(
+            f"with {f.dropout_type} dropout at {_rate(f.dropout_type, f.dropout_rate)} "
+            f"{PLACEMENT_TEXT.get(f.dropout_placement, f.dropout_placement)}, "
+            f"the excess variance shift (shift - 1) {trend} with the feature dimension d as d^{f.slope:.2f} "
+            f"({a.level:.0%} CI [{lo:.2f}, {hi:.2f}], bootstrap over {f.resample}; {f.n} BN layers in "
+            f"{f.n_trials} trials, R^2 = {f.r2:.2f}{theory})",
+            f.slope, lo, hi, "shift_vs_dim", "exponent", f.n))
+    return out
+
+
+def _reest_guidelines(a: Analysis) -> list[Guideline]:
+    out, alpha = [], 1 - a.level
+    for r in a.reest_pooled:
+        placement = dict(r.label).get("dropout_placement")
+        if placement == "none" or not (math.isfinite(r.p_adj) and r.p_adj < alpha):
+            continue
+        verb = "raises" if r.gain > 0 else "lowers"
+        out.append(Guideline(
+            f"re-estimating BN statistics after training {verb} test accuracy by {_pp(r.gain)} pp for dropout "
+            f"{PLACEMENT_TEXT.get(placement, placement)} ({_ci_pp(r, a.level)}, n = {r.n} trials, "
+            f"{100 * r.before:.1f}% -> {100 * r.after:.1f}%)",
+            100 * r.gain, 100 * r.ci_low, 100 * r.ci_high, "bn_reestimation", "pp", r.n))
+    c = a.correlation
+    if c is not None and c.p < alpha:
+        trend = "grows" if c.r > 0 else "shrinks"
+        out.append(Guideline(
+            f"the accuracy gain from BN re-estimation {trend} with the measured variance shift ({c.x}): "
+            f"Pearson r = {c.r:.2f} ({a.level:.0%} CI [{c.ci_low:.2f}, {c.ci_high:.2f}], p = {c.p:.2g}; "
+            f"Spearman rho = {c.rho:.2f}; n = {c.n} dropout trials)",
+            c.r, c.ci_low, c.ci_high, "reest_vs_shift", "r", c.n))
+    return out

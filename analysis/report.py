@@ -1,0 +1,364 @@
+"""`python -m analysis.report --space NAME [--space ...]`: report.md, report.tex and figures of a study.
+
+A study that is empty or unknown is one line on stderr and exit code 2, and
+nothing is written. A partial study is reported as far as it goes; what is
+missing is named. matplotlib is imported only when figures are drawn.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+
+from .guidelines import Analysis, Guideline, analyse, fmt_width, guidelines
+from .load import DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, varying
+
+__all__ = ["Table", "build_tables", "write_report", "main", "PAPER_REFERENCE"]
+
+NA = "n/a"
+# The paper's numbers (PAPER.md); they come from secondary summaries of the paper, not its PDF.
+# `match` selects our comparable ok trials; `metric` says what of ours sits beside the number.
+PAPER_REFERENCE: list[dict[str, Any]] = [
+    dict(what="DenseNet-BC, CIFAR-10, drop 0.5 Dropout-(a): error before BN re-estimation (%)", paper="8.70",
+         match=dict(backbone="cifar_densenet_bc", dataset="cifar10", dropout_placement="pre_bn", dropout_rate=0.5),
+         metric="error"),
+    dict(what="DenseNet-BC, CIFAR-10, drop 0.5 Dropout-(a): error after BN re-estimation (%)", paper="6.82",
+         match=dict(backbone="cifar_densenet_bc", dataset="cifar10", dropout_placement="pre_bn", dropout_rate=0.5),
+         metric="error_reest"),
+    dict(what="DenseNet-BC, CIFAR-10, no dropout: error (%)", paper="4.72",
+         match=dict(backbone="cifar_densenet_bc", dataset="cifar10", dropout_placement="none"), metric="error"),
+    dict(what="DenseNet-BC, CIFAR-100, drop 0.5 Dropout-(a): error before -> after re-estimation (%)",
+         paper="31.45 -> 26.98",
+         match=dict(backbone="cifar_densenet_bc", dataset="cifar100", dropout_placement="pre_bn", dropout_rate=0.5),
+         metric="error_pair"),
+    dict(what="DenseNet, CIFAR-100: accuracy without dropout (%)", paper="77.42",
+         match=dict(backbone="cifar_densenet_bc", dataset="cifar100", dropout_placement="none"), metric="acc"),
+    dict(what="DenseNet, CIFAR-100: accuracy with dropout 0.5 in each bottleneck (%; ours: pre_bn)", paper="68.55",
+         match=dict(backbone="cifar_densenet_bc", dataset="cifar100", dropout_placement="pre_bn", dropout_rate=0.5),
+         metric="acc"),
+    dict(what="ImageNet top-1 error, ResNet-200: no dropout -> drop 0.2 before the classifier (head) (%)",
+         paper="21.70 -> 21.48", match=dict(backbone="resnet200"), metric="error_from_none"),
+    dict(what="ImageNet top-1 error, ResNeXt-101: no dropout -> drop 0.2 head (%)", paper="20.40 -> 20.17",
+         match=dict(backbone="resnext101"), metric="error_from_none"),
+    dict(what="ImageNet top-1 error, SENet: no dropout -> drop 0.2 head (%)", paper="18.89 -> 18.68",
+         match=dict(backbone="senet154"), metric="error_from_none"),
+    dict(what="d cos^2(theta), PreResNet (BN layers fed by dropout)", paper="2.6-3.8",
+         match=dict(backbone="cifar_preresnet"), metric="dcos2"),
+    dict(what="d cos^2(theta), DenseNet", paper="2.6-3.8", match=dict(backbone="cifar_densenet_bc"), metric="dcos2"),
+    dict(what="d cos^2(theta), ResNeXt", paper="14.7", match=dict(backbone="cifar_resnext"), metric="dcos2"),
+    dict(what="d cos^2(theta), WRN-28-10", paper="44-53", match=dict(backbone="cifar_wrn", depth=28, width=10.0),
+         metric="dcos2"),
+]
+
+
+@dataclass
+class Table:
+    """A titled table rendered to Markdown and LaTeX (booktabs) alike."""
+
+    key: str
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
+
+
+def _f(x: float, nd: int = 2, scale: float = 1.0, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return NA
+    return f"{scale * x:{'+' if sign else ''}.{nd}f}"
+
+
+def _ci(lo: float, hi: float, nd: int = 1, scale: float = 1.0, sign: bool = True) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return NA
+    return f"[{_f(lo, nd, scale, sign)}, {_f(hi, nd, scale, sign)}]"
+
+
+def _p(p: float) -> str:
+    return NA if not math.isfinite(p) else f"{p:.2g}"
+
+
+def _ctx(a: Analysis, context: tuple) -> list[str]:
+    return [str(v) for k, v in context if k in a.context]
+
+
+def build_tables(a: Analysis, full: Study) -> list[Table]:
+    """Every table of the report, in order; `full` is the study before filtering to status ok."""
+    tabs = list(_setup_tables(a, full))
+    lvl = f"{a.level:.0%} CI"
+    t = Table("shift_fit", "Variance shift vs feature dimension: log(shift - 1) = a + b log d",
+              ["type", "placement", "rate / beta", "layers", "trials", "slope b", f"b {lvl}", "intercept a", f"a {lvl}",
+               "R^2", "resampled", "mean shift", "theory mean shift", "theory slope"],
+              note="BN layers fed by dropout with a known fan-in d; layers with shift <= 1 dropped from the log fit "
+                   "(counted in the notes). Theory: analysis.theory.predict_layer_shift with c = real_mean, "
+                   "v = real_var, cos^2 measured (1 where not probed), rho = 0 (with rho = 0 the closed form does not "
+                   "depend on d, so its slope is ~0: the measured slope is what rho > 0 would have to explain).")
+    dropped = sum(f.n_dropped for f in a.shift_fits)
+    for f in a.shift_fits:
+        t.rows.append([f.dropout_type, f.dropout_placement, f"{f.dropout_rate:g}", str(f.n), str(f.n_trials),
+                       _f(f.slope), _ci(*f.slope_ci, nd=2, sign=False), _f(f.intercept),
+                       _ci(*f.intercept_ci, nd=2, sign=False), _f(f.r2), f.resample, _f(f.shift_mean, 3),
+                       _f(f.theory_mean, 3), _f(f.theory_slope)])
+    if dropped:
+        t.note += f" {dropped} layers had shift <= 1."
+    t.note += "".join(f" {f.dropout_type}/{f.dropout_placement}/{f.dropout_rate:g}: {f.note}." for f in a.shift_fits
+                      if f.note)
+    tabs.append(t)
+    ctxh = list(a.context)
+    t = Table("cost", "Accuracy cost of dropout vs no dropout (placement none) at each width",
+              ctxh + ["type", "placement", "rate / beta", "width", "n", "acc (%)", "acc none (%)", "cost (pp)",
+                      f"cost {lvl}", "p (Holm)", "method", "hurts"],
+              note=f"hurts: cost <= -{100 * a.tol:.1f} pp and Holm-adjusted p < {1 - a.level:.2g} over all cells "
+                   "(n = 1: on the point). paired: over common seeds; welch: unpaired.")
+    for c in a.costs:
+        t.rows.append(_ctx(a, c.context) + [c.dropout_type, c.dropout_placement, f"{c.dropout_rate:g}",
+                      fmt_width(c.width), str(c.n), _f(c.acc, 2, 100), _f(c.acc_none, 2, 100), _f(c.cost, 2, 100, True),
+                      _ci(c.ci_low, c.ci_high, 2, 100), _p(c.p_adj), c.method, "yes" if c.harm else "no"])
+    tabs.append(t)
+    t = Table("critical", "Smallest width from which on dropout does not hurt accuracy",
+              ctxh + ["type", "placement", "rate / beta", "widths tested", "critical width", "cost there (pp)", lvl,
+                      "basis"])
+    for cw in a.critical:
+        c = cw.cell
+        t.rows.append(_ctx(a, cw.context) + [cw.dropout_type, cw.dropout_placement, f"{cw.dropout_rate:g}",
+                      ", ".join(fmt_width(w) for w in cw.widths),
+                      fmt_width(cw.width) if cw.width is not None else "not reached in this study",
+                      _f(c.cost, 2, 100, True) if c else NA, _ci(c.ci_low, c.ci_high, 2, 100) if c else NA,
+                      "CI" if cw.with_ci else "n=1 points"])
+    tabs.append(t)
+    names = [k for k, _ in a.reest[0].label] if a.reest else []
+    t = Table("reest", "BN re-estimation per configuration: test accuracy before and after",
+              names + ["n", "before (%)", "after (%)", "gain (pp)", lvl])
+    for r in a.reest:
+        t.rows.append([str(v) if k != "width" else fmt_width(v) for k, v in r.label]
+                      + [str(r.n), _f(r.before, 2, 100), _f(r.after, 2, 100), _f(r.gain, 2, 100, True),
+                         _ci(r.ci_low, r.ci_high, 2, 100)])
+    tabs.append(t)
+    t = Table("reest_pooled", "BN re-estimation pooled per placement (trials as one sample)",
+              ["placement", "trials", "before (%)", "after (%)", "gain (pp)", lvl, "p (Holm)"])
+    if a.correlation is not None:
+        c = a.correlation
+        t.note = (f"Gain vs {c.x} over {c.n} dropout trials: Pearson r = {c.r:.2f}, "
+                  f"{lvl} {_ci(c.ci_low, c.ci_high, 2)}, "
+                  f"p = {_p(c.p)}; Spearman rho = {c.rho:.2f}, p = {_p(c.p_rho)}.")
+    for r in a.reest_pooled:
+        t.rows.append([dict(r.label)["dropout_placement"], str(r.n), _f(r.before, 2, 100), _f(r.after, 2, 100),
+                       _f(r.gain, 2, 100, True), _ci(r.ci_low, r.ci_high, 2, 100), _p(r.p_adj)])
+    tabs.append(t)
+    for resp, rows in a.factors.items():
+        t = Table(f"factors_{resp}", f"Factor importance for {resp}: main-effects ANOVA, factors categorical",
+                  ["factor", "levels", "df", "unique SS share", "one-way eta^2", "F", "p (Holm)"],
+                  note="unique SS: what the factor adds last; type and rate are nested in placement != none.")
+        t.rows = [[r.factor, str(r.levels), str(r.df), f"{r.share:.1%}", f"{r.eta2:.1%}", _f(r.f, 1), _p(r.p_adj)]
+                  for r in rows]
+        tabs.append(t)
+    tabs.append(_paper_table(a))
+    return tabs
+
+
+def _setup_tables(a: Analysis, full: Study) -> tuple[Table, Table]:
+    status = Table("status", "Trials by status", ["status", "trials"],
+                   rows=[[k, str(v)] for k, v in sorted(full.status_counts().items())])
+    ctx = varying(full.trials, [f for f in EXPERIMENT_FIELDS if f not in DROPOUT_KEYS + ("width", "seed")])
+    keys = ctx + list(DROPOUT_KEYS) + ["width"]
+    agg = full.trials.group_by(keys).aggregate([("run_id", "count"), ("seed", "count_distinct")])
+    rows = sorted(agg.to_pylist(), key=lambda r: tuple(str(r[k]) for k in keys))
+    ok = full.trials.filter(pc.equal(full.trials.column("status"), "ok"))
+    ok_agg = {tuple(r[k] for k in keys): r for r in ok.group_by(keys).aggregate(
+        [("run_id", "count"), ("test_acc", "mean")]).to_pylist()}
+    cfg = Table("configs", "Configurations (one row per configuration; seeds are replicates)",
+                keys + ["trials", "seeds", "ok", "test acc (%)"])
+    for r in rows:
+        o = ok_agg.get(tuple(r[k] for k in keys), {})
+        cfg.rows.append([fmt_width(r[k]) if k == "width" else str(r[k]) for k in keys]
+                        + [str(r["run_id_count"]), str(r["seed_count_distinct"]), str(o.get("run_id_count", 0)),
+                           _f(o.get("test_acc_mean", math.nan), 2, 100)])
+    return status, cfg
+
+
+def _paper_table(a: Analysis) -> Table:
+    t = Table("paper", "The paper's numbers (PAPER.md, from secondary summaries) beside ours where comparable",
+              ["quantity", "PAPER (Li et al. 2019)", "ours"],
+              note="The paper's column is the paper's, quoted from secondary summaries; ours is this study's mean "
+                   "over matching ok trials, shown only where backbone, data and placement match.")
+    for ref in PAPER_REFERENCE:
+        t.rows.append([ref["what"], ref["paper"], _ours(a.study, ref["match"], ref["metric"])])
+    return t
+
+
+def _ours(study: Study, match: dict[str, Any], metric: str) -> str:
+    if metric == "error_from_none":  # the paper's head rows: none -> head at drop 0.2, same network
+        none = _ours(study, dict(match, dropout_placement="none"), "error")
+        head = _ours(study, dict(match, dropout_placement="head", dropout_rate=0.2), "error")
+        return "not in this study" if "not" in none + head else f"{none} -> {head}"
+    table = study.layers if metric == "dcos2" else study.trials
+    if table.num_rows == 0:
+        return "not in this study"
+    mask = None
+    for k, v in match.items():
+        col = table.column(k)
+        m = pc.starts_with(col, v) if k == "backbone" else pc.equal(col, v)
+        mask = m if mask is None else pc.and_(mask, m)
+    sub = table.filter(mask)
+    if metric == "dcos2":
+        sub = sub.filter(pc.and_(pc.fill_null(sub.column("fed_by_dropout"), False), pc.is_finite(sub.column("cos2"))))
+        x = (sub.column("fan_in").to_numpy(zero_copy_only=False).astype(float) * sub.column("cos2").to_numpy())
+        x = x[np.isfinite(x)]
+        return f"{x.mean():.1f} (n = {x.size} layers)" if x.size else "not in this study"
+    if sub.num_rows == 0:
+        return "not in this study"
+    acc, reest = sub.column("test_acc").to_numpy(), sub.column("test_acc_reest").to_numpy()
+    n = f" (n = {sub.num_rows})"
+    if metric == "acc":
+        return f"{100 * np.nanmean(acc):.2f}{n}"
+    if metric == "error_reest":
+        return f"{100 * (1 - np.nanmean(reest)):.2f}{n}"
+    if metric == "error_pair":
+        return f"{100 * (1 - np.nanmean(acc)):.2f} -> {100 * (1 - np.nanmean(reest)):.2f}{n}"
+    return f"{100 * (1 - np.nanmean(acc)):.2f}{n}"
+
+
+# ----------------------------------------------------------------- rendering
+def md_table(t: Table) -> str:
+    """A Markdown table with its title above and its note below."""
+    if not t.rows:
+        return f"**{t.title}**: no rows.\n"
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    out = [f"**{t.title}**", "", "| " + " | ".join(map(esc, t.headers)) + " |",
+           "|" + "|".join("---" for _ in t.headers) + "|"]
+    out += ["| " + " | ".join(map(esc, r)) + " |" for r in t.rows]
+    return "\n".join(out + ([f"", f"*{t.note}*"] if t.note else [])) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Escape LaTeX's special characters (and keep the text ASCII-safe for pdflatex)."""
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def tex_table(t: Table) -> str:
+    """A booktabs table float, ready to \\input."""
+    if not t.rows:
+        return f"% {tex_escape(t.title)}: no rows\n"
+    head = " & ".join(tex_escape(h) for h in t.headers)
+    body = "\n".join(" & ".join(tex_escape(c) for c in r) + r" \\" for r in t.rows)
+    note = f"\n\\par\\footnotesize {tex_escape(t.note)}" if t.note else ""
+    return (f"\\begin{{table}}[htbp]\n\\centering\\scriptsize\\setlength{{\\tabcolsep}}{{3pt}}\n"
+            f"\\caption{{{tex_escape(t.title)}}}\\label{{tab:{t.key.replace('_', '-')}}}\n"
+            f"\\begin{{tabular}}{{{'l' * len(t.headers)}}}\n\\toprule\n{head} \\\\\n\\midrule\n{body}\n"
+            f"\\bottomrule\n\\end{{tabular}}{note}\n\\end{{table}}\n")
+
+
+SECTIONS = [  # (heading, table keys, figure stem prefixes)
+    ("Variance shift vs feature dimension", ["shift_fit"], ["shift_by_layer", "shift_vs_dim"]),
+    ("Accuracy vs width", ["cost", "critical"], ["accuracy_vs_width"]),
+    ("BN re-estimation", ["reest", "reest_pooled"], ["bn_reestimation"]),
+    ("Factor importance", ["factors_test_acc", "factors_mean_shift"], []),
+    ("The paper's numbers beside ours", ["paper"], []),
+]
+
+
+def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Guideline], figs: list[Any]) -> str:
+    """The whole report.md."""
+    by = {t.key: t for t in tables}
+    fixed = [f"{k}={v}" for k in EXPERIMENT_FIELDS if k in full.trials.schema.names
+             and len(vals := set(full.trials.column(k).to_pylist())) == 1 for v in vals]
+    out = [f"# Dropout x BatchNorm study: {', '.join(full.spaces)}", "",
+           f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {', '.join(full.paths)}.", "",
+           "## Setup", "", f"Spaces: {', '.join(full.spaces)}; {full.trials.num_rows} trials, "
+           f"{full.layers.num_rows} BN-layer rows. Fits use trials with status ok. Intervals are "
+           f"{a.level:.0%}, two-sided.", "", f"Fixed settings: {', '.join(fixed) or 'none'}.", "",
+           md_table(by["status"]), md_table(by["configs"])]
+    if a.notes:
+        out += ["**What this study lacks, and what loading repaired**", ""] + [f"- {n}" for n in a.notes] + [""]
+    out += ["## Guidelines (generated from the data)", ""]
+    if gls:
+        out += [f"{i}. {g.text}." for i, g in enumerate(gls, 1)] + [""]
+    else:
+        out += ["No guideline: no fit in this study has an interval that supports a statement.", ""]
+    for heading, keys, stems in SECTIONS:
+        out += [f"## {heading}", ""]
+        out += [md_table(by[k]) for k in keys if k in by]
+        for f in figs:
+            if any(f.stem.startswith(s) for s in stems):
+                out += [f"![{f.caption}](figures/{f.stem}.png)", "", f"*{f.caption}* ([PDF](figures/{f.stem}.pdf))", ""]
+    out += ["Numbers marked PAPER come from PAPER.md, which quotes secondary summaries of Li et al., CVPR 2019 "
+            "(arXiv:1801.05134); they are targets to compare against, not this study's results.", ""]
+    return "\n".join(out)
+
+
+def render_tex(a: Analysis, full: Study, tables: list[Table], gls: list[Guideline]) -> str:
+    """report.tex: the guidelines and the tables (booktabs); \\input it into a document loading booktabs."""
+    out = [f"% Generated by analysis.report for {', '.join(full.spaces)}; \\input into a document that loads",
+           "% booktabs. Figures: figures/*.pdf beside this file.", ""]
+    if gls:
+        out += ["\\begin{itemize}"] + [f"  \\item {tex_escape(g.text)}." for g in gls] + ["\\end{itemize}", ""]
+    else:
+        out += ["% No guideline: no fit has an interval that supports a statement.", ""]
+    out += [tex_table(t) for t in tables]
+    return "\n".join(out)
+
+
+def write_report(spaces: str | Sequence[str], root: str = "results", out: str | None = None,
+                 tracking_uri: str | None = None, *, n_boot: int = 1000, seed: int = 0, figures: bool = True) -> str:
+    """Load, analyse and write report.md, report.tex and figures/; returns the output folder.
+
+    Raises:
+        ValueError: the study is empty, unknown or unreadable (nothing is written then).
+    """
+    study = load_study(spaces, root=root, tracking_uri=tracking_uri)
+    a = analyse(study, n_boot=n_boot, seed=seed)
+    gls, tables = guidelines(a), build_tables(a, study)
+    out = out or os.path.join("reports", "+".join(study.spaces))
+    figs = []
+    if figures:
+        from .figures import write_figures  # matplotlib only here
+
+        figs = write_figures(a, os.path.join(out, "figures"), seed=seed)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(a, study, tables, gls, figs))
+    with open(os.path.join(out, "report.tex"), "w", encoding="utf-8") as fh:
+        fh.write(render_tex(a, study, tables, gls))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (2 on a user error, printed as one line)."""
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    p.add_argument("--space", action="append", required=True, help="space name (repeat to combine spaces)")
+    p.add_argument("--root", default="results", help="results root holding <space>/trials and <space>/layers")
+    p.add_argument("--out", default=None, help="output folder (default reports/<space>)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store to rebuild missing Parquet from")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the slope CIs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    args = p.parse_args(argv)
+    try:
+        if args.n_boot < 100:
+            raise ValueError(f"--n-boot must be >= 100, got {args.n_boot}")
+        out = write_report(args.space, args.root, args.out, args.tracking_uri, n_boot=args.n_boot, seed=args.seed,
+                           figures=not args.no_figures)
+    except (ValueError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"analysis.report: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.join(out, 'report.md')}, report.tex and figures/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
