@@ -28,8 +28,9 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
             raise ConnectionError(f"--address {address!r}: no Ray cluster reachable there "
                                   f"({str(e).splitlines()[0][:200]})") from None
         return
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    # address="local": always a fresh local Ray, never a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
 
 
 def resolve_auto_gpus(configs: list[dict[str, Any]]) -> float:
@@ -72,7 +73,7 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
                              cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
                              max_concurrent=args.max_concurrent, retries=args.retries, storage=args.storage,
                              tracking_uri=args.tracking_uri, finished=finished, verbose=0 if args.quiet else 1)
-            n = len(todo) or samples
+            n = samples if args.algo == "optuna" else len(todo)
             print(f"sweep {args.space!r} (profile {args.profile}, {args.algo}): {n} trial(s) to run, "
                   f"{args.cpus_per_trial:g} CPU + {gpus:g} GPU each", flush=True)
             run_sweep(plan, tracker)

@@ -42,13 +42,20 @@ class SweepPlan:
     verbose: int = 1
 
 
-def trainable(config: dict[str, Any]) -> None:
-    """Tune function trainable: one trial; the last report carries the whole result."""
+def trainable(config: dict[str, Any], reused: dict[str, float] | None = None) -> None:
+    """Tune function trainable: one trial; the last report carries the whole result.
+
+    `reused` maps config hashes that already finished to their test accuracy: a
+    searcher (Optuna) that proposes one of them is told its score, nothing trains.
+    """
+    cfg = TrialConfig.from_dict(config["cfg"] if "cfg" in config else _strip(config))
+    if reused and cfg.config_hash in reused:
+        tune.report({"test_acc": reused[cfg.config_hash], "reused": True})
+        return
     import torch
 
     from .trial import run_trial
 
-    cfg = TrialConfig.from_dict(config["cfg"] if "cfg" in config else _strip(config))
     ctx = tune.get_context()
     need = ctx.get_trial_resources().required_resources if ctx else {}
     torch.set_num_threads(max(1, int(need.get("CPU", 1))))
@@ -111,7 +118,12 @@ class TrackingCallback(tune.Callback):
         c = trial.config
         return TrialConfig.from_dict(c["cfg"] if "cfg" in c else _strip(c))
 
+    def _reused(self, trial: Any) -> bool:
+        return self._cfg(trial).config_hash in self.plan.finished
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self._reused(trial):  # its finished run stays the record; no new run
+            return
         if trial.trial_id not in self.runs:  # a retried trial keeps its run
             self.runs[trial.trial_id] = self.tracker.start(self._cfg(trial), trial_id=trial.trial_id,
                                                            algo=self.plan.algo)
@@ -126,6 +138,10 @@ class TrackingCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         cfg = self._cfg(trial)
+        if self._reused(trial):
+            self.done += 1
+            print(f"[{self.done}/{self.total}] {cfg.config_hash}: already finished, result reused", flush=True)
+            return
         if "trial_result" in last:
             result = TrialResult.from_dict(json.loads(last["trial_result"]))
             self.meta[trial.trial_id] = {k: last.get(k) for k in ("node_ip", "node_id", "pid", "started_at",
@@ -177,18 +193,25 @@ def _error_line(trial: Any) -> str:
     return (lines[-1] if lines else "trial raised")[:1000]
 
 
+class DefineByRun:
+    """Optuna's define-by-run space for a Space; a module-level class so Tune can checkpoint it."""
+
+    def __init__(self, space: str, profile: str, overrides: dict[str, Any]) -> None:
+        self.space, self.profile, self.overrides = space, profile, dict(overrides)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        from spaces import get_space
+
+        return {**get_space(self.space).suggest(trial, self.profile), **self.overrides}
+
+
 def _search_alg(plan: SweepPlan, metric: str, mode: str) -> Any:
     if plan.algo != "optuna":
         return None
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from spaces import get_space
-
-    space = get_space(plan.space)
-
-    def define_by_run(trial: "optuna.trial.Trial") -> dict[str, Any]:
-        return {**space.suggest(trial, plan.profile), **plan.overrides}
+    define_by_run = DefineByRun(plan.space, plan.profile, plan.overrides)
 
     store = os.path.join(_local_root(plan.storage), plan.space)
     os.makedirs(store, exist_ok=True)
@@ -205,13 +228,36 @@ def _local_root(storage: str) -> str:
     return os.path.abspath(storage.replace("file://", ""))
 
 
+def _reused_scores(plan: SweepPlan, tracker: Tracker) -> dict[str, float]:
+    """config_hash -> test accuracy of the trials that already finished (for Optuna's proposals)."""
+    if plan.algo != "optuna" or not plan.finished:
+        return {}
+    t = tracker.store.read("trials")
+    acc = dict(zip(t.column("config_hash").to_pylist(), t.column("test_acc").to_pylist()))
+    return {h: float(acc.get(h, float("nan"))) for h in plan.finished}
+
+
+def _reporter(plan: SweepPlan) -> Any:
+    """A compact live table: the axes that vary and the headline metrics, every 20 s."""
+    from ray.tune import CLIReporter
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter honours column choices
+    prefix = "" if plan.algo == "optuna" else "cfg/"
+    params = {f"{prefix}{k}": short for k, short in (
+        ("backbone", "backbone"), ("width", "width"), ("dropout_placement", "placement"),
+        ("dropout_type", "type"), ("dropout_rate", "rate"), ("seed", "seed"))}
+    metrics = {"epoch": "epoch", "train_loss": "train loss", "test_acc": "test acc", "throughput": "img/s"}
+    return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=20,
+                       max_progress_rows=30, sort_by_metric=False)
+
+
 def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
     """Run the planned trials with Ray Tune; returns Tune's ResultGrid."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     metric, mode = "test_acc", "max"
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
-    fn = tune.with_resources(trainable, resources)
+    fn = tune.with_resources(tune.with_parameters(trainable, reused=_reused_scores(plan, tracker)), resources)
     if plan.algo == "optuna":
         param_space: dict[str, Any] = {}
         num_samples = plan.samples
@@ -226,6 +272,7 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
         reuse_actors=True)
     storage = plan.storage if "://" in plan.storage else os.path.abspath(plan.storage)
     run_config = tune.RunConfig(
+        progress_reporter=_reporter(plan),
         name=f"{plan.space}-{plan.profile}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=f"{storage.rstrip('/')}/{plan.space}/ray",
         callbacks=[TrackingCallback(plan, tracker)],

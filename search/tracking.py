@@ -24,6 +24,7 @@ __all__ = ["Tracker", "rebuild_parquet", "package_versions", "DONE_STATUSES"]
 # A run with one of these statuses is a result: a rerun reuses it instead of training again.
 DONE_STATUSES = ("ok", "diverged", "stopped")
 _LAYERS_ARTIFACT = "layers.parquet"
+_EPOCH_NAMES = {"throughput": "epoch_throughput"}
 
 
 def package_versions() -> dict[str, str]:
@@ -110,8 +111,9 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(h["epoch"])) for h in history for k, v in h.items()
-                   if k != "epoch" and _finite(v)]
+        # The trial-level `throughput` is a summary metric; the per-epoch figure gets its own name.
+        metrics = [Metric(_EPOCH_NAMES.get(k, k), float(v), now, int(h["epoch"])) for h in history
+                   for k, v in h.items() if k != "epoch" and _finite(v)]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
@@ -122,7 +124,10 @@ class Tracker:
 
         self.log_epochs(run_id, result.history)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in result.summary().items() if _finite(v)]
+        # Keys the epoch series already carry (train_loss, test_acc, ...) are not logged twice.
+        in_series = set(result.history[-1]) if result.history else set()
+        metrics = [Metric(k, float(v), now, result.epochs_completed) for k, v in result.summary().items()
+                   if _finite(v) and (k not in in_series or k in _EPOCH_NAMES)]
         tags = [RunTag("status", result.status)] + [RunTag(k, str(v)) for k, v in (extra_tags or {}).items()]
         if result.error:
             tags.append(RunTag("error", result.error[:5000]))

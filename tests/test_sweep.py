@@ -1,0 +1,130 @@
+"""End-to-end sweeps through the real CLI on a local Ray of 2 CPUs.
+
+Each sweep runs in a subprocess (its own Ray, shut down when it exits) inside
+a temporary working directory; assertions read MLflow and Parquet back.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+SMALL = ["--set", "train_samples=128", "--num-cpus", "2", "--quiet"]
+
+
+def sweep(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    out = subprocess.run([sys.executable, "-m", "search.run", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout, env=full_env)
+    return out
+
+
+def runs(cwd: Path, space: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(space)
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def table(cwd: Path, space: str, name: str):
+    return ds.dataset(str(cwd / "results" / space / name), format="parquet").to_table()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("smoke")
+    out = sweep(cwd, "--space", "smoke", *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return cwd, out
+
+
+def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    from spaces import get_space
+
+    cwd, out = smoke
+    grid = get_space("smoke").grid("quick")
+    rs = runs(cwd, "smoke")
+    assert len(rs) == len(grid) == 10
+    assert {r.info.status for r in rs} == {"FINISHED"}
+    assert {r.data.tags["status"] for r in rs} == {"ok"}
+    placements = {(r.data.params["dropout_placement"], r.data.params["dropout_type"]) for r in rs}
+    assert len(placements) == 10  # every placement x kind
+    r = rs[0]
+    assert r.data.params["train_samples"] == "128" and r.data.tags["space"] == "smoke"
+    assert r.data.tags["profile"] == "quick" and len(r.data.tags["config_hash"]) == 16
+    assert r.data.tags["version.torch"] and r.data.tags["version.timm"]
+    for key in ("test_acc", "test_acc_reest", "mean_shift", "max_shift", "throughput", "params"):
+        assert key in r.data.metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["layers.parquet"]
+    assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 1  # one epoch
+    assert "sweep 'smoke' done" in out.stdout and "best" in out.stdout and "results/smoke/trials" in out.stdout
+
+
+def test_smoke_sweep_writes_parquet_datasets(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    cwd, _ = smoke
+    trials, layers = table(cwd, "smoke", "trials"), table(cwd, "smoke", "layers")
+    assert trials.schema.equals(TRIALS_SCHEMA, check_metadata=False)
+    assert layers.schema.equals(LAYERS_SCHEMA, check_metadata=False)
+    assert trials.num_rows == 10 and len(set(trials.column("config_hash").to_pylist())) == 10
+    assert set(trials.column("run_id").to_pylist()) == {r.info.run_id for r in runs(cwd, "smoke")}
+    # WRN-10: 1 stem-free block per stage x 3 stages, 2 BN per block + the final BN = 7 BN layers.
+    per_trial = {}
+    for rid in layers.column("run_id").to_pylist():
+        per_trial[rid] = per_trial.get(rid, 0) + 1
+    assert set(per_trial.values()) == {7}
+    assert len(list((cwd / "results" / "smoke" / "trials").glob("*.parquet"))) == 1  # compacted
+    fed = [x for x in layers.to_pylist() if x["fed_by_dropout"]]
+    assert fed and all(x["dropout_placement"] in ("pre_bn", "pre_conv") for x in fed)
+
+
+def test_rerun_reuses_finished_trials(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    cwd, _ = smoke
+    out = sweep(cwd, "--space", "smoke", *SMALL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "10 of 10 trials already finished" in out.stdout
+    assert len(runs(cwd, "smoke")) == 10
+    assert table(cwd, "smoke", "trials").num_rows == 10
+
+
+def test_random_and_optuna_paths(tmp_path: Path) -> None:
+    out = sweep(tmp_path, "--space", "smoke", "--algo", "random", "--samples", "2", "--search-seed", "3", *SMALL)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(runs(tmp_path, "smoke")) == 2
+    out = sweep(tmp_path, "--space", "uout_beta", "--algo", "optuna", "--samples", "3",
+                "--set", "epochs=1", "--max-concurrent", "2", *SMALL)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rs = runs(tmp_path, "uout_beta")
+    assert len(rs) == 3 and {r.data.tags["algo"] for r in rs} == {"optuna"}
+    import optuna
+
+    study = optuna.load_study(study_name="uout_beta-quick",
+                              storage=f"sqlite:///{tmp_path / 'results' / 'uout_beta' / 'optuna.db'}")
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+    for t in study.trials:  # the define-by-run space honours the placement condition
+        assert t.params["dropout_placement"] in ("pre_bn", "pre_conv")
+
+
+def test_failing_trial_is_recorded_and_sweep_continues(tmp_path: Path) -> None:
+    env = {"DBN_FAULTS": "raise:seed=1"}
+    out = sweep(tmp_path, "--space", "smoke", "--algo", "random", "--samples", "2", "--seeds", "2",
+                "--retries", "1", *SMALL, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rs = runs(tmp_path, "smoke")
+    by_seed = {(r.data.params["seed"], r.data.tags["status"]) for r in rs}
+    assert by_seed == {("0", "ok"), ("1", "failed")}
+    failed = [r for r in rs if r.data.tags["status"] == "failed"]
+    assert len(failed) == 2 and all("injected fault" in r.data.tags["error"] for r in failed)
+    assert all(r.info.status == "FAILED" for r in failed)
+    assert "FAILED: " in out.stdout
