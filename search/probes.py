@@ -1,0 +1,308 @@
+"""Per-BatchNorm variance shift (PAPER.md, "The empirical metric") and BN statistics re-estimation.
+
+`measure_variance_shift` passes data through the frozen network in eval mode
+(dropout off, BN on its running statistics) and compares, at every BatchNorm
+layer, the variance of the layer's actual input with the running variance it
+accumulated in training. Statistics stream: each batch contributes a
+per-channel (count, mean, M2) that is folded into float64 totals with Chan's
+parallel update, so the result is exact over the whole loader and no
+activation outlives its batch.
+
+`reestimate_bn` recomputes the running statistics on given data with the
+weights frozen and dropout off (the paper's remedy, its finding 2).
+
+Both work on any nn.Module (our CIFAR networks and stock timm models alike):
+layers are found by type and execution order is read from forward hooks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+
+from .dropout.kinds import VarianceDropout
+from .results import LayerShift
+
+__all__ = ["measure_variance_shift", "reestimate_bn", "is_active_dropout"]
+
+
+def is_active_dropout(module: nn.Module) -> bool:
+    """True for a dropout module that injects noise in training (ours with rate > 0, torch's with p > 0)."""
+    if isinstance(module, VarianceDropout):
+        return module.rate > 0.0
+    return isinstance(module, _DropoutNd) and module.p > 0.0
+
+
+def _is_weight_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or isinstance(module, _ConvNd)
+
+
+@dataclass
+class _Site:
+    """What the first forward saw right before one BN call."""
+
+    weight: nn.Module | None  # last Conv/Linear executed before it
+    fed_by_dropout: bool
+
+
+class _Trace:
+    """Execution order of BN layers plus the weight layer and dropout feeding each (first forward only)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.order: list[nn.Module] = []
+        self.sites: dict[nn.Module, _Site] = {}
+        self._last_weight: nn.Module | None = None
+        self._dropout = False
+        self._handles = []
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                self._handles.append(m.register_forward_pre_hook(self._on_bn))
+            elif _is_weight_layer(m):
+                self._handles.append(m.register_forward_hook(self._on_weight))
+            elif is_active_dropout(m):
+                self._handles.append(m.register_forward_hook(self._on_dropout))
+
+    def _on_bn(self, module: nn.Module, _args: Any) -> None:
+        if module not in self.sites:  # a BN called twice keeps its first position
+            self.order.append(module)
+            self.sites[module] = _Site(self._last_weight, self._dropout)
+        self._dropout = False
+
+    def _on_weight(self, module: nn.Module, _args: Any, _out: Any) -> None:
+        self._last_weight = module
+
+    def _on_dropout(self, _module: nn.Module, _args: Any, _out: Any) -> None:
+        self._dropout = True
+
+    def stop(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class _Moments:
+    """Streaming per-channel count, mean and M2 of a BN input, folded in float64 (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n = 0  # values per channel so far (a Python int: exact, no device sync)
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def __call__(self, _module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        n_b = x.numel() // x.shape[1]
+        if n_b == 0:
+            return
+        mean_b, var_b = _batch_moments(x)
+        mean_b, m2_b = mean_b.double(), var_b.double().mul_(n_b)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean.add_(delta, alpha=n_b / n)
+        self.m2.add_(m2_b).addcmul_(delta, delta, value=self.n * n_b / n)
+        self.n = n
+
+    def variance(self) -> torch.Tensor | None:
+        return None if self.m2 is None else self.m2 / self.n
+
+
+def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and population variance of one batch (channels on dim 1), in float32 or wider.
+
+    BatchNorm's own statistics kernel is 2-5x faster than torch.var_mean on CPU and
+    as exact (two-pass on CPU, Welford on CUDA). Its CPU channels-last variant
+    cancels catastrophically when |mean| >> std, so that layout takes var_mean.
+    """
+    cpu = x.device.type == "cpu"
+    if cpu and x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # CPU would accumulate in half precision; CUDA accumulates in float32 itself
+    if x.device.type == "cuda" or (cpu and x.is_contiguous()):
+        try:
+            return torch.batch_norm_update_stats(x, None, None, 0.0)
+        except (RuntimeError, NotImplementedError):  # a dtype or backend without the kernel
+            pass
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
+    return mean, var
+
+
+def _inputs(batch: Any, device: torch.device | str | None) -> Any:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if device is not None and isinstance(x, torch.Tensor):
+        x = x.to(device, non_blocking=True)
+    return x
+
+
+def _modes(model: nn.Module) -> dict[nn.Module, bool]:
+    # Per module, not model.training alone: a caller may hold some submodules frozen in eval.
+    return {m: m.training for m in model.modules()}
+
+
+def _restore(modes: dict[nn.Module, bool]) -> None:
+    for m, mode in modes.items():
+        m.training = mode
+
+
+def _cos2(weight: torch.Tensor) -> float:
+    """Mean over output units of cos^2 between the unit's weight vector and all-ones: (sum w)^2 / (d ||w||^2)."""
+    w = weight.detach().double().reshape(weight.shape[0], -1)
+    sq = (w * w).sum(1)
+    ok = sq > 0  # a zero weight vector has no direction
+    if not bool(ok.any()):
+        return math.nan
+    return float((w.sum(1)[ok] ** 2 / (w.shape[1] * sq[ok])).mean())
+
+
+def _feeding(weight: nn.Module | None) -> tuple[int | None, float]:
+    """fan_in d = in_channels*prod(kernel)/groups (in_features for Linear) and cos^2 of the feeding layer."""
+    if weight is None or getattr(weight, "weight", None) is None:
+        return None, math.nan
+    if isinstance(weight, _ConvNd) and weight.transposed:
+        return None, math.nan  # a transposed conv's fan-in depends on the output position
+    w = weight.weight
+    return int(w[0].numel()), _cos2(w)
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(a / b, b / a)
+
+
+def _shift(real: float, moving: float) -> float:
+    """max(real/moving, moving/real); inf when exactly one is zero, NaN when both are."""
+    if real > 0 and moving > 0:
+        return max(real / moving, moving / real)
+    return math.inf if (real > 0) != (moving > 0) else math.nan
+
+
+@torch.no_grad()
+def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.device | str | None) -> list[LayerShift]:
+    """Variance shift at every BatchNorm layer, in execution order.
+
+    The model runs in eval mode (dropout off, BN on running statistics) over
+    every batch of `loader`; each BN's input is summarised per channel on the
+    fly. The previous train/eval mode of every module is restored afterwards.
+
+    Args:
+        model: any nn.Module with BatchNorm layers (`_BatchNorm` subclasses).
+        loader: iterable of (x, y) batches (or bare x); x is moved to `device`.
+        device: where to run; None leaves x where it is.
+
+    Returns:
+        One `LayerShift` per BN module, in the order the first forward calls
+        them; BN modules the forward never reaches come last, with NaN
+        statistics. shift = max(real/moving, moving/real) of the channel means;
+        shift_channelwise is the mean of the per-channel ratio over channels
+        where both variances are > 0.
+
+    Raises:
+        ValueError: `loader` yielded no batch.
+    """
+    names = {m: n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    if not names:
+        return []
+    moments = {m: _Moments() for m in names}
+    trace = _Trace(model)
+    handles = [m.register_forward_pre_hook(moments[m]) for m in names]
+    modes = _modes(model)
+    batches = 0
+    try:
+        model.eval()
+        for batch in loader:
+            model(_inputs(batch, device))
+            if batches == 0:
+                trace.stop()  # structure is known after one forward; keep later batches lean
+            batches += 1
+    finally:
+        trace.stop()
+        for h in handles:
+            h.remove()
+        _restore(modes)
+    if batches == 0:
+        raise ValueError("measure_variance_shift: `loader` yielded no batches; pass the training data loader")
+
+    order = trace.order + [m for m in names if m not in trace.sites]
+    n = len(order)
+    records = []
+    for index, bn in enumerate(order):
+        site = trace.sites.get(bn, _Site(None, False))
+        fan_in, cos2 = _feeding(site.weight)
+        records.append(_record(names[bn], index, n, bn, moments[bn], fan_in, site.fed_by_dropout, cos2))
+    return records
+
+
+def _record(name: str, index: int, n: int, bn: _BatchNorm, mom: _Moments, fan_in: int | None,
+            fed: bool, cos2: float) -> LayerShift:
+    nan = math.nan
+    real = mom.variance()
+    moving = bn.running_var.detach().double() if bn.running_var is not None else None
+    moving_var = float(moving.mean()) if moving is not None else nan
+    real_var = float(real.mean()) if real is not None else nan
+    real_mean = float(mom.mean.mean()) if mom.mean is not None else nan
+    shift = shift_cw = nan
+    if real is not None and moving is not None:
+        shift = _shift(real_var, moving_var)
+        real = real.to(moving.device)
+        ok = (real > 0) & (moving > 0)  # a dead channel would make the mean infinite
+        if bool(ok.any()):
+            shift_cw = float(_ratio(real[ok], moving[ok]).mean())
+    return LayerShift(
+        name=name, index=index, rel_depth=index / (n - 1) if n > 1 else 0.0, channels=int(bn.num_features),
+        fan_in=fan_in, fed_by_dropout=fed, moving_var=moving_var, real_var=real_var, shift=shift,
+        shift_channelwise=shift_cw, real_mean=real_mean, cos2=cos2,
+    )
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, loader: Iterable, device: torch.device | str | None) -> None:
+    """Recompute every BN's running statistics on `loader`; weights frozen, dropout off.
+
+    BN layers run in train mode with momentum=None, which makes torch keep an
+    exact cumulative average of the per-batch statistics; every other module
+    (dropout included) runs in eval mode. Momentum values and every module's
+    train/eval mode are restored afterwards. If the pass fails, the old
+    statistics are put back.
+
+    Args:
+        model: any nn.Module; BN layers without running statistics are left alone.
+        loader: iterable of (x, y) batches (or bare x), typically the training data.
+        device: where to run; None leaves x where it is.
+
+    Raises:
+        ValueError: `loader` yielded no batch.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    modes = _modes(model)
+    momenta = {m: m.momentum for m in bns}
+    saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in bns}
+    ok = False
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        batches = 0
+        for batch in loader:
+            model(_inputs(batch, device))
+            batches += 1
+        if batches == 0:
+            raise ValueError("reestimate_bn: `loader` yielded no batches; pass the training data loader")
+        ok = True
+    finally:
+        for m in bns:
+            m.momentum = momenta[m]
+            if not ok:
+                for k, b in saved[m].items():
+                    getattr(m, k).copy_(b)
+        _restore(modes)
