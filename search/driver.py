@@ -21,13 +21,22 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
+    import ray._private.ray_constants as ray_constants
+
     if address:
+        if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            # Ray rewrites a loopback address to the LAN IP; a loopback-only cluster is then unreachable.
+            ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address {address!r}: no Ray cluster reachable there "
                                   f"({str(e).splitlines()[0][:200]})") from None
         return
+    # Ray binds its node services to the IP it detects (all interfaces on Linux); a local sweep
+    # needs none of them reachable from the network, so keep the node on loopback. There is no
+    # public switch for this in Ray 2.x; this is the constant `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` sets.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a fresh local Ray, never a cluster someone else started on this machine.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
              log_to_driver=False, configure_logging=False)

@@ -68,7 +68,8 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
                          f"(allowed: {', '.join(space.profiles)})")
     overrides = dict(parse_override(s) for s in args.set)
     if args.data_dir:
-        overrides["data_dir"] = os.path.abspath(args.data_dir)
+        # A URI stays as typed: each node stages it to local disk (search/staging.py).
+        overrides["data_dir"] = args.data_dir if "://" in args.data_dir else os.path.abspath(args.data_dir)
     if args.algo == "optuna":
         base = [space.sample(random.Random(args.search_seed), args.profile)]  # validates overrides once
     elif args.algo == "random":
@@ -128,7 +129,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {v!r} must be >= {1 if name in ('seeds', 'samples', 'num_cpus') else 0}")
     if args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial {args.cpus_per_trial!r} must be > 0")
-    if args.data_dir and not os.path.isdir(args.data_dir):
+    if args.data_dir and "://" not in args.data_dir and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
     if args.resume and args.force:
         raise UsageError("--resume and --force exclude each other: --resume keeps finished trials, --force retrains them")
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
         check_storage(args.storage)
         check_tracking(args.tracking_uri)
+        if args.data_dir and "://" in args.data_dir:
+            from .staging import check_data_uri
+
+            check_data_uri(args.data_dir)
         from .driver import drive
 
         return drive(args, configs, overrides, gpus)

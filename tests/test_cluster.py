@@ -1,0 +1,358 @@
+"""Scale-out on a real multi-node Ray cluster, on one machine, CPU only.
+
+The cluster is `ray.cluster_utils.Cluster`: a head and worker nodes that are separate
+Ray nodes (own raylet, object store and workers), each declaring fake GPUs as plain
+resources. Every sweep goes through the real CLI (`python -m search.run --address ...`)
+in a subprocess, and the assertions read back MLflow, Parquet and Ray's own accounting.
+
+Everything listens on 127.0.0.1 only. Ray rewrites a 127.0.0.1 address to the machine's
+routable IP when connecting (and binds on all interfaces for any node IP that is not
+loopback); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 turns that rewrite off, so the nodes and
+the driver stay on loopback.
+
+Also here: `search.staging.stage_data_dir`, which copies a `--data-dir` URI once per node.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from search.staging import check_data_uri, stage_data_dir, staged_path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+# The smoke space (10 trials) made smaller still: 2 cores run every node here.
+SMALL = ["--space", "smoke", "--set", "train_samples=128", "--quiet"]
+GRID = 10
+TRAINABLE = "ImplicitFunc"  # the actor class Ray Tune runs a function trainable in
+
+
+# --------------------------------------------------------------------------- staging
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def remote_dir(tmp_path: Path) -> Path:
+    src = tmp_path / "bucket" / "cifar"
+    (src / "cifar-10-batches-py").mkdir(parents=True)
+    (src / "cifar-10-batches-py" / "data_batch_1").write_bytes(os.urandom(4096))
+    (src / "cifar-10-batches-py" / "test_batch").write_bytes(os.urandom(1024))
+    (src / "README").write_text("not really CIFAR")
+    return src
+
+
+@pytest.mark.timeout(60)
+def test_staging_returns_a_local_path_unchanged(tmp_path: Path) -> None:
+    assert stage_data_dir(str(tmp_path), root=str(tmp_path / "stage")) == str(tmp_path)
+    assert stage_data_dir("relative/dir") == "relative/dir"
+    assert not (tmp_path / "stage").exists()
+
+
+@pytest.mark.timeout(60)
+def test_staging_copies_a_uri_once_and_reuses_it(tmp_path: Path, remote_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.fs as pafs
+
+    calls = []
+    real = pafs.copy_files
+    monkeypatch.setattr(pafs, "copy_files", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+    uri, root = remote_dir.as_uri(), str(tmp_path / "stage")
+    local = stage_data_dir(uri, root=root)
+    assert local == staged_path(uri, root=root) and local.startswith(root)
+    assert _tree(Path(local)) == _tree(remote_dir)
+    assert (Path(local).parent / "DONE").exists()
+    # Later trials on the node (and the same folder spelt with a trailing slash) reuse the copy.
+    assert stage_data_dir(uri, root=root) == local
+    assert stage_data_dir(uri + "/", root=root) == local
+    assert len(calls) == 1
+
+
+@pytest.mark.timeout(60)
+def test_staging_root_comes_from_the_environment(tmp_path: Path, remote_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DBN_STAGE_DIR", str(tmp_path / "nvme"))
+    assert stage_data_dir(remote_dir.as_uri()).startswith(str(tmp_path / "nvme") + os.sep)
+
+
+@pytest.mark.timeout(60)
+def test_staging_redoes_a_copy_left_incomplete(tmp_path: Path, remote_dir: Path) -> None:
+    uri, root = remote_dir.as_uri(), str(tmp_path / "stage")
+    local = Path(staged_path(uri, root=root))
+    local.mkdir(parents=True)  # a copier killed half-way: data, no DONE marker
+    (local / "README").write_text("trunc")
+    assert stage_data_dir(uri, root=root) == str(local)
+    assert _tree(local) == _tree(remote_dir)
+
+
+@pytest.mark.timeout(60)
+def test_staging_names_a_missing_uri(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        stage_data_dir((tmp_path / "nope").as_uri(), root=str(tmp_path / "stage"))
+    with pytest.raises(ValueError, match="pyarrow cannot open"):
+        stage_data_dir("nosuchscheme://bucket/x", root=str(tmp_path / "stage"))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        check_data_uri((tmp_path / "a-file").as_uri())
+    assert not (tmp_path / "stage").exists()  # no lock file, no folder for a URI that failed
+
+
+_STAGE_WORKER = textwrap.dedent("""
+    import sys, time
+    import pyarrow.fs as pafs
+    from search.staging import stage_data_dir
+
+    uri, root, log, start = sys.argv[1:5]
+    real = pafs.copy_files
+
+    def slow_copy(*a, **k):  # long enough that every process arrives while one copies
+        with open(log, "a") as fh:
+            fh.write("copy\\n")
+        time.sleep(1.5)
+        return real(*a, **k)
+
+    pafs.copy_files = slow_copy
+    while time.time() < float(start):
+        time.sleep(0.005)
+    print(stage_data_dir(uri, root=root))
+""")
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_trials_on_a_node_copy_once(tmp_path: Path, remote_dir: Path) -> None:
+    uri, root, log = remote_dir.as_uri(), str(tmp_path / "stage"), tmp_path / "copies.log"
+    start = time.time() + 3.0  # all three start together, after their imports
+    procs = [subprocess.Popen([sys.executable, "-c", _STAGE_WORKER, uri, root, str(log), str(start)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=90)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(out.strip())
+    assert log.read_text().splitlines() == ["copy"]
+    assert len(set(outs)) == 1 and outs[0] == staged_path(uri, root=root)
+    # The processes that waited got the complete copy, not a half-written one.
+    assert _tree(Path(outs[0])) == _tree(remote_dir)
+
+
+# --------------------------------------------------------------------------- cluster
+@contextmanager
+def local_cluster(monkeypatch: pytest.MonkeyPatch, workers: int = 1, cpus: int = 1,
+                  gpus: int = 1) -> Iterator[tuple[Any, list[Any]]]:
+    """A head and `workers` worker nodes, each its own Ray node with `cpus` CPUs and `gpus` fake GPUs."""
+    import ray._private.ray_constants as ray_constants
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # for the driver subprocess
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # for this process
+    node = dict(num_cpus=cpus, num_gpus=gpus, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
+    cluster = Cluster()
+    try:
+        cluster.add_node(**node, include_dashboard=False)  # the first node added is the head
+        nodes = [cluster.add_node(**node) for _ in range(workers)]
+        cluster.wait_for_nodes()
+        assert off_loopback_listeners() == []
+        yield cluster, nodes
+    finally:
+        cluster.shutdown()  # kills every node's processes, also when the test failed
+
+
+def run_cli(cluster: Any, tmp: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "search.run", *SMALL, "--address", cluster.address,
+           "--storage", str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    assert out.returncode == 0, out.stdout[-3000:] + "\n" + out.stderr[-5000:]
+    return out
+
+
+def finished_runs(tmp: Path) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def parquet_hashes(tmp: Path) -> list[str]:
+    import pyarrow.dataset as ds
+
+    return ds.dataset(str(tmp / "results" / "smoke" / "trials"), format="parquet").to_table() \
+        .column("config_hash").to_pylist()
+
+
+def assert_complete(tmp: Path) -> list[Any]:
+    """Every grid config has one FINISHED, ok run in the one tracking store and one Parquet row."""
+    runs = finished_runs(tmp)
+    assert len(runs) == GRID
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["status"] for r in runs} == {"ok"}
+    hashes = sorted(r.data.tags["config_hash"] for r in runs)
+    assert len(set(hashes)) == GRID
+    assert sorted(parquet_hashes(tmp)) == hashes
+    return runs
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _decode(hex_addr: str) -> str:
+    raw = bytes.fromhex(hex_addr)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def off_loopback_listeners() -> list[str]:
+    """Listening TCP sockets of this process and its descendants (Ray nodes, workers, the
+    driver subprocess) that are not on a loopback address."""
+    owner: dict[str, int] = {}
+    for pid in _descendants(os.getpid()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owner[link[8:-1]] = pid
+    bad = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):  # no IPv6, or not Linux
+            continue
+        with open(table) as fh:
+            for line in fh.read().splitlines()[1:]:
+                f = line.split()
+                if f[3] != "0A" or f[9] not in owner:  # 0A: LISTEN
+                    continue
+                host = _decode(f[1].split(":")[0])
+                ip = ipaddress.ip_address(host)
+                mapped = getattr(ip, "ipv4_mapped", None)
+                if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
+                    bad.append(f"pid {owner[f[9]]} listens on {host}")
+    return bad
+
+
+def trainable_actors(cluster: Any, state: str = "ALIVE") -> list[dict[str, Any]]:
+    table = cluster.global_state.actor_table(None, actor_state_name=state)
+    return [a for a in table.values() if TRAINABLE in a["ActorClassName"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sweep_spreads_over_nodes_into_one_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with local_cluster(monkeypatch, workers=1) as (cluster, (worker,)):
+        head = cluster.head_node
+        run_cli(cluster, tmp_path, "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5")
+        runs = assert_complete(tmp_path)
+        # Both nodes share 127.0.0.1 here, so the Ray node id tells them apart.
+        by_node = {r.data.tags.get("node_id") for r in runs}
+        assert by_node == {head.node_id, worker.node_id}, by_node
+        assert {r.data.tags.get("node_ip") for r in runs} == {LOOPBACK}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fractional_gpus_pack_eight_trials_on_two_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with local_cluster(monkeypatch, workers=1) as (cluster, _):
+        samples: list[tuple[float, int]] = []  # (GPUs in use per Ray's accounting, live trial actors)
+        exposed: set[str] = set()
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                free = cluster.global_state.available_resources().get("GPU", 0.0)
+                samples.append((2.0 - free, len(trainable_actors(cluster))))
+                if len(samples) % 5 == 0:  # with the driver and 8 trial workers up: still loopback only
+                    exposed.update(off_loopback_listeners())
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            # CPU 0.1 per trial: the 0.25 GPU share, not the 2 real cores, binds.
+            run_cli(cluster, tmp_path, "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.1",
+                    "--set", "train_samples=64")
+        finally:
+            stop.set()
+            watcher.join(timeout=10)
+        runs = assert_complete(tmp_path)
+    assert not exposed, exposed
+    used = max(s[0] for s in samples)
+    live = max(s[1] for s in samples)
+    assert used <= 2.0 + 1e-9 and live <= 8, (used, live)
+    # More than 2 trials per GPU at once: the fractions really packed (0.5 would allow only 4).
+    assert used >= 1.25 and live >= 5, (used, live)
+    spans = sorted((float(r.data.tags["started_at"]), float(r.data.tags["ended_at"])) for r in runs)
+    overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    print(f"packing: peak {used:g} GPUs in use, {live} live trial actors, {overlap} trials training at once")
+    assert 3 <= overlap <= 8, overlap
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_worker_node_loses_no_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with local_cluster(monkeypatch, workers=1) as (cluster, (worker,)):
+        head_id, worker_id = cluster.head_node.node_id, worker.node_id
+        killed: dict[str, Any] = {}
+
+        def kill_when_busy() -> None:
+            deadline = time.time() + 150
+            while time.time() < deadline and not killed:
+                busy = [a for a in trainable_actors(cluster) if a["Address"]["NodeID"] == worker_id]
+                if busy:
+                    time.sleep(1.0)  # let the trial get going
+                    killed["at"] = time.time()
+                    cluster.remove_node(worker, allow_graceful=False)
+                    return
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_when_busy, daemon=True)
+        killer.start()
+        try:
+            run_cli(cluster, tmp_path, "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5", "--retries", "3")
+        finally:
+            killer.join(timeout=30)
+        assert killed, "no trial ever started on the worker node"
+        runs = assert_complete(tmp_path)
+        nodes = {r.data.tags["node_id"] for r in runs}
+        # The kill hit live trials: their actors died with the node.
+        assert any(a["Address"]["NodeID"] == worker_id for a in trainable_actors(cluster, "DEAD"))
+        print(f"kill: {sum(r.data.tags['node_id'] == worker_id for r in runs)} trial(s) finished on the worker "
+              f"before it died, {sum(r.data.tags['node_id'] == head_id for r in runs)} on the head")
+        assert nodes <= {head_id, worker_id}
+        for r in runs:  # nothing is credited to the dead node after it died
+            if r.data.tags["node_id"] == worker_id:
+                assert float(r.data.tags["ended_at"]) <= killed["at"]
+        # The sweep went on without the worker: trials started on the head after the kill.
+        assert any(float(r.data.tags["started_at"]) > killed["at"] for r in runs
+                   if r.data.tags["node_id"] == head_id)
