@@ -17,3 +17,18 @@ def _threads() -> None:
     except ImportError:  # pragma: no cover - analysis-only environments
         return
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _no_onednn():
+    # oneDNN builds a kernel per new conv shape (seconds for DenseNet's many shapes on these
+    # CPUs); the native kernels give the same results and run the tests' tiny nets far faster.
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    prev = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = prev

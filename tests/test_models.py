@@ -14,15 +14,6 @@ from search.models import (
 from search.models.stock import create_stock, width_kwargs
 
 
-@pytest.fixture(autouse=True)
-def _no_onednn():
-    # oneDNN builds a kernel per new conv shape (seconds for DenseNet's many shapes on
-    # this CPU); the native kernels run these tiny nets 50-100x faster. Same ops, same results.
-    prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = prev
-
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

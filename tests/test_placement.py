@@ -14,15 +14,6 @@ from search.dropout import VarianceDropout, apply_placement, list_dropout_kinds
 from search.models import SUPPORTED_BACKBONES, build_model
 
 
-@pytest.fixture(autouse=True)
-def _no_onednn():
-    # oneDNN builds a kernel per new conv shape (seconds for DenseNet's many shapes on
-    # this CPU); the native kernels run these tiny nets 50-100x faster. Same ops, same results.
-    prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = prev
-
 # Small but structurally complete settings per backbone (depth, width): fast on 2 CPU cores.
 SMALL = {
     "cifar_wrn": (16, 1.0),

@@ -24,15 +24,6 @@ TOY_V = TOY_C**2
 TOY_BATCHES, TOY_BATCH, TOY_HW = 40, 128, 8
 
 
-@pytest.fixture(autouse=True)
-def _no_onednn():
-    # oneDNN builds a kernel per new conv shape (seconds on this CPU for DenseNet's many shapes);
-    # the native kernels give the same results and run these tiny nets far faster.
-    prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = prev
-
 
 def toy_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
