@@ -19,10 +19,11 @@ def _threads() -> None:
     torch.set_num_threads(2)
 
 
-@pytest.fixture(autouse=True)
-def _no_onednn():
+@pytest.fixture
+def no_onednn():
     # oneDNN builds a kernel per new conv shape (seconds for DenseNet's many shapes on these
-    # CPUs); the native kernels give the same results and run the tests' tiny nets far faster.
+    # CPUs); the native kernels give the same results and run one-off forwards far faster.
+    # Training loops reuse their shapes, where oneDNN is ~2x faster: so this is opt-in.
     try:
         import torch
     except ImportError:  # pragma: no cover

@@ -13,6 +13,8 @@ from search.models import (
 )
 from search.models.stock import create_stock, width_kwargs
 
+pytestmark = pytest.mark.usefixtures("no_onednn")
+
 
 
 def n_params(model: nn.Module) -> int:

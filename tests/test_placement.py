@@ -13,6 +13,8 @@ from search.config import PLACEMENTS, TrialConfig
 from search.dropout import VarianceDropout, apply_placement, list_dropout_kinds
 from search.models import SUPPORTED_BACKBONES, build_model
 
+pytestmark = pytest.mark.usefixtures("no_onednn")
+
 
 # Small but structurally complete settings per backbone (depth, width): fast on 2 CPU cores.
 SMALL = {

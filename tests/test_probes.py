@@ -14,6 +14,8 @@ from search.config import TrialConfig
 from search.dropout import make_dropout
 from search.probes import measure_variance_shift, reestimate_bn
 
+pytestmark = pytest.mark.usefixtures("no_onednn")
+
 # Toy known-answer setting: channel k gets x ~ N(c_k, v_k) with c_k^2 / v_k = 1 in every channel, so each
 # channel has the same Delta and both `shift` (ratio of channel means) and `shift_channelwise` equal 1/Delta.
 TOY_C = torch.tensor([1.0, -2.0, 0.5, 3.0])
