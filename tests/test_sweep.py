@@ -128,3 +128,21 @@ def test_failing_trial_is_recorded_and_sweep_continues(tmp_path: Path) -> None:
     assert len(failed) == 2 and all("injected fault" in r.data.tags["error"] for r in failed)
     assert all(r.info.status == "FAILED" for r in failed)
     assert "FAILED: " in out.stdout
+
+
+def test_report_from_the_real_smoke_sweep(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    cwd, _ = smoke
+    out = subprocess.run([sys.executable, "-m", "analysis.report", "--space", "smoke", "--n-boot", "200"], cwd=cwd,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = cwd / "reports" / "smoke"
+    md = (rep / "report.md").read_text()
+    assert (rep / "report.tex").read_text().count("\\toprule") >= 1
+    pngs = list((rep / "figures").glob("*.png"))
+    assert len(pngs) >= 4 and len(list((rep / "figures").glob("*.pdf"))) == len(pngs)
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    # One configuration row per trial of the grid (10), in the setup table.
+    table = md.split("**Configurations")[1].split("\n\n")[1]
+    rows = [ln for ln in table.splitlines() if ln.startswith("|")][2:]
+    assert len(rows) == 10
