@@ -9,6 +9,7 @@ pyarrow's filesystems understand (s3://, gs://, file://).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Any, Iterable
 
@@ -46,7 +47,8 @@ class ResultStore:
     def write_trial(self, trial_row: dict[str, Any], layer_rows: Iterable[dict[str, Any]]) -> None:
         """Write one trial's row and its layer rows as part files (layers first, so a
         reader that sees the trial also sees its layers)."""
-        tag = f"{trial_row['run_id']}-{uuid.uuid4().hex[:8]}"
+        # Sorted by name, one run's parts come in write order: dedup keeps the last written.
+        tag = f"{trial_row['run_id']}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         layers = pa.Table.from_pylist(list(layer_rows), schema=LAYERS_SCHEMA)
         self._write_atomic(layers, self.path("layers"), f"part-{tag}.parquet")
         trials = pa.Table.from_pylist([trial_row], schema=TRIALS_SCHEMA)
