@@ -75,6 +75,8 @@ class TrialConfig:
     stem: str = field(default="auto", metadata=_meta(help="auto|cifar|imagenet: stock timm stem; auto = cifar below 64 px"))
     num_classes: int | None = field(default=None, metadata=_meta(help="None: the dataset's"))
     train_samples: int | None = field(default=None, metadata=_meta(help="cap on training images; None: all"))
+    probe_samples: int | None = field(default=None, metadata=_meta(
+        help="training images the shift probes and BN re-estimation see; None: all (the paper's protocol)"))
     epochs: int = field(default=5, metadata=_meta(help="training epochs"))
     batch_size: int = field(default=128, metadata=_meta(help="images per step"))
     lr: float = field(default=0.1, metadata=_meta(help="peak learning rate"))
@@ -130,13 +132,15 @@ class TrialConfig:
         """16 hex chars of SHA-256 over the canonical JSON of the experiment fields.
 
         Stable across processes and Python versions: sorted keys, no whitespace,
-        floats normalised so 1 and 1.0 hash alike.
+        floats normalised so 1 and 1.0 hash alike, fields at a None default left out.
         """
         payload = {}
         for f in dataclasses.fields(self):
-            if not f.metadata.get("hashed", True):
-                continue
             v = getattr(self, f.name)
+            # A field left at a None default is omitted, so adding such a field later keeps
+            # every stored hash valid.
+            if not f.metadata.get("hashed", True) or (v is None and f.default is None):
+                continue
             if isinstance(v, float):
                 v = float(repr(v)) if v != int(v) else int(v)
             payload[f.name] = v
@@ -198,6 +202,8 @@ class TrialConfig:
             raise ConfigError(f"field 'num_classes' must be >= 2 or None, got {self.num_classes!r}")
         if self.train_samples is not None and self.train_samples < 1:
             raise ConfigError(f"field 'train_samples' must be >= 1 or None, got {self.train_samples!r}")
+        if self.probe_samples is not None and self.probe_samples < 1:
+            raise ConfigError(f"field 'probe_samples' must be >= 1 or None, got {self.probe_samples!r}")
         if self.num_workers < 0:
             raise ConfigError(f"field 'num_workers' must be >= 0, got {self.num_workers!r}")
         self._check_backbone()

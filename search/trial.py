@@ -65,18 +65,34 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
         amp = cfg.amp and device.type == "cuda"
         t_probe = time.perf_counter()
         # The paper's protocol: training data, eval mode, dropout off.
-        result.layers = measure_variance_shift(model, data.train_eval, device)
+        probe_data = _first(data.train_eval, cfg.probe_samples)
+        result.layers = measure_variance_shift(model, probe_data, device)
         if not outcome.history:  # no per-epoch eval happened
             result.test_loss, result.test_acc = evaluate(model, data.test, device, amp=amp)
-        reestimate_bn(model, data.train_eval, device)
+        reestimate_bn(model, probe_data, device)
         result.test_loss_reest, result.test_acc_reest = evaluate(model, data.test, device, amp=amp)
-        after = measure_variance_shift(model, data.train_eval, device)
+        after = measure_variance_shift(model, probe_data, device)
         result.probe_time_s = time.perf_counter() - t_probe
         _summarise_shift(result, after)
     if device.type == "cuda":
         torch.cuda.synchronize()
     result.wall_time_s = time.perf_counter() - t0
     return result
+
+
+class _first:
+    """The leading batches of a loader holding at least `n` images (all of it when n is None)."""
+
+    def __init__(self, loader: Any, n: int | None) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self):  # noqa: ANN204
+        seen = 0
+        for x, y in self.loader:
+            if self.n is not None and seen >= self.n:
+                return
+            seen += len(x)
+            yield x, y
 
 
 def _summarise_shift(result: TrialResult, after: list) -> None:

@@ -55,3 +55,10 @@ def test_cli_bad_input_is_one_line(capsys: pytest.CaptureFixture) -> None:
     assert main(["--depth", "11"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "field 'depth' = 11 is invalid for backbone 'cifar_wrn'" in err[0]
+
+
+def test_probe_samples_limits_the_probe_pass() -> None:
+    r = run_trial(SMALL_WRN.replace(epochs=1, probe_samples=256))
+    assert r.status == "ok" and len(r.layers) == 7
+    assert abs(r.mean_shift_reest - 1) < 0.01  # re-estimated and measured on the same 256 images
+    assert SMALL_WRN.replace(probe_samples=256).config_hash != SMALL_WRN.config_hash
