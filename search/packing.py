@@ -31,6 +31,26 @@ def gpu_fraction(peak_bytes: int, total_bytes: int, *, headroom: float = HEADROO
     return 1.0 / k
 
 
+# Images held on the device per dataset (train + test), for the resident-data share of a trial.
+_DATASET_IMAGES = {"cifar10": 60_000, "cifar100": 60_000, "digits": 1_797}
+
+
+def resident_data_bytes(cfg: "object") -> int:
+    """Bytes of the uint8 dataset a trial keeps on the GPU, with its padded training copy.
+
+    imagefolder streams through a DataLoader and keeps nothing resident.
+    """
+    from .data import SYNTHETIC_SIZES
+
+    n = _DATASET_IMAGES.get(cfg.dataset, sum(SYNTHETIC_SIZES) if cfg.dataset == "synthetic" else 0)
+    if cfg.train_samples:
+        n = min(n, cfg.train_samples + n // 6)
+    pad = cfg.image_size // 8
+    per_image = cfg.in_chans * cfg.image_size ** 2
+    padded = cfg.in_chans * (cfg.image_size + 2 * pad) ** 2
+    return int(n * (per_image + padded))
+
+
 def measure_step_peak_bytes(cfg: "object") -> tuple[int, int]:
     """Peak CUDA memory of one forward/backward/step of `cfg`'s model at its batch size.
 
@@ -49,7 +69,8 @@ def measure_step_peak_bytes(cfg: "object") -> tuple[int, int]:
     dev = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
+    torch.backends.cudnn.benchmark = True  # as in training: the autotuner's workspaces count too
+    base = torch.cuda.memory_reserved(dev)
     model = build_model(cfg).to(dev).train()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -63,7 +84,8 @@ def measure_step_peak_bytes(cfg: "object") -> tuple[int, int]:
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize(dev)
-    peak = torch.cuda.max_memory_allocated(dev) - base
+    # Reserved, not allocated: the caching allocator's blocks are what a neighbour cannot use.
+    peak = torch.cuda.max_memory_reserved(dev) - base + resident_data_bytes(cfg)
     total = torch.cuda.get_device_properties(dev).total_memory
     del model, opt, x, y
     torch.cuda.empty_cache()

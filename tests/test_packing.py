@@ -41,3 +41,12 @@ def test_auto_measures_the_largest_config_per_backbone() -> None:
     f = auto_gpus_per_trial(configs, measure=fake_measure)
     assert seen == [4.0]
     assert f == gpu_fraction(4 * GiB, 80 * GiB)
+
+
+def test_resident_data_counts_cifar_and_its_padded_copy() -> None:
+    from search.packing import resident_data_bytes
+
+    cfg = TrialConfig(dataset="cifar10", data_dir="/nowhere")
+    # 60k images x 3 x (32^2 + 40^2) bytes: the uint8 set plus its 4-px padded training copy.
+    assert resident_data_bytes(cfg) == 60_000 * 3 * (32 * 32 + 40 * 40)
+    assert resident_data_bytes(cfg.replace(dataset="imagefolder", num_classes=10)) == 0
