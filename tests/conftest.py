@@ -1,4 +1,4 @@
-"""Shared fixtures: small thread counts (2-core machines), no GPU needed, no network."""
+"""Shared fixtures: one torch thread (2-core machines), no GPU needed, no network."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ def _threads() -> None:
         import torch
     except ImportError:  # pragma: no cover - analysis-only environments
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny nets: a 2nd thread buys little and thrashes when Ray workers share the cores
 
 
 @pytest.fixture
