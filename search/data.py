@@ -308,7 +308,20 @@ def _read_cifar_file(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(x.copy()), torch.from_numpy(y)
 
 
+def check_cifar(name: str, data_dir: str | None) -> None:
+    """Raise as loading would (DatasetNotFoundError, CorruptDatasetError), reading every file once."""
+    root, files, label_key = _cifar_files(name, data_dir)
+    for f in files[0] + files[1]:
+        _read_cifar_file(root / f, label_key)
+
+
 def _cifar(name: str, data_dir: str | None) -> tuple[torch.Tensor, ...]:
+    root, (train_files, test_files), label_key = _cifar_files(name, data_dir)
+    parts = [[_read_cifar_file(root / f, label_key) for f in files] for files in (train_files, test_files)]
+    return tuple(torch.cat([p[i] for p in ps]) for ps in parts for i in (0, 1))
+
+
+def _cifar_files(name: str, data_dir: str | None) -> tuple[Path, tuple[list[str], list[str]], str]:
     folder, train_files, test_files, label_key, url = CIFAR[name]
     expected = f"{', '.join(train_files + test_files)} in <data_dir>/{folder}/"
     how = f"download {url} and untar it into data_dir (nothing is downloaded at run time)"
@@ -320,8 +333,7 @@ def _cifar(name: str, data_dir: str | None) -> tuple[torch.Tensor, ...]:
     if missing:
         raise DatasetNotFoundError(f"dataset {name!r}: missing {', '.join(missing)} in {root} (field 'data_dir' = "
                                    f"{data_dir!r}); expected {expected}; {how}")
-    parts = [[_read_cifar_file(root / f, label_key) for f in files] for files in (train_files, test_files)]
-    return tuple(torch.cat([p[i] for p in ps]) for ps in parts for i in (0, 1))
+    return root, (train_files, test_files), label_key
 
 
 def _imagefolder(cfg: TrialConfig, device: torch.device) -> tuple:

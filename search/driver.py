@@ -59,9 +59,10 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
     from .sweep import SweepPlan, run_sweep
 
     t0 = time.time()
-    with SweepLock(args.storage, args.space):
+    with SweepLock(args.storage, args.space, args.tracking_uri):
         tracker = Tracker(args.tracking_uri, args.space, args.profile, args.storage)
         stale = tracker.close_stale()
+        tracker.store.remove_temporaries()
         if stale:
             print(f"closed {stale} run(s) left RUNNING by an interrupted sweep (marked KILLED); "
                   "they will run again", flush=True)

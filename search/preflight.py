@@ -10,7 +10,7 @@ import shutil
 import urllib.error
 import urllib.request
 
-__all__ = ["check_storage", "check_tracking", "SweepLock"]
+__all__ = ["check_storage", "check_tracking", "check_address", "check_trials", "disk_full", "SweepLock"]
 
 MIN_FREE_BYTES = 200 * 2**20  # below this a sweep cannot even write its first results
 
@@ -25,8 +25,11 @@ def _existing_parent(path: str) -> str:
     return path
 
 
-def check_storage(storage: str) -> None:
-    """Raise OSError naming --storage if it is not writable or its disk is (nearly) full."""
+def check_storage(storage: str, flag: str = "--storage", shown: str | None = None) -> None:
+    """Raise OSError naming `flag` (--storage) if it is not writable or its disk is (nearly) full.
+
+    DBN_MIN_FREE_BYTES overrides MIN_FREE_BYTES (tests simulate a full disk with it)."""
+    shown = storage if shown is None else shown
     if "://" in storage and not storage.startswith("file://"):
         import pyarrow.fs as pafs
 
@@ -34,24 +37,25 @@ def check_storage(storage: str) -> None:
             fs, path = pafs.FileSystem.from_uri(storage)
             fs.get_file_info(path)
         except Exception as e:  # noqa: BLE001 - any failure here is the user's URI
-            raise OSError(f"--storage {storage!r} is not reachable: {str(e).splitlines()[0]}") from None
+            raise OSError(f"{flag} {shown!r} is not reachable: {str(e).splitlines()[0]}") from None
         return
     path = _existing_parent(storage.replace("file://", ""))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise OSError(f"--storage {storage!r}: {path!r} is a file, not a directory")
+        raise OSError(f"{flag} {shown!r}: {path!r} is a file, not a directory")
     if not os.access(path, os.W_OK):
-        raise PermissionError(f"--storage {storage!r} is not writable (no write permission on {path!r})")
+        raise PermissionError(f"{flag} {shown!r} is not writable (no write permission on {path!r})")
     free = shutil.disk_usage(path).free
-    if free < MIN_FREE_BYTES:
-        raise OSError(errno.ENOSPC, f"--storage {storage!r}: only {free / 2**20:.0f} MiB free on its disk "
-                      f"(need at least {MIN_FREE_BYTES / 2**20:.0f} MiB)")
+    need = int(os.environ.get("DBN_MIN_FREE_BYTES") or MIN_FREE_BYTES)
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{flag} {shown!r}: only {free / 2**20:.0f} MiB free on its disk "
+                      f"(need at least {need / 2**20:.0f} MiB)")
 
 
 def check_tracking(uri: str) -> None:
     """Raise ConnectionError/OSError naming --tracking-uri if the store cannot be used."""
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///"):]
-        check_storage(os.path.dirname(os.path.abspath(db)) or ".")
+        check_storage(os.path.dirname(os.path.abspath(db)) or ".", flag="--tracking-uri", shown=uri)
         if os.path.exists(db) and not os.access(db, os.W_OK):
             raise PermissionError(f"--tracking-uri {uri!r}: {db!r} is not writable")
         return
@@ -63,42 +67,124 @@ def check_tracking(uri: str) -> None:
                                   "start the server or check the address") from None
         return
     if uri.startswith("file:") or "://" not in uri:
-        check_storage(uri.replace("file://", ""))
+        check_storage(uri.replace("file://", ""), flag="--tracking-uri", shown=uri)
         return
     raise ValueError(f"--tracking-uri {uri!r}: unsupported scheme (allowed: sqlite:///PATH, http(s)://HOST:PORT, "
                      "file:PATH)")
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Raise ConnectionError naming --address unless something answers at host:port (Ray's GCS)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"--address {address!r}: no Ray cluster reachable there ({e}); start one with "
+                              "`ray start --head` or check host:port") from None
+
+
+def check_trials(configs: list[dict]) -> None:
+    """What only the files or a built model can tell, once per distinct value, before anything is written.
+
+    Raises:
+        FileNotFoundError / ValueError (DatasetNotFoundError, CorruptDatasetError, ConfigError): one line.
+    """
+    seen: set = set()
+    for c in configs:
+        key = (c["dataset"], c.get("data_dir"))
+        if key in seen or c["dataset"] not in ("cifar10", "cifar100") or "://" in (c.get("data_dir") or ""):
+            continue  # a URI is staged per node; check_data_uri checked the folder
+        seen.add(key)
+        from .data import check_cifar
+
+        check_cifar(*key)
+    _check_models(configs)
+
+
+def _check_models(configs: list[dict]) -> None:
+    """Build each distinct architecture once on the meta device (no memory, no weights) and run a forward."""
+    import torch
+
+    from .config import DATASET_CLASSES, ConfigError, TrialConfig
+    from .models import build_model
+
+    seen: set = set()
+    for c in configs:
+        cfg = TrialConfig.from_dict(c)
+        key = (cfg.backbone, cfg.depth, cfg.width, cfg.stem, cfg.image_size, cfg.in_chans, cfg.dropout_placement,
+               cfg.dropout_type)
+        if key in seen:
+            continue
+        seen.add(key)
+        classes = cfg.num_classes or DATASET_CLASSES.get(cfg.dataset) or 10
+        try:
+            with torch.device("meta"):
+                model = build_model(cfg, num_classes=classes).eval()
+                with torch.no_grad():
+                    model(torch.zeros(2, cfg.in_chans, cfg.image_size, cfg.image_size))
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        except RuntimeError as e:
+            raise ConfigError(f"field 'image_size' = {cfg.image_size}: backbone {cfg.backbone!r} cannot run a "
+                              f"{cfg.image_size}x{cfg.image_size} input ({str(e).splitlines()[0]}); use a larger image_size") from None
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """True if `e` or an exception in its chain says the disk is full (OSError ENOSPC, sqlite's 'disk is full')."""
+    for _ in range(20):
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(e) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class SweepLock:
     """An exclusive lock per (storage, space): two drivers never write one space at once."""
 
-    def __init__(self, storage: str, space: str) -> None:
-        self.path = None
+    def __init__(self, storage: str, space: str, tracking_uri: str | None = None) -> None:
+        self.paths = []
         if "://" not in storage or storage.startswith("file://"):
             folder = os.path.join(os.path.abspath(storage.replace("file://", "")), space)
-            self.path = os.path.join(folder, ".sweep.lock")
-        self.fh = None
+            self.paths.append(os.path.join(folder, ".sweep.lock"))
+        if tracking_uri and tracking_uri.startswith("sqlite:///"):
+            # The MLflow store is shared by every --storage: lock the space there too.
+            db = os.path.abspath(tracking_uri[len("sqlite:///"):])
+            self.paths.append(os.path.join(os.path.dirname(db), f".{os.path.basename(db)}.{space}.lock"))
+        self.path = self.paths[0] if self.paths else None
+        self.fhs: list = []
 
     def __enter__(self) -> "SweepLock":
-        if self.path is None:  # object storage: no flock; MLflow dedup still applies
-            return self
         import fcntl
 
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.seek(0)
-            owner = self.fh.read().strip() or "unknown"
-            self.fh.close()
-            raise OSError(f"another sweep of this space is running (lock {self.path}, pid {owner}); "
-                          "wait for it or stop it, then use --resume") from None
-        self.fh.truncate(0)
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
+        for path in self.paths:  # object storage / remote tracking: no flock; MLflow dedup still applies
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fh = open(path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                owner = fh.read().strip() or "unknown"
+                fh.close()
+                self.__exit__()
+                raise OSError(f"another sweep of this space is running (lock {path}, pid {owner}); "
+                              "wait for it or stop it, then use --resume") from None
+            fh.truncate(0)
+            fh.write(str(os.getpid()))
+            fh.flush()
+            self.fhs.append(fh)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.fh is not None:
-            self.fh.close()  # closing releases the flock; a killed driver releases it too
+        for fh in self.fhs:
+            fh.close()  # closing releases the flock; a killed driver releases it too
+        self.fhs = []

@@ -153,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             _print_table(configs)
             print(f"{len(configs)} trials ({args.space}, profile {args.profile}, algo {args.algo})")
             return 0
-        from .preflight import check_storage, check_tracking
+        from .preflight import check_address, check_storage, check_tracking, check_trials
 
         check_storage(args.storage)
         check_tracking(args.tracking_uri)
+        check_address(args.address)
+        check_trials(configs)
         if args.data_dir and "://" in args.data_dir:
             from .staging import check_data_uri
 
@@ -169,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into one line
+        from .preflight import disk_full
+
+        if args.debug or not disk_full(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: the disk is full ({first}): free space on --storage {args.storage!r} / --tracking-uri "
+              f"{args.tracking_uri!r}, then rerun with --resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished trials are saved; rerun with --resume to complete the sweep", file=sys.stderr)

@@ -77,6 +77,20 @@ class ResultStore:
                 if any(base.startswith(f"part-{r}-") for r in run_ids):
                     self.fs.delete_file(p)
 
+    def remove_temporaries(self) -> int:
+        """Delete the `.*.tmp` files a killed writer left; only while holding the sweep lock."""
+        if not self.is_local:  # object stores publish whole objects: nothing half-written to remove
+            return 0
+        n = 0
+        for name in ("trials", "layers"):
+            folder = self.path(name)
+            if os.path.isdir(folder):
+                for f in os.listdir(folder):
+                    if f.startswith(".") and f.endswith(".tmp"):
+                        os.remove(os.path.join(folder, f))
+                        n += 1
+        return n
+
     def compact(self) -> None:
         """Fold all part files of each dataset into one, de-duplicated on run_id."""
         for name, schema in (("trials", TRIALS_SCHEMA), ("layers", LAYERS_SCHEMA)):

@@ -5,6 +5,8 @@ Tune callback in the driver is the single writer to MLflow and Parquet.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import time
@@ -76,7 +78,7 @@ def trainable(config: dict[str, Any], reused: dict[str, float] | None = None) ->
     last = result.history[-1] if result.history else {}
     final = {**{k: v for k, v in last.items()}, **result.summary(), "status": result.status,
              "config_hash": cfg.config_hash, "node_ip": _node_ip(), "node_id": _node_id(), "pid": os.getpid(),
-             "started_at": t0, "ended_at": time.time(),
+             "started_at": t0, "ended_at": time.time(), "torch_threads": torch.get_num_threads(),
              "trial_result": json.dumps(result.to_dict()), "cfg_json": json.dumps(cfg.to_dict())}
     tune.report(final)
 
@@ -103,11 +105,45 @@ def _node_ip() -> str:
         return ""
 
 
+class _Abort(tune.Stopper):
+    """Stops the whole sweep once the one writer cannot write (disk full): nothing else can be recorded."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.error is not None
+
+
+def _guarded(method: Any) -> Any:
+    """A full disk in a tracking hook stops the sweep instead of raising through Tune."""
+
+    @functools.wraps(method)
+    def wrapper(self: "TrackingCallback", *a: Any, **k: Any) -> Any:
+        if self.abort.error is not None:
+            return None
+        try:
+            return method(self, *a, **k)
+        except Exception as e:  # noqa: BLE001
+            from .preflight import disk_full
+
+            if not disk_full(e):
+                raise
+            self.abort.error = e
+            return None
+
+    return wrapper
+
+
 class TrackingCallback(tune.Callback):
     """The one writer: MLflow runs and Parquet rows, plus a line per finished trial."""
 
-    def __init__(self, plan: SweepPlan, tracker: Tracker) -> None:
+    def __init__(self, plan: SweepPlan, tracker: Tracker, abort: _Abort | None = None) -> None:
         self.plan, self.tracker = plan, tracker
+        self.abort = abort or _Abort()
         self.runs: dict[str, str] = {}  # tune trial_id -> MLflow run id
         self.history: dict[str, list[dict[str, float]]] = {}
         self.done = 0
@@ -121,6 +157,7 @@ class TrackingCallback(tune.Callback):
     def _reused(self, trial: Any) -> bool:
         return self._cfg(trial).config_hash in self.plan.finished
 
+    @_guarded
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self._reused(trial):  # its finished run stays the record; no new run
             return
@@ -135,6 +172,7 @@ class TrackingCallback(tune.Callback):
                 {k: float(result[k]) for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
                                                 "lr", "epoch_time_s", "throughput") if k in result})
 
+    @_guarded
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         cfg = self._cfg(trial)
@@ -151,11 +189,13 @@ class TrackingCallback(tune.Callback):
             result = TrialResult(status="stopped", history=hist, epochs_completed=len(hist))
             if hist:
                 result.test_acc, result.test_loss = hist[-1].get("test_acc", float("nan")), hist[-1].get("test_loss")
-        tags = {k: str(last.get(k, "")) for k in ("node_ip", "node_id", "pid", "started_at", "ended_at")}
+        tags = {k: str(last.get(k, "")) for k in ("node_ip", "node_id", "pid", "started_at", "ended_at",
+                                                   "torch_threads")}
         tags["device"] = result.device
         self.tracker.finish(self._run(trial, cfg), cfg, result, extra_tags=tags)
         self._line(cfg, result)
 
+    @_guarded
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cfg = self._cfg(trial)
         err = _error_line(trial)
@@ -256,6 +296,7 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     metric, mode = "test_acc", "max"
+    abort = _Abort()
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
     fn = tune.with_resources(tune.with_parameters(trainable, reused=_reused_scores(plan, tracker)), resources)
     if plan.algo == "optuna":
@@ -275,9 +316,14 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
         progress_reporter=_reporter(plan),
         name=f"{plan.space}-{plan.profile}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=f"{storage.rstrip('/')}/{plan.space}/ray",
-        callbacks=[TrackingCallback(plan, tracker)],
+        callbacks=[TrackingCallback(plan, tracker, abort)], stop=abort,
         failure_config=tune.FailureConfig(max_failures=plan.retries),
         verbose=plan.verbose, log_to_file=True)
     tuner = tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    return tuner.fit()
+    grid = tuner.fit()
+    if abort.error is not None:
+        first = (str(abort.error).strip().splitlines() or [""])[0][:300]
+        raise OSError(errno.ENOSPC, f"the disk is full while recording results ({first}); free space, then rerun "
+                      "with --resume")
+    return grid
 

@@ -29,10 +29,11 @@ _EPOCH_NAMES = {"throughput": "epoch_throughput"}
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages a result depends on, for reproducibility tags."""
+    import platform
     from importlib import metadata
 
-    out = {}
-    for pkg in ("torch", "torchvision", "timm", "ray", "mlflow", "optuna", "numpy"):
+    out = {"python": platform.python_version()}
+    for pkg in ("dropout-bn-ablate", "torch", "torchvision", "timm", "ray", "mlflow", "optuna", "numpy"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -43,7 +44,47 @@ def package_versions() -> dict[str, str]:
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        _create_sqlite_store(tracking_uri[len("sqlite:///"):])
+    try:
+        return MlflowClient(tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/MLflow errors of a store that cannot be opened
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise OSError(f"--tracking-uri {tracking_uri!r}: the MLflow store cannot be opened ({first}); if a sweep "
+                      "was interrupted while creating it and it holds no runs, delete it and run again") from None
+
+
+def _create_sqlite_store(db: str) -> None:
+    """Create a new MLflow sqlite store under a temporary name, then publish it with link(2).
+
+    MLflow migrates a new sqlite file table by table (alembic's sqlite DDL is not
+    transactional), so a driver killed or interrupted meanwhile would leave a half-migrated
+    mlflow.db that no later run can open. Built aside, the store appears complete or not at all;
+    link() never replaces a store another driver published first.
+    """
+    import contextlib
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    db = os.path.abspath(db)
+    if os.path.exists(db):
+        return
+    folder, prefix = os.path.dirname(db), f".{os.path.basename(db)}.init-"
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:  # left by a creator that was killed
+        pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+    tmp = os.path.join(os.path.dirname(db), f".{os.path.basename(db)}.init-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}")  # runs the migrations
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, db)
+    finally:
+        for p in (tmp, tmp + "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
 
 
 def _artifact_location(tracking_uri: str) -> str | None:

@@ -179,5 +179,8 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         out.epochs_completed = epoch
         if on_epoch is not None:
             on_epoch(row)
+        if not math.isfinite(test_loss):  # eval-mode outputs overflowed: BN statistics vs exploded weights
+            out.status = "diverged"
+            break
     out.throughput = out.images_seen / out.train_time_s if out.train_time_s > 0 else float("nan")
     return out
