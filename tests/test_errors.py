@@ -66,7 +66,7 @@ CASES = [
          ("field 'backbone' = 'resnet5O'", "did you mean resnet50")),
     Case("depth-on-stock-backbone", "search.run", f"{S} --set backbone=resnet18",
          ("field 'depth' = 10", "resnet18", "set depth=None")),
-    # search.run: combinations only the model can judge (today: found by every trial, after Ray started)
+    # search.run: combinations only a built model can judge (preflight builds it on the meta device)
     Case("placement-needs-batchnorm", "search.run",
          f"{S} --set backbone=convnext_atto --set depth=none --set dropout_placement=pre_bn "
          "--set image_size=32 --set in_chans=3",
