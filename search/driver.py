@@ -69,7 +69,9 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
         finished = {} if args.force else tracker.finished()
         todo = [c for c in configs if TrialConfig.from_dict(c).config_hash not in finished]
         reused = len(configs) - len(todo)
-        samples = max(0, (args.samples or _grid_size(args)) - len(finished)) if args.algo == "optuna" else 0
+        # Optuna's budget counts only its own earlier samples of this profile, not grid runs of the space.
+        sampled = {} if args.force or args.algo != "optuna" else tracker.finished("optuna", args.profile)
+        samples = max(0, (args.samples or _grid_size(args)) - len(sampled)) if args.algo == "optuna" else 0
         if reused and args.algo != "optuna":
             print(f"{reused} of {len(configs)} trials already finished in {args.tracking_uri}: reused "
                   "(--force to train them again)", flush=True)

@@ -115,12 +115,15 @@ class Tracker:
         """All runs of the experiment (optionally with one MLflow lifecycle status)."""
         return _search_all(self.client, self.experiment_id, status)
 
-    def finished(self) -> dict[str, str]:
-        """config_hash -> run_id of every run that ended with a result."""
+    def finished(self, algo: str | None = None, profile: str | None = None) -> dict[str, str]:
+        """config_hash -> run_id of every run that ended with a result (optionally of one algo and profile)."""
         done = {}
         for r in self.runs("FINISHED"):
-            if r.data.tags.get("status") in DONE_STATUSES and "config_hash" in r.data.tags:
-                done[r.data.tags["config_hash"]] = r.info.run_id
+            tags = r.data.tags
+            if tags.get("status") not in DONE_STATUSES or "config_hash" not in tags:
+                continue
+            if (algo is None or tags.get("algo") == algo) and (profile is None or tags.get("profile") == profile):
+                done[tags["config_hash"]] = r.info.run_id
         return done
 
     def close_stale(self) -> int:

@@ -1,0 +1,50 @@
+"""Tracker against a real sqlite MLflow store: what counts as finished, and the store's creation."""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+from search.config import TrialConfig  # noqa: E402
+from search.results import TrialResult  # noqa: E402
+from search.tracking import Tracker  # noqa: E402
+
+
+def _run(tracker: Tracker, seed: int, algo: str, status: str = "ok") -> str:
+    cfg = TrialConfig(seed=seed)
+    run_id = tracker.start(cfg, algo=algo)
+    tracker.finish(run_id, cfg, TrialResult(status=status, test_acc=0.5, epochs_completed=1))
+    return cfg.config_hash
+
+
+def test_finished_filters_by_algo_and_profile(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid = Tracker(uri, "smoke", "quick", str(tmp_path / "results"))
+    g = [_run(grid, 0, "grid"), _run(grid, 1, "grid")]
+    failed = _run(grid, 2, "optuna", status="failed")
+    o = _run(grid, 3, "optuna")
+    other = Tracker(uri, "smoke", "paper", str(tmp_path / "results"))
+    p = _run(other, 4, "optuna")
+
+    assert set(grid.finished()) == {*g, o, p}  # a failed trial is not a result
+    assert failed not in grid.finished()
+    # The Optuna budget of profile quick counts its own sample only (the driver's --resume arithmetic).
+    assert set(grid.finished("optuna", "quick")) == {o}
+    assert set(grid.finished("optuna")) == {o, p}
+    assert set(grid.finished(profile="paper")) == {p}
+
+
+def test_new_sqlite_store_is_published_whole(tmp_path: Path) -> None:
+    """The store is migrated under a temporary name and linked into place: no temporaries remain."""
+    db = tmp_path / "mlflow.db"
+    dead = tmp_path / ".mlflow.db.init-999999999-abcdef"  # left by a creator that was killed (no such pid)
+    dead.write_bytes(b"half")
+    Tracker(f"sqlite:///{db}", "smoke", "quick", str(tmp_path / "results"))
+    tables = {t for (t,) in sqlite3.connect(db).execute("select name from sqlite_master where type='table'")}
+    assert {"alembic_version", "runs", "experiments"} <= tables
+    assert not any(t.startswith("_alembic_tmp_") for t in tables)
+    assert [f for f in os.listdir(tmp_path) if ".init-" in f or f.endswith("-journal")] == []
