@@ -46,8 +46,11 @@ from search.train import train  # noqa: E402
 
 TARGET_PLAIN = 0.95  # trainer / plain loop on the same batches
 TARGET_DATALOADER = 1.5  # trainer / DataLoader-fed loop, CIFAR-sized data
+# GPU: 3 alternating rounds of 1 timed epoch. On an H100 (2026-11-23) batch-128 steps are bound by the host issuing
+# kernels and single rounds scattered +-15%; one round with the trainer always first read 0.83 of the plain loop
+# where 3 alternating rounds read 0.99-1.02 (docs/performance.md).
 FULL = dict(models="cifar_wrn:16:4,cifar_wrn:28:10,resnet18:none:1", batch_sizes="128,512", n_train=50_000,
-            n_test=1000, image_size=32, warmup_epochs=1, epochs=2, workers=min(8, os.cpu_count() or 1), rounds=1)
+            n_test=1000, image_size=32, warmup_epochs=1, epochs=1, workers=min(8, os.cpu_count() or 1), rounds=3)
 # CPU: tiny models and data; 3 alternating rounds because a shared CPU drifts far more than a GPU.
 QUICK = dict(models="cifar_wrn:10:1,resnet18:none:0.25", batch_sizes="64", n_train=512, n_test=64, image_size=16,
              warmup_epochs=1, epochs=2, workers=1, rounds=3)
@@ -154,7 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, help="untimed epochs per loop (cudnn autotune, compile)")
     p.add_argument("--epochs", type=int, help="timed epochs per loop")
     p.add_argument("--workers", type=int, help="DataLoader workers of the dataloader loop")
-    p.add_argument("--rounds", type=int, help="repeat the three loops, alternating order; median (GPU default 1)")
+    p.add_argument("--rounds", type=int, help="repeat the three loops, alternating order; median (GPU default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in all three loops (CUDA)")
     p.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--peak-flops", type=float, help="peak dense bf16 FLOP/s of the GPU (overrides the table)")
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "batches vs a DataLoader-fed loop")
     print(device_line(device))
     print(f"data: synthetic 3x{args.image_size}x{args.image_size} uint8, {args.n_train} training images, "
-          f"crop pad {args.image_size // 8}; bf16 autocast {'on' if amp and cuda else 'off'}, "
+          f"crop pad {args.image_size // 8} + flip; bf16 autocast {'on' if amp and cuda else 'off'}, "
           f"channels_last {'on' if cuda else 'off'}, compile {'on' if args.compile and cuda else 'off'}; "
           f"DataLoader workers {args.workers}; warm-up epochs {args.warmup_epochs}, timed epochs {args.epochs}, "
           f"rounds {args.rounds}")
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                               compile=args.compile, device=device.type, seed=0)
             with synthetic_sizes(args.n_train, args.n_test):
                 data = load_data(cfg, device)
+            # search.data skips flips for 'synthetic' (its patterns are not mirror-symmetric) but flips cifar10;
+            # flip here too, so all three loops do the CIFAR recipe's work (crop + flip) on CIFAR-shaped data.
+            data.train.flip = True
             feed = DataLoaderFeed(data.train.images, data.train.labels, data.train.normalise, device,
                                   batch_size=bs, pad=data.train.pad, workers=args.workers)
             loops = {

@@ -46,7 +46,7 @@ FULL = dict(ks="1,2,4,8", depth=16, width=2.0, batch_size=128, n_train=50_000, n
 QUICK = dict(ks="1,2", depth=10, width=1.0, batch_size=64, n_train=1024, n_test=64, image_size=16, warmup_epochs=1,
              epochs=2)
 HEADERS = ("k", "aggregate img/s", "speed-up vs k=1", "per-trial img/s", "GPU busy", "peak reserved GiB/trial",
-           "status")
+           "process GiB/trial", "status")
 
 
 # ------------------------------------------------------------------ worker side
@@ -100,7 +100,9 @@ def measure_worker(spec: dict[str, Any]) -> int:
 
     cfg = TrialConfig(backbone=spec["backbone"], depth=spec["depth"], width=spec["width"], dataset="synthetic",
                       image_size=spec["image_size"], batch_size=spec["batch_size"], device="cuda")
-    peak, total = measure_step_peak_bytes(cfg)
+    # resident_data_bytes reads search.data.SYNTHETIC_SIZES: size it as the workers' data, not the 2048/512 default.
+    with synthetic_sizes(spec["n_train"], spec["n_test"]):
+        peak, total = measure_step_peak_bytes(cfg)
     try:
         frac, err = gpu_fraction(peak, total), None
     except ValueError as e:
@@ -207,6 +209,22 @@ class BusySampler:
         return statistics.fmean(vals) / 100.0 if vals else None
 
 
+def process_memory(gpu: str) -> dict[int, int]:
+    """{pid: bytes} of the compute processes on GPU `gpu` as nvidia-smi sees them (CUDA context included)."""
+    if not shutil.which("nvidia-smi"):
+        return {}
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits",
+                          "-i", gpu], capture_output=True, text=True)
+    got = {}
+    for line in out.stdout.splitlines():
+        try:
+            pid, mib = (c.strip() for c in line.split(","))
+            got[int(pid)] = int(float(mib)) * 2**20
+        except ValueError:  # '[N/A]' or an odd line: no figure for that process
+            pass
+    return got
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(HERE.parent)  # the repository root, so workers import `search` whatever the caller's cwd
@@ -228,6 +246,9 @@ def run_k(k: int, spec: dict[str, Any], args: argparse.Namespace, tmp: Path) -> 
         ready = [w.wait("ready", deadline) for w in workers]
         failed = [i for i, r in enumerate(ready) if r is None]
         done: list[dict[str, Any] | None] = [None] * k
+        # Each worker's whole GPU footprint after its warm-up epoch (context + caching allocator + data):
+        # what a neighbour cannot use, to check against --gpus-per-trial auto's estimate.
+        footprint = process_memory(args.gpu_index) if spec["device"] == "cuda" and not failed else {}
         if not failed:
             if sampler:
                 sampler.start()
@@ -251,6 +272,9 @@ def run_k(k: int, spec: dict[str, Any], args: argparse.Namespace, tmp: Path) -> 
     row: dict[str, Any] = dict(k=k, aggregate=float("nan"), per_trial=float("nan"), busy=None, peak=None,
                                status="ok" if not statuses and len(ok) == k else "; ".join(statuses) or "failed",
                                oom=any("oom" in s.lower() for s in statuses))
+    fp = [footprint[w.proc.pid] for w in workers if w.proc.pid in footprint]
+    row["footprint"] = max(fp) / 2**30 if fp else None
+    row["used_total"] = sum(fp) / 2**30 if fp else None
     if ok:
         t0, t1 = min(d["t_start"] for d in ok), max(d["t_end"] for d in ok)
         row["aggregate"] = sum(d["images"] for d in ok) / (t1 - t0)
@@ -327,7 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "setup, data loading and the warm-up epoch excluded")
 
     auto = "n/a (needs CUDA)"
-    k_auto = None
+    k_auto = need = total = None
     with tempfile.TemporaryDirectory(prefix="packing_") as tmpdir:
         tmp = Path(tmpdir)
         if cuda:
@@ -340,6 +364,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 auto = m["error"]
             else:
                 k_auto = round(1 / m["fraction"])
+                from search.packing import CUDA_CONTEXT_BYTES, HEADROOM
+
+                need, total = m["peak_bytes"] * HEADROOM + CUDA_CONTEXT_BYTES, m["total_bytes"]
                 auto = (f"fraction {m['fraction']:.3g} = 1/{k_auto} (step peak {m['peak_bytes'] / 2**30:.2f} GiB of "
                         f"{m['total_bytes'] / 2**30:.0f} GiB; search.packing.measure_step_peak_bytes + gpu_fraction)")
         print(f"--gpus-per-trial auto: {auto}")
@@ -353,13 +380,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in rows:
         r["speedup"] = r["aggregate"] / base
         table.append([str(r["k"]), fmt(r["aggregate"]), fmt(r["speedup"], ".2f"), fmt(r["per_trial"]),
-                      fmt(r["busy"], ".0%") if cuda else "n/a", fmt(r["peak"], ".2f"), r["status"]])
+                      fmt(r["busy"], ".0%") if cuda else "n/a", fmt(r["peak"], ".2f"), fmt(r.get("footprint"), ".2f"),
+                      r["status"]])
     print(markdown_table(HEADERS, table))
     sampler_src = "nvidia-smi utilization.gpu (fraction of time >= 1 kernel ran)" if cuda else "n/a on CPU"
     print(f"GPU busy: {sampler_src}; target for packed trials >= {TARGET_BUSY:.0%}")
     ooms = [r["k"] for r in rows if r["oom"]]
     print("out of memory: " + (f"at k = {', '.join(map(str, ooms))}" if ooms else "none")
           + (f"; auto packs k = {k_auto}" if k_auto else ""))
+    fps = [r["footprint"] for r in rows if r.get("footprint")]
+    if need and fps:
+        worst = max(fps) * 2**30
+        print(f"auto's per-trial estimate (step peak x headroom + context) {need / 2**30:.2f} GiB vs the largest "
+              f"measured process footprint (nvidia-smi, after warm-up) {worst / 2**30:.2f} GiB: "
+              + ("estimate covers it" if need >= worst else "ESTIMATE TOO LOW")
+              + f"; k_auto x footprint = {k_auto * worst / 2**30:.1f} of {total / 2**30:.0f} GiB")
     return rows
 
 

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     phase = max(ends) - min(starts)
     n = len(runs)
     print(f"{n} trials of smoke ({args.epochs} epochs, {args.train_samples} images), {args.slots} slots")
-    print(f"timer: trial compute = run_trial wall time in the worker (data, model, training, probes);"
-          f" sweep wall = whole command, and first trial start -> last trial end")
+    print("timer: trial compute = run_trial wall time in the worker (data, model, training, probes);"
+          " sweep wall = whole command, and first trial start -> last trial end")
     print(f"sum of trial compute      {compute:8.1f} s  (mean {compute / n:.2f} s per trial)")
     print(f"command wall              {wall:8.1f} s  -> efficiency {compute / (wall * args.slots):.3f}")
     print(f"trial-phase wall          {phase:8.1f} s  -> efficiency {compute / (phase * args.slots):.3f}"
