@@ -234,7 +234,7 @@ def md_table(t: Table) -> str:
     out = [f"**{t.title}**", "", "| " + " | ".join(map(esc, t.headers)) + " |",
            "|" + "|".join("---" for _ in t.headers) + "|"]
     out += ["| " + " | ".join(map(esc, r)) + " |" for r in t.rows]
-    return "\n".join(out + ([f"", f"*{t.note}*"] if t.note else [])) + "\n"
+    return "\n".join(out + (["", f"*{t.note}*"] if t.note else [])) + "\n"
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import reap
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,19 +160,6 @@ def _tree(path: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(path)), p.stat().st_mtime_ns) for p in path.rglob("*"))
 
 
-def _session_pids(sid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[3]) == sid:
-                out.append(int(d))
-    return out
-
-
 def _run(cwd: Path, module: str, argv: list[str], timeout: float) -> tuple[int | None, str, str, list[str]]:
     """(exit code or None if stopped, stdout, stderr, what it wrote into cwd while still running)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBN_")}
@@ -194,16 +182,7 @@ def _run(cwd: Path, module: str, argv: list[str], timeout: float) -> tuple[int |
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for _ in range(50):  # Ray's workers live in their own process groups
-            pids = _session_pids(proc.pid)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        reap(proc.pid)  # Ray's workers live in their own process groups
     return rc, out.read_text(), err.read_text(), (wrote if rc is None else [])
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
+from _procs import reap
 
 pytestmark = [pytest.mark.slow]
 
@@ -52,40 +52,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes of session `sid` (a driver started with start_new_session and all it spawned)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid:
-            out.append(int(d))
-    return out
-
-
-def _reap(sid: int, grace: float = 0.0) -> None:
-    """SIGKILL what is left of session `sid` (Ray workers outlive a killed driver by up to a minute)."""
-    deadline = time.time() + grace
-    while _session_pids(sid) and time.time() < deadline:
-        time.sleep(0.2)
-    for _ in range(50):
-        pids = _session_pids(sid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-
-
 def _popen(cwd: Path, args: list[str], env: dict[str, str], log: Path, hook: str | None = None) -> subprocess.Popen:
     cmd = [PY, "-c", hook, *args] if hook else [PY, "-m", "search.run", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -100,7 +66,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> int:
         proc.wait()
         return -999
     finally:
-        _reap(proc.pid)
+        reap(proc.pid)
 
 
 def _sweep(cwd: Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 400,
@@ -221,11 +187,30 @@ from search.run import main
 sys.exit(main(sys.argv[1:]))
 '''
 
-# One sweep killed four times in a row, each restart (--resume) killed at the next point, then resumed to the
-# end: each point is a different instant of the same invariants, and chaining costs five driver starts instead
-# of ten. "db_created" and "trial_running" are also points of _KILL_HOOK; they are left out of CI: db_created
-# exercises the same resume path as db_migrating, and tests/test_resume.py kills a driver mid-training.
-KILL_CHAIN = ["db_migrating", "part_tmp:2", "parquet_written", "compaction"]
+# One sweep killed five times in a row, each restart (--resume) killed at the next point, then resumed to the
+# end: each point is a different instant of the same invariants, and chaining costs six driver starts instead
+# of ten. "external" is `kill -9` from outside, at an instant found by polling: as soon as one more trial's
+# Parquet part appears, while the other trial slot is training. "db_created" and "trial_running" are also
+# points of _KILL_HOOK, left out of CI: db_created exercises the same resume path as db_migrating, and
+# "external" kills while a trial trains.
+KILL_CHAIN = ["db_migrating", "part_tmp:2", "external", "parquet_written", "compaction"]
+
+
+def _trial_parts(cwd: Path) -> int:
+    folder = cwd / "results" / SPACE / "trials"
+    return len(list(folder.glob("part-*.parquet"))) if folder.exists() else 0
+
+
+def _kill_from_outside(cwd: Path, args: list[str], log: Path) -> int:
+    """Start the driver, SIGKILL its process group once one more trials part exists; its exit code."""
+    parts = _trial_parts(cwd)
+    proc = _popen(cwd, args, _env(), log)
+    deadline = time.time() + 240
+    while _trial_parts(cwd) <= parts and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray services it started, no clean-up
+    return _finish(proc, 60)
 
 
 @dataclass
@@ -270,9 +255,13 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         mark = cwd.with_name(f"{cwd.name}.fired-{i}")
         args = KILL_ARGS + (["--resume"] if i else [])
         log = cwd / f"killed-{i}.log"
-        proc = _popen(cwd, args, _env(DBN_TEST_KILL_AT=point, DBN_TEST_KILL_MARK=str(mark)), log, hook=_KILL_HOOK)
-        rc = _finish(proc, 300)
-        s = Stage(point, rc, log.read_text(), fired=mark.exists())
+        if point == "external":
+            rc, fired = _kill_from_outside(cwd, args, log), True
+        else:
+            env = _env(DBN_TEST_KILL_AT=point, DBN_TEST_KILL_MARK=str(mark))
+            rc = _finish(_popen(cwd, args, env, log, hook=_KILL_HOOK), 300)
+            fired = mark.exists()
+        s = Stage(point, rc, log.read_text(), fired=fired)
         db = cwd / "mlflow.db"
         s.db_after_kill = db.exists()
         if db.exists():
@@ -299,6 +288,10 @@ def test_driver_was_killed_where_intended(chain: Chain, i: int) -> None:
     elif point == "part_tmp":
         assert any(f.startswith("trials/.part-") and f.endswith(".tmp") for f in s.before_files), s.before_files
         assert s.done_before and s.running_before
+    elif point == "external":  # killed mid-sweep, once one more trial had written its rows
+        assert s.running_before, "nothing was running when the driver was killed"
+        assert len(s.before_parquet_runs) > len(chain.stages[i - 1].done_before)
+        assert len(s.done_before) < N_KILL_TRIALS  # parquet_written needs a trial left
     elif point == "parquet_written":
         assert s.before_parquet_runs & s.running_before  # Parquet rows of a run MLflow still calls RUNNING
     elif point == "compaction":
@@ -446,7 +439,7 @@ def concurrent(tmp_path_factory: pytest.TempPathFactory) -> Concurrent:
     finally:
         if main.poll() is None:
             os.killpg(main.pid, signal.SIGKILL)
-        _reap(main.pid)
+        reap(main.pid)
     c = Concurrent(cwd, rc, (cwd / "main.log").read_text(), h, cwd / "fault-state", second.returncode,
                    second.stderr, secs, other_rc, (cwd / "other.log").read_text())
     trials = _dataset(cwd / "results", "trials")
@@ -675,7 +668,7 @@ def test_min_free_bytes_can_be_raised_from_the_environment(tmp_path: Path) -> No
     if started:
         os.killpg(proc.pid, signal.SIGKILL)
     out, err = proc.communicate()
-    _reap(proc.pid)
+    reap(proc.pid)
     assert not started, "DBN_MIN_FREE_BYTES is ignored: the sweep started"
     assert proc.returncode == 2 and "MiB free" in err, err[-1500:]
 

@@ -16,7 +16,6 @@ import ast
 import ipaddress
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import reap, session_pids
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,19 +79,6 @@ def _is_loopback(addr: str) -> bool:
     ip = ipaddress.ip_address(addr)
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[3]) == sid:
-                out.append(int(d))
-    return out
 
 
 def test_listener_scan_sees_an_all_interfaces_socket() -> None:
@@ -157,7 +144,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
             if line.strip() == "READY":
                 break
         assert lines and lines[-1].strip() == "READY", "".join(lines)[-3000:]
-        pids = _session_pids(proc.pid)
+        pids = session_pids(proc.pid)
         found = _listeners(pids)
         names = {pid: open(f"/proc/{pid}/cmdline").read().split("\0")[0][-40:] for pid, *_ in found
                  if os.path.exists(f"/proc/{pid}/cmdline")}
@@ -171,16 +158,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
             proc.wait(timeout=30)
         except (subprocess.TimeoutExpired, OSError):
             pass
-        for _ in range(50):
-            pids = _session_pids(proc.pid)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        reap(proc.pid)
 
 
 # --------------------------------------------------------------------------- unsafe deserialisation
