@@ -17,7 +17,8 @@ from timm.models import generate_default_cfgs, register_model
 from search.config import ConfigError
 from search.dropout.placement import register_block
 
-from .cifar_wrn import CifarNet, bn_relu, build_cifar, check_depth, check_width, cifar_cfg, conv1x1, conv3x3, scaled
+from .cifar_wrn import (CifarNet, WideBasicBlock, bn_relu, build_cifar, check_depth, check_width, cifar_cfg, conv1x1,
+                        conv3x3, scaled)
 
 __all__ = ["PreResNet", "PreActBasic", "PreActBottleneck", "cifar_preresnet"]
 
@@ -25,25 +26,13 @@ BLOCKS = ("basic", "bottleneck")
 
 
 @register_block(skip=("shortcut",))
-class PreActBasic(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3; the projection shortcut reads the pre-activated input."""
+class PreActBasic(WideBasicBlock):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3; the projection shortcut reads the pre-activated input.
+
+    He et al.'s pre-activation basic block is WRN's block (WRN widened it): one implementation.
+    """
 
     expansion = 1
-
-    def __init__(self, in_chs: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        out_chs = planes * self.expansion
-        self.bn1, self.act1 = nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True)
-        self.conv1 = conv3x3(in_chs, planes, stride)
-        self.bn2, self.act2 = nn.BatchNorm2d(planes), nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, out_chs)
-        self.shortcut = conv1x1(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(self.act2(self.bn2(self.conv1(out))))
-        return out + shortcut
 
 
 @register_block(skip=("shortcut",))
