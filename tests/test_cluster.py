@@ -14,9 +14,7 @@ Also here: `search.staging.stage_data_dir`, which copies a `--data-dir` URI once
 """
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from _procs import descendants, is_loopback, listeners
 
 from search.staging import check_data_uri, stage_data_dir, staged_path
 
@@ -204,62 +203,11 @@ def assert_complete(tmp: Path) -> list[Any]:
     return runs
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def _decode(hex_addr: str) -> str:
-    raw = bytes.fromhex(hex_addr)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-
-
 def off_loopback_listeners() -> list[str]:
     """Listening TCP sockets of this process and its descendants (Ray nodes, workers, the
     driver subprocess) that are not on a loopback address."""
-    owner: dict[str, int] = {}
-    for pid in _descendants(os.getpid()):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                owner[link[8:-1]] = pid
-    bad = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):  # no IPv6, or not Linux
-            continue
-        with open(table) as fh:
-            for line in fh.read().splitlines()[1:]:
-                f = line.split()
-                if f[3] != "0A" or f[9] not in owner:  # 0A: LISTEN
-                    continue
-                host = _decode(f[1].split(":")[0])
-                ip = ipaddress.ip_address(host)
-                mapped = getattr(ip, "ipv4_mapped", None)
-                if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
-                    bad.append(f"pid {owner[f[9]]} listens on {host}")
-    return bad
+    return [f"pid {pid} listens on {addr}" for pid, proto, addr, _ in listeners(descendants(os.getpid()))
+            if proto.startswith("tcp") and not is_loopback(addr)]
 
 
 def trainable_actors(cluster: Any, state: str = "ALIVE") -> list[dict[str, Any]]:

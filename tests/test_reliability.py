@@ -455,6 +455,7 @@ def test_sweep_with_faulty_trials_completes(concurrent: Concurrent) -> None:
     assert len(c.runs) == 10
     assert not [r for r in c.runs.values() if r.info.status == "RUNNING"]
     assert "sweep 'smoke' done" in c.log
+    assert c.log.count("FAILED: ") == 3  # one line per failed trial, with its reason
     for key in (("none", "bernoulli"), ("head", "bernoulli"), ("head", "gaussian"), ("head", "uout")):
         assert c.run(*key).data.tags["status"] == "ok"
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ast
-import ipaddress
 import os
 import pickle
 import socket
@@ -22,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from _procs import reap, session_pids
+from _cifar import write_cifar10
+from _procs import is_loopback, listeners, reap, session_pids
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,68 +31,19 @@ CODE_DIRS = ("spaces", "search", "analysis", "benchmarks")
 
 
 # --------------------------------------------------------------------------- listening sockets
-def _ip(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    raw = bytes.fromhex(hex_addr)
-    if len(raw) == 4:
-        return ipaddress.IPv4Address(raw[::-1])
-    return ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-
-
-def _bound_sockets() -> dict[int, tuple[str, str, int]]:
-    """inode -> (protocol, address, port) of every listening TCP and bound UDP socket in this network namespace."""
-    out = {}
-    for proto in ("tcp", "tcp6", "udp", "udp6"):
-        path = Path(f"/proc/net/{proto}")
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            f = line.split()
-            addr, port = f[1].split(":")
-            listening = f[3] == "0A" if proto.startswith("tcp") else f[3] == "07"
-            if listening and int(port, 16):
-                out[int(f[9])] = (proto, str(_ip(addr)), int(port, 16))
-    return out
-
-
-def _listeners(pids: list[int]) -> list[tuple[int, str, str, int]]:
-    """(pid, protocol, address, port) of the sockets the given processes listen on."""
-    sockets, found = _bound_sockets(), []
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inode = int(target[8:-1])
-                if inode in sockets:
-                    found.append((pid, *sockets[inode]))
-    return sorted(set(found))
-
-
-def _is_loopback(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
 def test_listener_scan_sees_an_all_interfaces_socket() -> None:
     """The /proc scan itself: a socket on 0.0.0.0 in this process is found and is not loopback."""
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         s.listen()
         port = s.getsockname()[1]
-        mine = [x for x in _listeners([os.getpid()]) if x[3] == port]
-        assert mine and not _is_loopback(mine[0][2])
+        mine = [x for x in listeners([os.getpid()]) if x[3] == port]
+        assert mine and not is_loopback(mine[0][2])
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert [x for x in _listeners([os.getpid()]) if x[3] == port and _is_loopback(x[2])]
+        assert [x for x in listeners([os.getpid()]) if x[3] == port and is_loopback(x[2])]
 
 
 _LOCAL_RAY = r'''
@@ -145,12 +95,12 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
                 break
         assert lines and lines[-1].strip() == "READY", "".join(lines)[-3000:]
         pids = session_pids(proc.pid)
-        found = _listeners(pids)
+        found = listeners(pids)
         names = {pid: open(f"/proc/{pid}/cmdline").read().split("\0")[0][-40:] for pid, *_ in found
                  if os.path.exists(f"/proc/{pid}/cmdline")}
         assert len(found) >= 3, f"expected Ray's services among the listeners, found {found}"  # GCS, raylet, workers
         exposed = [(names.get(pid, pid), proto, addr, port) for pid, proto, addr, port in found
-                   if not _is_loopback(addr)]
+                   if not is_loopback(addr)]
         assert not exposed, f"a local sweep's processes listen beyond loopback: {exposed}"
     finally:
         try:
@@ -235,16 +185,6 @@ def test_no_unsafe_deserialisation_or_eval_in_project_code() -> None:
     assert not found, "\n".join(found)
 
 
-def _cifar10(root: Path) -> Path:
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        data = np.random.default_rng(i).integers(0, 256, (4, 3072), dtype=np.uint8)
-        with open(d / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": list(range(4))}, f)
-    return d
-
-
 class _Payload:
     """Unpickling this runs `fn(*args)`."""
 
@@ -284,7 +224,7 @@ def test_cifar_reader_refuses_malicious_pickles(tmp_path: Path, name: str) -> No
     from search.data import CorruptDatasetError, load_data
 
     marker = tmp_path / "pwned"
-    d = _cifar10(tmp_path / "data")
+    d = write_cifar10(tmp_path / "data")
     (d / "data_batch_2").write_bytes(_payloads(marker)[name])
     cfg = TrialConfig(dataset="cifar10", data_dir=str(tmp_path / "data"), image_size=32, in_chans=3, batch_size=8)
     with pytest.raises(CorruptDatasetError) as e:
