@@ -22,11 +22,13 @@ run: install
 report: install
 	$(PY) -m analysis.report --space $(SPACE)
 
+# Two workers, one test file each at a time: the end-to-end files mostly wait on Ray and subprocess
+# start-up, so two of them overlap well on 2 cores; whole files keep their module fixtures in one worker.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf results reports mlflow.db mlruns ray_results
