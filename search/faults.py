@@ -7,7 +7,10 @@ Off unless the environment variable DBN_FAULTS is set, e.g.
     DBN_FAULTS="oom:width=2.0;kill:dropout_type=gaussian"  simulated CUDA OOM; the worker process dies
 
 `*-once` faults remember their first attempt in DBN_FAULT_STATE (a directory),
-so the retry succeeds. Nothing here runs in a normal sweep.
+so the retry succeeds. DBN_GATHER=N makes every trial wait at its start (up to
+DBN_GATHER_TIMEOUT seconds, default 120) until N trials have started, and record
+how many it saw in DBN_FAULT_STATE/gather/: proof that N trials ran at once,
+whatever the machine's load does to their start-up. Nothing here runs in a normal sweep.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def _matches(cfg: Any, cond: str) -> bool:
 
 def maybe_inject(cfg: Any) -> str | None:
     """Apply the first DBN_FAULTS rule matching `cfg`; returns 'nan' for the caller to apply, else None."""
+    if os.environ.get("DBN_GATHER"):
+        _gather(int(os.environ["DBN_GATHER"]), float(os.environ.get("DBN_GATHER_TIMEOUT") or 120))
     spec = os.environ.get("DBN_FAULTS", "")
     for rule in filter(None, (r.strip() for r in spec.split(";"))):
         kind, _, cond = rule.partition(":")
@@ -66,3 +71,19 @@ def _seen(cfg: Any, rule: str) -> bool:
         return True
     os.close(fd)
     return False
+
+
+def _gather(n: int, timeout: float) -> None:
+    """A barrier across trial processes: arrive, wait until `n` have arrived, write how many were seen."""
+    import time
+    import uuid
+
+    folder = os.path.join(os.environ.get("DBN_FAULT_STATE") or ".", "gather")
+    os.makedirs(folder, exist_ok=True)
+    me = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    open(os.path.join(folder, f"arrived-{me}"), "w").close()
+    deadline = time.time() + timeout
+    while (seen := sum(f.startswith("arrived-") for f in os.listdir(folder))) < n and time.time() < deadline:
+        time.sleep(0.05)
+    with open(os.path.join(folder, f"left-{me}"), "w") as fh:
+        fh.write(str(seen))
