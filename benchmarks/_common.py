@@ -129,6 +129,18 @@ def synthetic_sizes(n_train: int, n_test: int) -> Iterator[None]:
         search.data.SYNTHETIC_SIZES = old
 
 
+def parse_with_defaults(p: Any, argv: list[str] | None, full: dict[str, Any], quick: dict[str, Any]) -> Any:
+    """Parse `argv`, resolve --device, and fill every option left unset from `quick` (--quick or a CPU run)
+    or `full` (a GPU run)."""
+    args = p.parse_args(argv)
+    args.device = search.data.resolve_device(args.device)
+    defaults = quick if args.quick or args.device.type == "cpu" else full
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
 def device_line(device: torch.device) -> str:
     """GPU name (or CPU threads), torch and CUDA versions: the first line of every table."""
     if device.type == "cuda":

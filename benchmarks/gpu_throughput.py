@@ -37,10 +37,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
 
 from _common import (EpochClock, TimedLoader, device_line, fmt, forward_flops_per_image, markdown_table,  # noqa: E402
-                     model_label, parse_model_spec, peak_bf16_flops, set_threads, synthetic_sizes)
+                     model_label, parse_model_spec, parse_with_defaults, peak_bf16_flops, set_threads,
+                     synthetic_sizes)
 
 from search.config import TrialConfig  # noqa: E402
-from search.data import load_data, resolve_device  # noqa: E402
+from search.data import load_data  # noqa: E402
 from search.models import build_model  # noqa: E402
 from search.train import train  # noqa: E402
 
@@ -162,12 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--peak-flops", type=float, help="peak dense bf16 FLOP/s of the GPU (overrides the table)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    args = p.parse_args(argv)
-    args.device = resolve_device(args.device)
-    defaults = QUICK if args.quick or args.device.type == "cpu" else FULL
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = parse_with_defaults(p, argv, FULL, QUICK)
     return args
 
 

@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
 
-from _common import device_line, fmt, markdown_table, set_threads, sync, synthetic_sizes  # noqa: E402
+from _common import (device_line, fmt, markdown_table, parse_with_defaults, set_threads, sync,  # noqa: E402
+                     synthetic_sizes)
 
 from search.config import TrialConfig  # noqa: E402
-from search.data import TensorLoader, load_data, resolve_device  # noqa: E402
+from search.data import TensorLoader, load_data  # noqa: E402
 from search.models import build_model  # noqa: E402
 from search.probes import measure_variance_shift, reestimate_bn  # noqa: E402
 from search.train import evaluate, train  # noqa: E402
@@ -96,12 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subset", type=float, default=0.2, help="what-if fraction of the training set for the probes")
     p.add_argument("--compile", action="store_true", help="torch.compile in training (CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    args = p.parse_args(argv)
-    args.device = resolve_device(args.device)
-    defaults = QUICK if args.quick or args.device.type == "cpu" else FULL
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = parse_with_defaults(p, argv, FULL, QUICK)
     args.probe_batch = args.probe_batch or 4 * args.batch_size
     return args
 
