@@ -116,9 +116,9 @@ def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri:
 def _rebuild(space: str, tracking_uri: str, root: str) -> str:
     """Regenerate a space's Parquet from MLflow; returns a reason when nothing came of it."""
     try:
-        from search.tracking import rebuild_parquet  # lazy: mlflow is heavy
+        from search.sweep.tracking import rebuild_parquet  # lazy: mlflow is heavy
     except ImportError as exc:  # pragma: no cover - depends on the installed stack
-        return f"search.tracking is not importable: {exc}"
+        return f"search.sweep.tracking is not importable: {exc}"
     try:
         n_trials, _ = rebuild_parquet(space, tracking_uri, root)
     except ValueError as exc:

@@ -25,16 +25,36 @@ from typing import Any
 
 import numpy as np
 
+from search import registry
+
 __all__ = [
     "shift_case_a", "shift_case_b", "shift_gaussian", "shift_uout", "shift_uout_case_b",
     "unit_train_var", "paper_shift", "predict_delta", "predict_layer_shift",
-    "RETAIN_KINDS", "KINDS", "PLACEMENT_CASES",
+    "closed_form_kinds", "placement_cases", "noise_var",
 ]
 
-RETAIN_KINDS = ("bernoulli", "gaussian")  # rate = 1 - p
-KINDS = RETAIN_KINDS + ("uout",)  # uout: rate = beta
-# Placement -> which closed form applies; 'head' and 'none' feed no BN (Delta = 1).
-PLACEMENT_CASES = {"pre_bn": "a", "pre_conv": "b", "head": None, "none": None}
+
+
+def closed_form_kinds() -> tuple[str, ...]:
+    """Registered dropout kinds with an element-wise closed form (search.registry)."""
+    return tuple(e.name for e in registry.entries("dropout") if e.meta.get("closed_form") == "elementwise")
+
+
+def placement_cases() -> dict[str, str | None]:
+    """Registered placement -> the closed form that applies ('a', 'b'; None feeds no BN: Delta = 1)."""
+    return {e.name: e.meta.get("case") for e in registry.entries("placement")}
+
+
+def noise_var(kind: str, rate: ArrayLike) -> np.ndarray:
+    """Variance of kind's multiplier at user-facing `rate` (E[m] = 1): 1/p - 1 for bernoulli and
+    gaussian, beta^2/3 for uout; read from the kind's class in the registry.
+
+    Raises:
+        ValueError: a kind without an element-wise closed form, or rate outside [0, 1).
+    """
+    rate = _rate(kind, rate)
+    cls = registry.get("dropout", kind, field_name="dropout_type").obj
+    return _out(np.asarray(np.vectorize(cls.noise_var, otypes=[float])(rate)))
 
 ArrayLike = Any  # float | np.ndarray | sequences thereof
 
@@ -166,11 +186,9 @@ def unit_train_var(kind: str, rate: ArrayLike, c: ArrayLike, v: ArrayLike) -> np
     Raises:
         ValueError: unknown kind, or rate outside [0, 1).
     """
-    rate = _rate(kind, rate)
+    k = noise_var(kind, rate)
     c, v = np.asarray(c, float), np.asarray(v, float)
-    if kind == "uout":
-        return _out(np.asarray(v + rate * rate / 3.0 * (c * c + v)))
-    return _out(np.asarray((c * c + v) / (1.0 - rate) - c * c))
+    return _out(np.asarray(v + k * (c * c + v)))
 
 
 def paper_shift(delta: ArrayLike) -> np.ndarray:
@@ -181,8 +199,9 @@ def paper_shift(delta: ArrayLike) -> np.ndarray:
 
 
 def _rate(kind: str, rate: ArrayLike) -> np.ndarray:
-    if kind not in KINDS:
-        raise ValueError(f"field 'dropout_type' = {kind!r} has no closed form (allowed: {', '.join(KINDS)})")
+    kinds = closed_form_kinds()
+    if kind not in kinds:
+        raise ValueError(f"field 'dropout_type' = {kind!r} has no closed form (allowed: {', '.join(kinds)})")
     rate = np.asarray(rate, float)
     if np.any((rate < 0) | (rate >= 1)):
         raise ValueError(f"field 'dropout_rate' must be in [0, 1), got {_bad(rate, (rate < 0) | (rate >= 1))}")
@@ -208,21 +227,21 @@ def predict_delta(kind: str, placement: str, rate: ArrayLike, c: ArrayLike, v: A
     Raises:
         ValueError: unknown kind or placement, or rate outside [0, 1).
     """
-    if placement not in PLACEMENT_CASES:
+    cases = placement_cases()
+    if placement not in cases:
         raise ValueError(f"field 'dropout_placement' = {placement!r} is not allowed"
-                         f" (allowed: {', '.join(PLACEMENT_CASES)})")
+                         f" (allowed: {', '.join(cases)})")
     rate = _rate(kind, rate)
-    case = PLACEMENT_CASES[placement]
+    case = cases[placement]
     if case is None:
         shape = np.broadcast_shapes(rate.shape, np.shape(c), np.shape(v))
         return _out(np.ones(shape))
+    c, v = np.asarray(c, float), np.asarray(v, float)
+    s = unit_train_var(kind, rate, c, v)  # the kind's closed form, from its registered noise variance
     if case == "a":
-        if kind == "uout":
-            return shift_uout(rate, c, v)
-        return shift_case_a(1.0 - rate, c, v)
-    if kind == "uout":
-        return shift_uout_case_b(rate, c, v, rho, d, cos2)
-    return shift_case_b(1.0 - rate, c, v, rho, d, cos2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _out(np.asarray(v / s))
+    return _out(np.asarray(_through_weights(s, v, rho, d, cos2)))
 
 
 def predict_layer_shift(kind: str, placement: str, rate: ArrayLike, c: ArrayLike, v: ArrayLike,

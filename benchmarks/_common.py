@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-import search.data
+import search.trial.data
 
 __all__ = ["EpochClock", "TimedLoader", "synthetic_sizes", "sync", "device_line", "peak_bf16_flops", "peak_for_name",
            "forward_flops_per_image", "markdown_table", "parse_markdown_table", "parse_model_spec", "model_label",
@@ -116,24 +116,24 @@ class TimedLoader:
 
 @contextlib.contextmanager
 def synthetic_sizes(n_train: int, n_test: int) -> Iterator[None]:
-    """Temporarily make dataset 'synthetic' hold n_train/n_test images (search.data fixes 2048/512).
+    """Temporarily make dataset 'synthetic' hold n_train/n_test images (search.trial.data fixes 2048/512).
 
-    search.data reads its module constant SYNTHETIC_SIZES at load time; there is
+    search.trial.data reads its module constant SYNTHETIC_SIZES at load time; there is
     no config field for it, so a CIFAR-sized (50k) synthetic set needs this.
     """
-    old = search.data.SYNTHETIC_SIZES
-    search.data.SYNTHETIC_SIZES = (int(n_train), int(n_test))
+    old = search.trial.data.SYNTHETIC_SIZES
+    search.trial.data.SYNTHETIC_SIZES = (int(n_train), int(n_test))
     try:
         yield
     finally:
-        search.data.SYNTHETIC_SIZES = old
+        search.trial.data.SYNTHETIC_SIZES = old
 
 
 def parse_with_defaults(p: Any, argv: list[str] | None, full: dict[str, Any], quick: dict[str, Any]) -> Any:
     """Parse `argv`, resolve --device, and fill every option left unset from `quick` (--quick or a CPU run)
     or `full` (a GPU run)."""
     args = p.parse_args(argv)
-    args.device = search.data.resolve_device(args.device)
+    args.device = search.trial.data.resolve_device(args.device)
     defaults = quick if args.quick or args.device.type == "cpu" else full
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -179,7 +179,7 @@ def forward_flops_per_image(cfg: Any, num_classes: int | None = None) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from search.models import build_model
+    from search.trial.models import build_model
 
     model = build_model(cfg, num_classes=num_classes).eval()
     x = torch.zeros(2, cfg.in_chans, cfg.image_size, cfg.image_size)

@@ -4,10 +4,10 @@ Three loops train the same model (same initial weights, batch size, SGD,
 bf16 autocast and channels_last on CUDA, optional torch.compile) on the same
 CIFAR-shaped synthetic images, one after another in this process:
 
-  trainer     search.train.train (the loop run_trial runs) over search.data's
+  trainer     search.trial.train.train (the loop run_trial runs) over search.trial.data's
               device-resident batches (uint8 on the device, crop/flip gathered there)
   plain       a minimal hand-written zero_grad/forward/backward/step loop over
-              the very same search.data loader (isolates the trainer's own overhead)
+              the very same search.trial.data loader (isolates the trainer's own overhead)
   dataloader  the usual PyTorch recipe: a TensorDataset of uint8 CPU images,
               torchvision RandomCrop + RandomHorizontalFlip per image in DataLoader
               workers, pin_memory, non_blocking copies, normalised on the device
@@ -41,9 +41,9 @@ from _common import (EpochClock, TimedLoader, device_line, fmt, forward_flops_pe
                      synthetic_sizes)
 
 from search.config import TrialConfig  # noqa: E402
-from search.data import load_data  # noqa: E402
-from search.models import build_model  # noqa: E402
-from search.train import train  # noqa: E402
+from search.trial.data import load_data  # noqa: E402
+from search.trial.models import build_model  # noqa: E402
+from search.trial.train import train  # noqa: E402
 
 TARGET_PLAIN = 0.95  # trainer / plain loop on the same batches
 TARGET_DATALOADER = 1.5  # trainer / DataLoader-fed loop, CIFAR-sized data
@@ -74,7 +74,7 @@ class AugmentedTensorDataset(torch.utils.data.TensorDataset):
 class DataLoaderFeed:
     """The DataLoader recipe: CPU workers augment uint8 images, pinned batches copied non_blocking.
 
-    Normalisation runs on the device with search.data's own normaliser (uint8 crosses
+    Normalisation runs on the device with search.trial.data's own normaliser (uint8 crosses
     PCIe, 4x fewer bytes than float): the kindest version of this baseline.
     """
 
@@ -88,7 +88,7 @@ class DataLoaderFeed:
         cuda = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=cuda,
-            persistent_workers=workers > 0, drop_last=len(ds) % batch_size == 1)  # as search.data: no batch of 1
+            persistent_workers=workers > 0, drop_last=len(ds) % batch_size == 1)  # as search.trial.data: no batch of 1
         self.normalise, self.device = normalise, device
 
     def __len__(self) -> int:
@@ -110,7 +110,7 @@ def _fresh_model(cfg: TrialConfig, num_classes: int, device: torch.device) -> to
 
 
 def run_trainer(cfg: TrialConfig, data: Any, device: torch.device, warmup: int) -> tuple[float, str]:
-    """search.train.train as run_trial calls it, its training loader wrapped in a clock. (images/s, status)."""
+    """search.trial.train.train as run_trial calls it, its training loader wrapped in a clock. (images/s, status)."""
     clock = EpochClock(device)
     model = _fresh_model(cfg, data.num_classes, device)
     out = train(model, dataclasses.replace(data, train=TimedLoader(data.train, clock)), cfg, device)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     peak, peak_src = peak_bf16_flops(device, args.peak_flops)
     amp = not args.no_amp
     cuda = device.type == "cuda"
-    print("gpu_throughput: training images/s of search.train.train vs a plain loop on the same search.data "
+    print("gpu_throughput: training images/s of search.trial.train.train vs a plain loop on the same search.trial.data "
           "batches vs a DataLoader-fed loop")
     print(device_line(device))
     print(f"data: synthetic 3x{args.image_size}x{args.image_size} uint8, {args.n_train} training images, "
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                               compile=args.compile, device=device.type, seed=0)
             with synthetic_sizes(args.n_train, args.n_test):
                 data = load_data(cfg, device)
-            # search.data skips flips for 'synthetic' (its patterns are not mirror-symmetric) but flips cifar10;
+            # search.trial.data skips flips for 'synthetic' (its patterns are not mirror-symmetric) but flips cifar10;
             # flip here too, so all three loops do the CIFAR recipe's work (crop + flip) on CIFAR-shaped data.
             data.train.flip = True
             feed = DataLoaderFeed(data.train.images, data.train.labels, data.train.normalise, device,

@@ -3,13 +3,13 @@
 For each k, k worker processes (this script with --worker) each load the
 synthetic data onto the device, build the model and train one warm-up epoch
 (CUDA context, cudnn autotune), then wait; all are released together and each
-runs search.train.train (the loop run_trial runs) for the timed epochs.
+runs search.trial.train.train (the loop run_trial runs) for the timed epochs.
 Aggregate throughput = all training images / (last end - first start); the
 window includes train()'s per-epoch evaluation, as a trial would. GPU busy =
 mean of `nvidia-smi --query-gpu=utilization.gpu` sampled every 100 ms in that
 window (the fraction of time a kernel was running; it does not say how full
 the SMs were). Also prints the fraction `--gpus-per-trial auto` would pick
-(search.packing.measure_step_peak_bytes + gpu_fraction, measured in its own
+(search.sweep.packing.measure_step_peak_bytes + gpu_fraction, measured in its own
 process) and whether any worker ran out of memory.
 
     PYTHONPATH=. python benchmarks/packing.py                      # GPU: cifar_wrn 16-2, batch 128, k = 1, 2, 4, 8
@@ -60,9 +60,9 @@ def worker(spec: dict[str, Any]) -> int:
 
     torch.set_num_threads(spec["threads"])
     from search.config import TrialConfig
-    from search.data import load_data
-    from search.models import build_model
-    from search.train import train
+    from search.trial.data import load_data
+    from search.trial.models import build_model
+    from search.trial.train import train
 
     device = torch.device(spec["device"])
     cfg = TrialConfig(backbone=spec["backbone"], depth=spec["depth"], width=spec["width"], dataset="synthetic",
@@ -96,11 +96,11 @@ def worker(spec: dict[str, Any]) -> int:
 def measure_worker(spec: dict[str, Any]) -> int:
     """What `--gpus-per-trial auto` would choose for this config (needs CUDA)."""
     from search.config import TrialConfig
-    from search.packing import gpu_fraction, measure_step_peak_bytes
+    from search.sweep.packing import gpu_fraction, measure_step_peak_bytes
 
     cfg = TrialConfig(backbone=spec["backbone"], depth=spec["depth"], width=spec["width"], dataset="synthetic",
                       image_size=spec["image_size"], batch_size=spec["batch_size"], device="cuda")
-    # resident_data_bytes reads search.data.SYNTHETIC_SIZES: size it as the workers' data, not the 2048/512 default.
+    # resident_data_bytes reads search.trial.data.SYNTHETIC_SIZES: size it as the workers' data, not the 2048/512 default.
     with synthetic_sizes(spec["n_train"], spec["n_test"]):
         peak, total = measure_step_peak_bytes(cfg)
     try:
@@ -364,11 +364,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 auto = m["error"]
             else:
                 k_auto = round(1 / m["fraction"])
-                from search.packing import CUDA_CONTEXT_BYTES, HEADROOM
+                from search.sweep.packing import CUDA_CONTEXT_BYTES, HEADROOM
 
                 need, total = m["peak_bytes"] * HEADROOM + CUDA_CONTEXT_BYTES, m["total_bytes"]
                 auto = (f"fraction {m['fraction']:.3g} = 1/{k_auto} (step peak {m['peak_bytes'] / 2**30:.2f} GiB of "
-                        f"{m['total_bytes'] / 2**30:.0f} GiB; search.packing.measure_step_peak_bytes + gpu_fraction)")
+                        f"{m['total_bytes'] / 2**30:.0f} GiB; search.sweep.packing.measure_step_peak_bytes + gpu_fraction)")
         print(f"--gpus-per-trial auto: {auto}")
         rows = []
         for k in (int(x) for x in str(args.ks).split(",")):

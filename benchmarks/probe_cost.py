@@ -7,7 +7,7 @@ measure_variance_shift again. This script
      last epoch's epoch_time_s (training steps only; epoch 1 is the warm-up),
      once with the whole training set (probe_samples None, the paper's protocol)
      and once with probe_samples = --probe-samples (the lever run_trial offers),
-  2. trains the same configuration again with search.train.train and times
+  2. trains the same configuration again with search.trial.train.train and times
      each call of that block separately, cold (first call, as in a trial) and warm,
   3. times what-if variants of the block on the same model: larger
      inference batches, bf16 autocast (CUDA), a subset of the training set.
@@ -36,11 +36,11 @@ from _common import (device_line, fmt, markdown_table, parse_with_defaults, set_
                      synthetic_sizes)
 
 from search.config import TrialConfig  # noqa: E402
-from search.data import TensorLoader, load_data  # noqa: E402
-from search.models import build_model  # noqa: E402
-from search.probes import measure_variance_shift, reestimate_bn  # noqa: E402
-from search.train import evaluate, train  # noqa: E402
-from search.trial import _first, run_trial  # noqa: E402
+from search.trial.data import TensorLoader, load_data  # noqa: E402
+from search.trial.models import build_model  # noqa: E402
+from search.trial.probes import measure_variance_shift, reestimate_bn  # noqa: E402
+from search.trial.train import evaluate, train  # noqa: E402
+from search.trial.runner import _first, run_trial  # noqa: E402
 
 TARGET = 0.10
 FULL = dict(depth=16, width=4.0, batch_size=128, n_train=50_000, n_test=10_000, image_size=32, probe_samples=5000)

@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from search.probes import measure_variance_shift
+from search.trial.probes import measure_variance_shift
 
 TARGET = 1.3
 
@@ -41,7 +41,7 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
 def build(args: argparse.Namespace) -> tuple[nn.Module, str]:
     try:
         from search.config import TrialConfig
-        from search.models import build_model
+        from search.trial.models import build_model
 
         cfg = TrialConfig(backbone=args.backbone, depth=args.depth, width=args.width, image_size=32,
                           dropout_placement="pre_bn", dropout_type="bernoulli", dropout_rate=0.3)

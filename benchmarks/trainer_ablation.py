@@ -1,8 +1,8 @@
-"""Which part of search.train.train's step costs time over a plain loop: one trainer feature at a time.
+"""Which part of search.trial.train.train's step costs time over a plain loop: one trainer feature at a time.
 
 gpu_throughput.py found train() at 0.83-0.85 of a plain loop at batch 128 on an
 H100 (WRN-16-4, resnet18; 0.98-1.0 at batch 512), where a step is bound by the
-host issuing kernels. This script times, on the same search.data batches and
+host issuing kernels. This script times, on the same search.trial.data batches and
 model, a plain loop with each of train()'s per-step extras switched on alone:
 
   groups  the trainer's optimizer: two param groups (no weight decay on BN/bias)
@@ -12,7 +12,7 @@ model, a plain loop with each of train()'s per-step extras switched on alone:
   all     all of the above (a copy of train()'s step)
   fused   all, with SGD(fused=True): one multi-tensor kernel per group instead of ~5 foreach ops
   lean    all, accumulating with fewer kernels (add_ with alpha; one in-place count)
-  train   search.train.train itself (its second epoch)
+  train   search.trial.train.train itself (its second epoch)
 
 Per variant and round: a fresh model, one untimed pass, one timed pass; rounds
 alternate the order. Reports GPU time per step (CUDA events) and host CPU time
@@ -42,10 +42,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (EpochClock, TimedLoader, device_line, fmt, markdown_table, model_label,  # noqa: E402
                      parse_model_spec, set_threads, sync, synthetic_sizes)
 
-import search.train as T  # noqa: E402
+import search.trial.train as T  # noqa: E402
 from search.config import TrialConfig  # noqa: E402
-from search.data import load_data, resolve_device  # noqa: E402
-from search.models import build_model  # noqa: E402
+from search.trial.data import load_data, resolve_device  # noqa: E402
+from search.trial.models import build_model  # noqa: E402
 
 VARIANTS = ("plain", "groups", "acc", "check", "lr", "all", "fused", "lean", "train")
 FULL = dict(models="cifar_wrn:16:4,resnet18:none:1", batch_size=128, n_train=25_600, image_size=32, rounds=3)

@@ -1,7 +1,7 @@
 """Throughput of search.train.train's loop vs a minimal hand-written PyTorch loop.
 
 Both run in this one process, on the same model (same initial weights), the
-same device-resident batches (search.data's digits loader) and batch size,
+same device-resident batches (search.trial.data's digits loader) and batch size,
 alternating for several rounds after one warm-up of each. Prints the median
 training images/s of each and their ratio (target >= 0.95).
 
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.config import TrialConfig
-from search.data import load_data, resolve_device
-from search.train import seed_everything, train
+from search.trial.data import load_data, resolve_device
+from search.trial.train import seed_everything, train
 
 
 def small_cnn(in_chans: int, num_classes: int) -> nn.Module:
@@ -36,9 +36,9 @@ def small_cnn(in_chans: int, num_classes: int) -> nn.Module:
 
 def build(cfg: TrialConfig, num_classes: int) -> tuple[nn.Module, str]:
     try:
-        from search.models import build_model
+        from search.trial.models import build_model
 
-        return build_model(cfg), f"search.models.build_model({cfg.backbone}, depth={cfg.depth}, width={cfg.width})"
+        return build_model(cfg), f"search.trial.models.build_model({cfg.backbone}, depth={cfg.depth}, width={cfg.width})"
     except Exception as e:  # models may not exist yet in this checkout
         return small_cnn(cfg.in_chans, num_classes), f"small_cnn (search.models unavailable: {type(e).__name__})"
 
@@ -108,7 +108,7 @@ def main() -> None:
           f"epochs/run={args.epochs} rounds={args.rounds}")
     print("timer: wall clock (CUDA-synchronised) around the training steps of all epochs, batch production from "
           "the device-resident loader included; train()'s per-epoch evaluation excluded")
-    print(f"search.train.train : median {med_ours:9.1f} images/s  (runs: {', '.join(f'{v:.0f}' for v in ours)})")
+    print(f"search.trial.train.train : median {med_ours:9.1f} images/s  (runs: {', '.join(f'{v:.0f}' for v in ours)})")
     print(f"minimal loop       : median {med_base:9.1f} images/s  (runs: {', '.join(f'{v:.0f}' for v in base)})")
     print(f"ratio train/minimal: {med_ours / med_base:.3f}  (target >= 0.95)")
 

@@ -1,26 +1,27 @@
 """TrialConfig: the one flat, frozen description of a trial.
 
 Field names are the public vocabulary: MLflow params and Parquet columns use
-them unchanged. This module imports no torch; backbone names are checked
-against timm's registry lazily (timm is imported only when a config with a
-backbone outside our CIFAR families is validated).
+them unchanged. This module imports no torch; dropout kinds, placements and
+backbone families are the names registered in `search.registry`, and other backbone
+names are checked against timm's registry lazily (timm is imported only when a config
+with a backbone outside the registered families is validated).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from search import registry
+
 __all__ = [
     "TrialConfig",
     "ConfigError",
-    "PLACEMENTS",
-    "DROPOUT_TYPES",
     "DATASETS",
-    "CIFAR_FAMILIES",
+    "backbone_family",
+    "family_names",
     "parse_override",
 ]
 
@@ -29,10 +30,6 @@ class ConfigError(ValueError):
     """A bad configuration value. The message names field, value and what is allowed."""
 
 
-PLACEMENTS = ("none", "pre_bn", "pre_conv", "head")
-# Kept in sync with search.dropout's registry (a test checks); listed here so
-# validation needs no torch.
-DROPOUT_TYPES = ("bernoulli", "gaussian", "uout")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,23 +37,29 @@ STEMS = ("auto", "cifar", "imagenet")
 # Classes per dataset when TrialConfig.num_classes is None (imagefolder: counted from the tree).
 DATASET_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100}
 
-# Depth rules of the paper's CIFAR families: (rule text, predicate).
-CIFAR_FAMILIES: dict[str, tuple[str, Any]] = {
-    "cifar_wrn": ("6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)", lambda d: d >= 10 and (d - 4) % 6 == 0),
-    "cifar_preresnet": (
-        "6n+2 (basic blocks: 8, 20, 56, 110, ...) or 9n+2 (bottleneck: 29, 47, 164, ...) with n >= 1",
-        lambda d: d >= 8 and ((d - 2) % 9 == 0 or (d - 2) % 6 == 0),
-    ),
-    "cifar_resnext": ("9n+2 with n >= 1 (11, 20, 29, ...)", lambda d: d >= 11 and (d - 2) % 9 == 0),
-    "cifar_densenet_bc": ("6n+4 with n >= 1 (10, 16, 40, 100, ...)", lambda d: d >= 10 and (d - 4) % 6 == 0),
-}
 
-# Depth used when a CIFAR family is named without one (CLI convenience).
-DEFAULT_DEPTH = {"cifar_wrn": 16, "cifar_preresnet": 20, "cifar_resnext": 29, "cifar_densenet_bc": 40}
+def backbone_family(name: str) -> registry.Entry | None:
+    """The registered family named `name` (None for a stock timm model name)."""
+    entry = dict((e.name, e) for e in registry.entries("backbone")).get(name)
+    return None if entry is None or entry.meta.get("stock") else entry
 
 
-def _meta(hashed: bool = True, help: str = "") -> dict[str, Any]:
-    return {"hashed": hashed, "help": help}
+def family_names() -> tuple[str, ...]:
+    """Names of the registered backbone families (not the stock-timm stand-in)."""
+    return tuple(e.name for e in registry.entries("backbone") if not e.meta.get("stock"))
+
+
+def __getattr__(name: str) -> Any:
+    # Read-only views kept for code written against the old constants; the registry is the source.
+    if name == "PLACEMENTS":
+        return registry.names("placement")
+    if name == "DROPOUT_TYPES":
+        return registry.names("dropout")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _meta(hashed: bool = True, help: str = "", hash_none: bool = False) -> dict[str, Any]:
+    return {"hashed": hashed, "help": help, "hash_none": hash_none}
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,13 @@ class TrialConfig:
     """Everything that defines one trial. Frozen; build variants with `replace`."""
 
     backbone: str = field(default="cifar_wrn", metadata=_meta(help="timm model name or a CIFAR family"))
-    depth: int | None = field(default=16, metadata=_meta(help="CIFAR family depth; None for stock timm models"))
+    # None resolves to the family's default depth (None for stock timm models). Hashed even when None, as
+    # before the default changed from 16, so stored hashes of stock-timm trials stay valid.
+    depth: int | None = field(default=None, metadata=_meta(
+        help="family depth; None: the family's default (stock timm models fix their own)", hash_none=True))
     width: float = field(default=1.0, metadata=_meta(help="width multiplier (WRN: widen factor k)"))
-    dropout_type: str = field(default="bernoulli", metadata=_meta(help="|".join(DROPOUT_TYPES)))
-    dropout_placement: str = field(default="none", metadata=_meta(help="|".join(PLACEMENTS)))
+    dropout_type: str = field(default="bernoulli", metadata=_meta(help="a registered dropout kind"))
+    dropout_placement: str = field(default="none", metadata=_meta(help="a registered placement"))
     dropout_rate: float = field(default=0.0, metadata=_meta(help="drop rate 1-p (uout: beta), in [0, 1)"))
     dataset: str = field(default="digits", metadata=_meta(help="|".join(DATASETS)))
     image_size: int = field(default=32, metadata=_meta(help="input side in pixels"))
@@ -115,8 +121,7 @@ class TrialConfig:
         names = cls.field_names()
         for key in d:
             if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=3)
-                extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+                extra = registry.did_you_mean(key, names, n=3)
                 raise ConfigError(f"unknown field {key!r}{extra} (allowed: {', '.join(names)})")
         return cls(**dict(d))
 
@@ -139,17 +144,14 @@ class TrialConfig:
             v = getattr(self, f.name)
             # A field left at a None default is omitted, so adding such a field later keeps
             # every stored hash valid.
-            if not f.metadata.get("hashed", True) or (v is None and f.default is None):
+            if not f.metadata.get("hashed", True) or (v is None and f.default is None
+                                                       and not f.metadata.get("hash_none")):
                 continue
             if isinstance(v, float):
                 v = float(repr(v)) if v != int(v) else int(v)
             payload[f.name] = v
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @property
-    def is_cifar_family(self) -> bool:
-        return self.backbone in CIFAR_FAMILIES
 
     # ------------------------------------------------------------- validation
     def _check_types(self) -> None:
@@ -176,8 +178,8 @@ class TrialConfig:
                 raise ConfigError(f"field {f.name!r} expects {want}, got {v!r} ({type(v).__name__})")
 
     def _check_values(self) -> None:
-        _choice("dropout_placement", self.dropout_placement, PLACEMENTS)
-        _choice("dropout_type", self.dropout_type, DROPOUT_TYPES)
+        _choice("dropout_placement", self.dropout_placement, registry.names("placement"))
+        _choice("dropout_type", self.dropout_type, registry.names("dropout"))
         _choice("dataset", self.dataset, DATASETS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
@@ -209,46 +211,79 @@ class TrialConfig:
         self._check_backbone()
 
     def _check_backbone(self) -> None:
-        if self.backbone in CIFAR_FAMILIES:
-            rule, ok = CIFAR_FAMILIES[self.backbone]
-            if self.depth is None or not ok(self.depth):
+        family = backbone_family(self.backbone)
+        if family is not None:
+            default, rule, ok = (family.meta.get(k) for k in ("default_depth", "depth_rule", "depth_ok"))
+            if default is None and ok is None:  # a family without a depth knob
+                if self.depth is not None:
+                    raise ConfigError(f"field 'depth' = {self.depth!r}: backbone {self.backbone!r} takes no depth;"
+                                      " leave depth unset")
+                return
+            depth = default if self.depth is None else self.depth
+            if ok is not None and not ok(depth):
                 raise ConfigError(
-                    f"field 'depth' = {self.depth!r} is invalid for backbone {self.backbone!r}: depth must be {rule}"
+                    f"field 'depth' = {depth!r} is invalid for backbone {self.backbone!r}: depth must be {rule}"
                 )
+            object.__setattr__(self, "depth", depth)
             return
+        families = family_names()
         known = timm_model_names()
         if self.backbone not in known:
-            hint = difflib.get_close_matches(self.backbone, list(CIFAR_FAMILIES) + sorted(known), n=3, cutoff=0.6)
-            extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+            extra = registry.did_you_mean(self.backbone, list(families) + sorted(known), n=3)
             raise ConfigError(
-                f"field 'backbone' = {self.backbone!r} is not a timm model nor a CIFAR family"
-                f" ({', '.join(CIFAR_FAMILIES)}){extra}"
+                f"field 'backbone' = {self.backbone!r} is not a timm model nor a registered family"
+                f" ({', '.join(families)}){extra}"
             )
         if self.depth is not None:
             raise ConfigError(
-                f"field 'depth' = {self.depth!r} is only for CIFAR families ({', '.join(CIFAR_FAMILIES)});"
-                f" stock timm model {self.backbone!r} fixes its own depth: set depth=None"
+                f"field 'depth' = {self.depth!r} is only for the registered families ({', '.join(families)});"
+                f" stock timm model {self.backbone!r} fixes its own depth: set depth=None (or leave it unset)"
             )
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"field {name!r} = {value!r} is not allowed (allowed: {', '.join(allowed)}){extra}")
+        raise ConfigError(str(registry.not_allowed(f"field {name!r}", value, allowed)))
 
 
 _TIMM_NAMES: frozenset[str] | None = None
 
 
 def timm_model_names() -> frozenset[str]:
-    """All model names in timm's registry (imported lazily; cached)."""
+    """All model names in timm's registry (cached).
+
+    Read from timm's source (the functions it marks `@register_model`) so that validating
+    a stock backbone imports neither timm nor torch; timm's own `list_models()` when timm
+    is already imported. A test checks the two agree.
+    """
     global _TIMM_NAMES
     if _TIMM_NAMES is None:
-        import timm  # heavy: only when a stock backbone is validated
+        import sys
 
-        _TIMM_NAMES = frozenset(timm.list_models())
+        if "timm" in sys.modules:
+            _TIMM_NAMES = frozenset(sys.modules["timm"].list_models())
+        else:
+            _TIMM_NAMES = _scan_timm_sources()
     return _TIMM_NAMES
+
+
+def _scan_timm_sources() -> frozenset[str]:
+    import importlib.util
+    import os
+    import re
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.origin:
+        raise ConfigError("field 'backbone': timm is not installed, so stock timm models cannot be checked"
+                          " (pip install timm)")
+    folder = os.path.join(os.path.dirname(spec.origin), "models")
+    pattern = re.compile(r"@register_model\s*(?:\([^)]*\))?\s*\ndef\s+(\w+)")
+    names: set[str] = set()
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                names.update(pattern.findall(fh.read()))
+    return frozenset(names)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -262,8 +297,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = (s.strip() for s in text.split("=", 1))
     types = {f.name: str(f.type) for f in dataclasses.fields(TrialConfig)}
     if key not in types:
-        hint = difflib.get_close_matches(key, list(types), n=3)
-        extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+        extra = registry.did_you_mean(key, list(types), n=3)
         raise ConfigError(f"override {text!r}: unknown field {key!r}{extra} (allowed: {', '.join(types)})")
     return key, parse_value(key, types[key], raw)
 

@@ -11,8 +11,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from .config import TrialConfig
-from .results import LayerShift, TrialResult
+from search.config import TrialConfig
+from search.results import LayerShift, TrialResult
 
 __all__ = ["TRIALS_SCHEMA", "LAYERS_SCHEMA", "LAYER_CONFIG_COLUMNS", "trial_row", "layer_rows", "check_schema"]
 

@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .schema import LAYERS_SCHEMA, TRIALS_SCHEMA
+from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
 
 __all__ = ["ResultStore", "resolve_fs"]
 

@@ -6,6 +6,8 @@ under 15 minutes including Ray start-up: time one WRN-10-4 trial and adjust
 """
 from __future__ import annotations
 
+from search import registry
+
 from ._space import Range
 
 __all__ = ["QUICK", "PAPER", "PLACEMENTS", "DROPOUT_TYPES", "PAPER_RATES", "rate_axis"]
@@ -41,8 +43,10 @@ PAPER: dict = dict(
     seed=0,
 )
 
-PLACEMENTS = ("none", "pre_bn", "pre_conv", "head")
-DROPOUT_TYPES = ("bernoulli", "gaussian", "uout")
+# The registered names (search.registry), read once when the spaces register: a kind or placement
+# added in search/trial/dropout/ enters the spaces that vary over "all of them" without an edit here.
+PLACEMENTS: tuple[str, ...] = registry.names("placement")
+DROPOUT_TYPES: tuple[str, ...] = registry.names("dropout")
 PAPER_RATES = (0.1, 0.3, 0.5, 0.7)  # the paper's drop ratios (uout: beta)
 
 

@@ -15,12 +15,13 @@ duplicates from irrelevant axes.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
+
+from search.registry import not_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -55,9 +56,7 @@ class SpaceError(ValueError):
 
 
 def _not_allowed(name: str, value: Any, allowed: Sequence[str], where: str = "") -> SpaceError:
-    hint = difflib.get_close_matches(str(value), list(allowed), n=1)
-    extra = f"; did you mean {hint[0]!r}?" if hint else ""
-    return SpaceError(f"field {name!r} = {value!r} is not allowed{where} (allowed: {', '.join(allowed)}){extra}")
+    return SpaceError(str(not_allowed(f"field {name!r}", value, allowed, where)))
 
 
 # ---------------------------------------------------------------------- axes

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as ds
+from _faults import fault_pythonpath
 from _procs import reap
 
 PY = sys.executable
@@ -28,7 +29,8 @@ SUMMARY = ("test_acc_reest", "test_loss_reest", "mean_shift", "max_shift", "mean
 # --------------------------------------------------------------------------- helpers
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBN_")}
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}, **extra)
+    # tests/_inject + tests/ on the path: faults are injected from outside the product (tests/_faults.py).
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": fault_pythonpath(str(ROOT))}, **extra)
     return env
 
 

@@ -246,7 +246,7 @@ def test_theory_beside_the_fit_scalar_or_vectorised(monkeypatch) -> None:
 
 
 def test_load_rebuilds_missing_parquet_from_tracking(tmp_path, monkeypatch) -> None:
-    import search.tracking
+    import search.sweep.tracking
     from analysis.load import load_study
 
     calls = []
@@ -259,7 +259,7 @@ def test_load_rebuilds_missing_parquet_from_tracking(tmp_path, monkeypatch) -> N
         write_study(root, trials, layers, space=space)
         return trials.num_rows, layers.num_rows
 
-    monkeypatch.setattr(search.tracking, "rebuild_parquet", fake_rebuild)
+    monkeypatch.setattr(search.sweep.tracking, "rebuild_parquet", fake_rebuild)
     study = load_study("planted", root=str(tmp_path), tracking_uri="sqlite:///x.db")
     assert calls == [("planted", "sqlite:///x.db", str(tmp_path))] and study.trials.num_rows == 1
     load_study("planted", root=str(tmp_path), tracking_uri="sqlite:///x.db")  # Parquet there now: no rebuild

@@ -10,7 +10,7 @@ routable IP when connecting (and binds on all interfaces for any node IP that is
 loopback); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 turns that rewrite off, so the nodes and
 the driver stay on loopback.
 
-Also here: `search.staging.stage_data_dir`, which copies a `--data-dir` URI once per node.
+Also here: `search.sweep.staging.stage_data_dir`, which copies a `--data-dir` URI once per node.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 from _procs import descendants, is_loopback, listeners
 
-from search.staging import check_data_uri, stage_data_dir, staged_path
+from search.sweep.staging import check_data_uri, stage_data_dir, staged_path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -110,7 +110,7 @@ def test_staging_names_a_missing_uri(tmp_path: Path) -> None:
 _STAGE_WORKER = textwrap.dedent("""
     import sys, time
     import pyarrow.fs as pafs
-    from search.staging import stage_data_dir
+    from search.sweep.staging import stage_data_dir
 
     uri, root, log, start = sys.argv[1:5]
     real = pafs.copy_files

@@ -41,7 +41,7 @@ def test_hash_stable_across_processes() -> None:
     (dict(depth=15), r"field 'depth' = 15 is invalid for backbone 'cifar_wrn': depth must be 6n\+4"),
     (dict(backbone="cifar_resnext", depth=28), r"field 'depth' = 28 .*'cifar_resnext'.*9n\+2"),
     (dict(backbone="resnt18", depth=None), r"field 'backbone' = 'resnt18' is not a timm model.*did you mean resnet18"),
-    (dict(backbone="resnet18"), r"field 'depth' = 16 is only for CIFAR families"),
+    (dict(backbone="resnet18", depth=16), r"field 'depth' = 16 is only for the registered families"),
     (dict(width=0), r"field 'width' must be > 0"),
     (dict(epochs="3"), r"field 'epochs' expects int, got '3'"),
     (dict(dataset="mnist"), r"field 'dataset' = 'mnist' is not allowed \(allowed: digits, synthetic, cifar10"),
@@ -67,3 +67,15 @@ def test_parse_override_types_and_never_evaluates() -> None:
         parse_override("epoch=3")
     with pytest.raises(ConfigError, match="must look like key=value"):
         parse_override("epochs")
+
+
+def test_unset_depth_resolves_to_the_family_default() -> None:
+    # A depth left unset is the family's default (the registry's), never an error for a stock timm model.
+    from search import registry
+
+    assert TrialConfig.from_dict(dict(backbone="resnet18")).depth is None
+    for entry in registry.entries("backbone"):
+        if not entry.meta.get("stock"):
+            assert TrialConfig.from_dict(dict(backbone=entry.name)).depth == entry.meta["default_depth"]
+    # ... and the default keeps the hash a config with the depth written out has.
+    assert TrialConfig(backbone="cifar_wrn").config_hash == TrialConfig(backbone="cifar_wrn", depth=16).config_hash

@@ -1,4 +1,4 @@
-"""search.data: datasets, splits, caps, augmentation and on-disk formats (CPU, no network)."""
+"""search.trial.data: datasets, splits, caps, augmentation and on-disk formats (CPU, no network)."""
 from __future__ import annotations
 
 import pickle
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from search.config import TrialConfig
-from search.data import (CorruptDatasetError, DatasetNotFoundError, TensorLoader, _Normalise, load_data,
+from search.trial.data import (CorruptDatasetError, DatasetNotFoundError, TensorLoader, _Normalise, load_data,
                          resolve_device)
 
 CPU = torch.device("cpu")

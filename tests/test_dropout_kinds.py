@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from search.config import DROPOUT_TYPES
-from search.dropout.kinds import VarianceDropout, list_dropout_kinds, make_dropout
+from search.trial.dropout.module import VarianceDropout, list_dropout_kinds, make_dropout
 
 N = 2_000_000
 N_SE = 5.0

@@ -88,7 +88,7 @@ CASES = [
     Case("tracking-db-under-a-file", "search.run", f"{S} --tracking-uri sqlite:///{{a_file}}/mlflow.db",
          ("--tracking-uri", "is a file, not a directory")),
     # search.trial
-    Case("trial-depth", "search.trial", "--backbone cifar_wrn --depth 12",
+    Case("trial-depth", "search.trial.runner", "--backbone cifar_wrn --depth 12",
          ("field 'depth' = 12", "cifar_wrn", "6n+4"), debug=True),
     # analysis.report
     Case("report-no-results", "analysis.report", "--space smoke --root {empty_dir}",
@@ -154,13 +154,13 @@ def _late(*_a: object, **_k: object) -> None:
 def _run(cwd: Path, module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch,
          capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `module`.main(argv) run in `cwd`."""
-    import search.driver
-    import search.trial
+    import search.sweep.driver
+    import search.trial.runner
 
     for k in [k for k in os.environ if k.startswith("DBN_")]:
         monkeypatch.delenv(k)
-    monkeypatch.setattr(search.driver, "drive", _late)
-    monkeypatch.setattr(search.trial, "run_trial", _late)
+    monkeypatch.setattr(search.sweep.driver, "drive", _late)
+    monkeypatch.setattr(search.trial.runner, "run_trial", _late)
     monkeypatch.chdir(cwd)
     capsys.readouterr()
     try:

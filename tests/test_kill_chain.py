@@ -53,10 +53,10 @@ if point == "db_migrating":  # MLflow's schema migration of a new sqlite store, 
             hit()
     event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", after)
 elif point == "db_created":  # store created, lock held, stale runs closed; Ray not started yet
-    import search.driver
-    search.driver.init_ray = lambda *a, **k: die()
+    import search.sweep.driver
+    search.sweep.driver.init_ray = lambda *a, **k: die()
 elif point == "trial_running":  # the first trial's MLflow run exists (RUNNING) and it is training
-    from search.tracking import Tracker
+    from search.sweep.tracking import Tracker
     start = Tracker.start
     def patched(self, *a, **k):
         run_id = start(self, *a, **k)
@@ -88,7 +88,7 @@ elif point == "compaction":  # the compacted file is published, the parts it rep
 else:
     raise SystemExit(f"unknown kill point {point!r}")
 
-from search.run import main
+from search.sweep.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 

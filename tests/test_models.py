@@ -7,11 +7,11 @@ import timm
 import torch
 from torch import nn
 
-from search.config import CIFAR_FAMILIES, ConfigError, TrialConfig
-from search.models import (
+from search.config import ConfigError, TrialConfig, family_names
+from search.trial.models import (
     CIFAR_BACKBONES, STOCK_BACKBONES, SUPPORTED_BACKBONES, build_model, family_of, resolve_num_classes,
 )
-from search.models.stock import create_stock, width_kwargs
+from search.trial.models.stock import create_stock, width_kwargs
 
 pytestmark = pytest.mark.usefixtures("no_onednn")
 
@@ -27,7 +27,7 @@ def meta_model(name: str, **kwargs) -> nn.Module:
 
 
 def test_cifar_families_are_in_timms_registry() -> None:
-    assert set(timm.list_models("cifar_*")) >= set(CIFAR_FAMILIES)
+    assert set(timm.list_models("cifar_*")) >= set(family_names())
     model = timm.create_model("cifar_wrn", depth=16, width=4, num_classes=10)
     assert isinstance(model, nn.Module) and n_params(model) == 2_748_890  # WRN-16-4: 2.7M
     assert model.pretrained_cfg["classifier"] == "fc" and model.get_classifier() is model.fc
@@ -82,7 +82,7 @@ def test_width_scales_timm_knobs() -> None:
 @pytest.mark.parametrize("name", SUPPORTED_BACKBONES)
 def test_family_of(name: str) -> None:
     family = family_of(name)
-    assert family == name if name in CIFAR_FAMILIES else family in ("resnet", "densenet")
+    assert family == name if name in family_names() else family in ("resnet", "densenet")
 
 
 def test_cifar_stem_auto_below_64px() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from search.config import TrialConfig
-from search.packing import CUDA_CONTEXT_BYTES, HEADROOM, auto_gpus_per_trial, gpu_fraction
+from search.sweep.packing import CUDA_CONTEXT_BYTES, HEADROOM, auto_gpus_per_trial, gpu_fraction
 
 GiB = 2**30
 
@@ -44,7 +44,7 @@ def test_auto_measures_the_largest_config_per_backbone() -> None:
 
 
 def test_resident_data_counts_cifar_and_its_padded_copy() -> None:
-    from search.packing import resident_data_bytes
+    from search.sweep.packing import resident_data_bytes
 
     cfg = TrialConfig(dataset="cifar10", data_dir="/nowhere")
     # 60k images x 3 x (32^2 + 40^2) bytes: the uint8 set plus its 4-px padded training copy.

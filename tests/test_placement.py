@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from search.config import PLACEMENTS, TrialConfig
-from search.dropout import VarianceDropout, apply_placement, list_dropout_kinds
-from search.models import SUPPORTED_BACKBONES, build_model
+from search.trial.dropout import VarianceDropout, apply_placement, list_dropout_kinds
+from search.trial.models import SUPPORTED_BACKBONES, build_model
 
 pytestmark = pytest.mark.usefixtures("no_onednn")
 

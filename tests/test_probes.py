@@ -1,4 +1,4 @@
-"""search.probes: known answers on toy nets, exact streaming statistics, layer facts, and every backbone."""
+"""search.trial.probes: known answers on toy nets, exact streaming statistics, layer facts, and every backbone."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from analysis.theory import shift_case_a, shift_uout
 from search.config import TrialConfig
-from search.dropout import make_dropout
-from search.probes import measure_variance_shift, reestimate_bn
+from search.trial.dropout import make_dropout
+from search.trial.probes import measure_variance_shift, reestimate_bn
 
 pytestmark = pytest.mark.usefixtures("no_onednn")
 
@@ -101,7 +101,7 @@ class Tapped(nn.Module):
 @pytest.mark.parametrize("dtype, layout, rtol", [
     (torch.float64, torch.contiguous_format, 1e-10),
     (torch.float32, torch.contiguous_format, 1e-5),
-    (torch.float32, torch.channels_last, 1e-5),  # a separate code path (see search.probes._batch_moments)
+    (torch.float32, torch.channels_last, 1e-5),  # a separate code path (see search.trial.probes._batch_moments)
 ])
 def test_streaming_statistics_are_exact_over_uneven_batches(dtype: torch.dtype, layout: torch.memory_format,
                                                             rtol: float) -> None:
@@ -203,20 +203,20 @@ def test_records_in_execution_order_modes_restored_hooks_removed() -> None:
         measure_variance_shift(model, [], None)
 
 
-# Smallest valid configurations per family (depth rules in search.config.CIFAR_FAMILIES).
+# Smallest valid configurations per family (depth rules in the registry, search.trial.models.families).
 SMALL = {"cifar_wrn": (10, 1.0), "cifar_preresnet": (8, 0.5), "cifar_resnext": (11, 0.25),
          "cifar_densenet_bc": (10, 0.5)}
 
 
 def _backbones() -> list[str]:
-    from search.models import SUPPORTED_BACKBONES  # written alongside; a missing module fails here loudly
+    from search.trial.models import SUPPORTED_BACKBONES  # written alongside; a missing module fails here loudly
 
     return list(SUPPORTED_BACKBONES)
 
 
 @pytest.mark.parametrize("backbone", _backbones())
 def test_probes_run_on_every_supported_backbone(backbone: str) -> None:
-    from search.models import build_model
+    from search.trial.models import build_model
 
     depth, width = SMALL.get(backbone, (None, 0.25))  # stock timm models fix their own depth
     cfg = TrialConfig(backbone=backbone, depth=depth, width=width, image_size=32, dropout_placement="pre_bn",

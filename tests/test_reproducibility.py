@@ -34,7 +34,7 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 from search.config import TrialConfig
-from search.trial import run_trial
+from search.trial.runner import run_trial
 cfg = TrialConfig.from_dict(json.loads(sys.argv[1]))
 result = run_trial(cfg)
 print(json.dumps({"config_hash": cfg.config_hash, "result": result.to_dict()}))
@@ -170,6 +170,6 @@ def test_runs_record_what_else_changes_the_numbers(sweep: Path) -> None:
             missing.append("version.python")
         if tags.get("version.dropout-bn-ablate") != metadata.version("dropout-bn-ablate"):
             missing.append("version.dropout-bn-ablate")
-        if tags.get("torch_threads") != "1":  # 1 CPU per trial -> 1 thread (search.sweep.trainable)
+        if tags.get("torch_threads") != "1":  # 1 CPU per trial -> 1 thread (search.sweep.tune.trainable)
             missing.append("torch_threads")
     assert not missing, f"runs lack tags: {sorted(set(missing))}"

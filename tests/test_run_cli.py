@@ -1,4 +1,4 @@
-"""search.run's command line: listing, dry runs, and bad input (one line, exit 2, nothing written)."""
+"""search.run (search.sweep.cli)'s command line: listing, dry runs, and bad input (one line, exit 2, nothing written)."""
 from __future__ import annotations
 
 import subprocess

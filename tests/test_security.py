@@ -1,6 +1,6 @@
 """Security properties: loopback-only services, no unsafe deserialisation, no code in `--set`.
 
-- A local sweep's Ray (search.driver.init_ray with no address) listens on loopback only:
+- A local sweep's Ray (search.sweep.driver.init_ray with no address) listens on loopback only:
   the sockets of its whole process tree are read from /proc (no psutil needed).
 - Project code never unpickles with an unrestricted unpickler, never calls torch.load
   without weights_only=True, never evaluates strings (AST scan of spaces/ search/
@@ -48,7 +48,7 @@ def test_listener_scan_sees_an_all_interfaces_socket() -> None:
 
 _LOCAL_RAY = r'''
 import os, sys
-from search.driver import init_ray
+from search.sweep.driver import init_ray
 init_ray(None, 2)  # exactly what a local sweep does
 import ray
 from ray import tune
@@ -221,7 +221,7 @@ def test_payloads_are_real(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["os.system", "subprocess.call", "builtins.exec", "builtins.open", "numpy-other-name"])
 def test_cifar_reader_refuses_malicious_pickles(tmp_path: Path, name: str) -> None:
     from search.config import TrialConfig
-    from search.data import CorruptDatasetError, load_data
+    from search.trial.data import CorruptDatasetError, load_data
 
     marker = tmp_path / "pwned"
     d = write_cifar10(tmp_path / "data")

@@ -11,7 +11,7 @@ pytest.importorskip("mlflow")
 
 from search.config import TrialConfig  # noqa: E402
 from search.results import TrialResult  # noqa: E402
-from search.tracking import Tracker  # noqa: E402
+from search.sweep.tracking import Tracker  # noqa: E402
 
 
 def _run(tracker: Tracker, seed: int, algo: str, status: str = "ok") -> str:

@@ -1,4 +1,4 @@
-"""search.train: the loop learns, is reproducible, reports per epoch and survives divergence (CPU)."""
+"""search.trial.train: the loop learns, is reproducible, reports per epoch and survives divergence (CPU)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from search.config import TrialConfig
-from search.data import load_data
-from search.train import CHECK_EVERY, EPOCH_KEYS, _optimizer, evaluate, lr_at, seed_everything, train
+from search.trial.data import load_data
+from search.trial.train import CHECK_EVERY, EPOCH_KEYS, _optimizer, evaluate, lr_at, seed_everything, train
 
 CPU = torch.device("cpu")
 

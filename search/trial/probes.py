@@ -26,8 +26,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
-from .dropout.kinds import VarianceDropout
-from .results import LayerShift
+from search.trial.dropout.module import VarianceDropout
+from search.results import LayerShift
 
 __all__ = ["measure_variance_shift", "reestimate_bn", "is_active_dropout"]
 

@@ -1,6 +1,8 @@
-"""Fault injection for reliability tests: make chosen trials fail in chosen ways.
+"""Fault injection for reliability tests: make chosen trials fail in chosen ways, from outside the product.
 
-Off unless the environment variable DBN_FAULTS is set, e.g.
+tests/_inject/sitecustomize.py wraps `search.trial.runner.run_trial` with `maybe_inject`
+in every process of a test's sweep (tests put tests/_inject and tests/ on PYTHONPATH, see
+`fault_env`). Off unless the environment variable DBN_FAULTS is set, e.g.
 
     DBN_FAULTS="raise:dropout_placement=head"              every head trial raises
     DBN_FAULTS="raise-once:dropout_type=uout"              raises on the first attempt only
@@ -18,7 +20,33 @@ import os
 import signal
 from typing import Any
 
-__all__ = ["maybe_inject", "InjectedFault"]
+__all__ = ["maybe_inject", "InjectedFault", "wrap_run_trial", "fault_pythonpath"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fault_pythonpath(root: str) -> str:
+    """PYTHONPATH that makes a subprocess (and its Ray workers) load the injector: the project, tests/_inject, tests/."""
+    return os.pathsep.join([root, os.path.join(_HERE, "_inject"), _HERE])
+
+
+def wrap_run_trial(module: Any) -> None:
+    """Replace `module.run_trial` by one that first applies the matching DBN_FAULTS rule.
+
+    The 'nan' fault trains at lr=1e12, so the loss diverges (status 'diverged'); the trial
+    is still recorded under the configuration the sweep asked for.
+    """
+    real = module.run_trial
+
+    def run_trial(cfg: Any, report: Any = None) -> Any:
+        from search.config import TrialConfig
+
+        cfg = cfg if isinstance(cfg, TrialConfig) else TrialConfig.from_dict(cfg)
+        if maybe_inject(cfg) == "nan":
+            cfg = cfg.replace(lr=1e12)
+        return real(cfg, report)
+
+    module.run_trial = run_trial
 
 KINDS = ("raise", "oom", "kill", "nan")
 

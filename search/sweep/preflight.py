@@ -99,7 +99,7 @@ def check_trials(configs: list[dict]) -> None:
         if key in seen or c["dataset"] not in ("cifar10", "cifar100") or "://" in (c.get("data_dir") or ""):
             continue  # a URI is staged per node; check_data_uri checked the folder
         seen.add(key)
-        from .data import check_cifar
+        from search.trial.data import check_cifar
 
         check_cifar(*key)
     _check_models(configs)
@@ -109,8 +109,8 @@ def _check_models(configs: list[dict]) -> None:
     """Build each distinct architecture once on the meta device (no memory, no weights) and run a forward."""
     import torch
 
-    from .config import DATASET_CLASSES, ConfigError, TrialConfig
-    from .models import build_model
+    from search.config import DATASET_CLASSES, ConfigError, TrialConfig
+    from search.trial.models import build_model
 
     seen: set = set()
     for c in configs:

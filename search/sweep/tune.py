@@ -15,9 +15,9 @@ from typing import Any
 
 from ray import tune
 
-from .config import TrialConfig
-from .results import TrialResult
-from .tracking import Tracker
+from search.config import TrialConfig
+from search.results import TrialResult
+from search.sweep.tracking import Tracker
 
 __all__ = ["SweepPlan", "run_sweep", "trainable"]
 
@@ -56,7 +56,7 @@ def trainable(config: dict[str, Any], reused: dict[str, float] | None = None) ->
         return
     import torch
 
-    from .trial import run_trial
+    from search.trial.runner import run_trial
 
     ctx = tune.get_context()
     need = ctx.get_trial_resources().required_resources if ctx else {}
@@ -67,14 +67,11 @@ def trainable(config: dict[str, Any], reused: dict[str, float] | None = None) ->
         # (and is retried) instead of pushing its neighbours out of memory.
         torch.cuda.set_per_process_memory_fraction(gpu)
     if cfg.data_dir and "://" in cfg.data_dir:
-        from .staging import stage_data_dir
+        from search.sweep.staging import stage_data_dir
 
         cfg = cfg.replace(data_dir=stage_data_dir(cfg.data_dir))  # once per node, not per trial
     t0 = time.time()
-    from .faults import maybe_inject
-
-    run_cfg = cfg.replace(lr=1e12) if maybe_inject(cfg) == "nan" else cfg  # reliability tests only
-    result = run_trial(run_cfg, report=lambda m: tune.report(dict(m)))
+    result = run_trial(cfg, report=lambda m: tune.report(dict(m)))
     last = result.history[-1] if result.history else {}
     final = {**{k: v for k, v in last.items()}, **result.summary(), "status": result.status,
              "config_hash": cfg.config_hash, "node_ip": _node_ip(), "node_id": _node_id(), "pid": os.getpid(),
@@ -128,7 +125,7 @@ def _guarded(method: Any) -> Any:
         try:
             return method(self, *a, **k)
         except Exception as e:  # noqa: BLE001
-            from .preflight import disk_full
+            from search.sweep.preflight import disk_full
 
             if not disk_full(e):
                 raise

@@ -1,11 +1,6 @@
-"""Wide ResNet WRN-depth-k for CIFAR (Zagoruyko & Komodakis 2016), registered in timm.
-
-Also holds the few helpers the other CIFAR families share (depth check, channel
-scaling, weight init, a timm-compatible classifier head), so each family file
-stays one architecture.
-
-    import search.models, timm
-    timm.create_model("cifar_wrn", depth=28, width=10, num_classes=10)   # WRN-28-10
+"""The base the paper's CIFAR families share: CifarNet (stem -> body -> pre-head -> pool -> fc, timm's
+head interface) and the small helpers every family file uses (depth check, channel scaling,
+convs, the timm pretrained_cfg and builder).
 """
 from __future__ import annotations
 
@@ -14,21 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 from timm.layers import create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg
 
-from search.config import CIFAR_FAMILIES, ConfigError
-from search.dropout.placement import register_block
+from search import registry
+from search.config import ConfigError
 
-__all__ = ["WideResNet", "WideBasicBlock", "cifar_wrn"]
+__all__ = ["CifarNet", "check_depth", "check_width", "scaled", "conv3x3", "conv1x1", "cifar_cfg", "build_cifar",
+           "bn_relu", "CIFAR_MEAN", "CIFAR_STD"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-# ----------------------------------------------------------------- shared helpers
 def check_depth(family: str, depth: int) -> None:
     """Raise ConfigError (a ValueError) unless `depth` follows `family`'s rule."""
-    rule, ok = CIFAR_FAMILIES[family]
+    meta = registry.get("backbone", family).meta
+    rule, ok = meta["depth_rule"], meta["depth_ok"]
     if not isinstance(depth, int) or isinstance(depth, bool) or not ok(depth):
         raise ConfigError(f"field 'depth' = {depth!r} is invalid for backbone {family!r}: depth must be {rule}")
 
@@ -113,65 +109,3 @@ class CifarNet(nn.Module):
 
 def bn_relu(channels: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-
-
-# ------------------------------------------------------------------------- WRN
-@register_block(skip=("shortcut",))
-class WideBasicBlock(nn.Module):
-    """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus the shortcut.
-
-    The 1x1 projection (when the shape changes) reads the pre-activated input, as in WRN.
-    """
-
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_chs)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv1 = conv3x3(in_chs, out_chs, stride)
-        self.bn2 = nn.BatchNorm2d(out_chs)
-        self.act2 = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(out_chs, out_chs)
-        self.shortcut = conv1x1(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(self.act2(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
-class WideResNet(CifarNet):
-    """WRN-depth-k: conv3x3(16) -> 3 stages of (depth-4)/6 blocks -> BN-ReLU -> pool -> fc.
-
-    Stage channels are round(16k), round(32k), round(64k); the stem keeps 16 channels.
-    """
-
-    def __init__(self, depth: int = 16, width: float = 1.0, num_classes: int = 10, in_chans: int = 3,
-                 drop_rate: float = 0.0) -> None:
-        super().__init__()
-        check_depth("cifar_wrn", depth)
-        width = check_width("cifar_wrn", width)
-        n = (depth - 4) // 6
-        chs = [16] + [scaled(c, width) for c in (16, 32, 64)]
-        self.depth, self.width = depth, width
-        self.stem = conv3x3(in_chans, chs[0])
-        stages = []
-        for i in range(3):
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*[
-                WideBasicBlock(chs[i] if j == 0 else chs[i + 1], chs[i + 1], stride if j == 0 else 1)
-                for j in range(n)
-            ]))
-        self.body = nn.Sequential(*stages)
-        self.pre_head = bn_relu(chs[3])
-        self._init_head(chs[3], num_classes, in_chans, drop_rate)
-        self._init_weights()
-
-
-default_cfgs = generate_default_cfgs({"cifar_wrn": cifar_cfg()})
-
-
-@register_model
-def cifar_wrn(pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    """Wide ResNet WRN-depth-width for 32x32 inputs (depth 6n+4; width = widen factor k, float allowed)."""
-    return build_cifar(WideResNet, "cifar_wrn", pretrained, **kwargs)

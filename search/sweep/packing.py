@@ -40,7 +40,7 @@ def resident_data_bytes(cfg: "object") -> int:
 
     imagefolder streams through a DataLoader and keeps nothing resident.
     """
-    from .data import SYNTHETIC_SIZES
+    from search.trial.data import SYNTHETIC_SIZES
 
     n = _DATASET_IMAGES.get(cfg.dataset, sum(SYNTHETIC_SIZES) if cfg.dataset == "synthetic" else 0)
     if cfg.train_samples:
@@ -62,7 +62,7 @@ def measure_step_peak_bytes(cfg: "object") -> tuple[int, int]:
     """
     import torch
 
-    from .models import build_model
+    from search.trial.models import build_model
 
     if not torch.cuda.is_available():
         raise RuntimeError("--gpus-per-trial auto needs a CUDA device to measure on")
@@ -97,7 +97,7 @@ def auto_gpus_per_trial(configs: list[dict], measure: Callable[[object], tuple[i
 
     `measure` is injectable so the choice is testable without a GPU.
     """
-    from .config import TrialConfig
+    from search.config import TrialConfig
 
     measure = measure or measure_step_peak_bytes
     cfgs = [TrialConfig.from_dict(c) for c in configs]

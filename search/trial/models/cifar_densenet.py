@@ -14,14 +14,12 @@ from torch import nn
 from timm.models import generate_default_cfgs, register_model
 
 from search.config import ConfigError
-from search.dropout.placement import register_block
 
-from .cifar_wrn import CifarNet, bn_relu, build_cifar, check_depth, check_width, cifar_cfg, conv1x1, conv3x3, scaled
+from search.trial.models.cifar_base import CifarNet, bn_relu, build_cifar, check_depth, check_width, cifar_cfg, conv1x1, conv3x3, scaled
 
 __all__ = ["DenseNetBC", "DenseLayerBC", "Transition", "cifar_densenet_bc"]
 
 
-@register_block(skip=())
 class DenseLayerBC(nn.Module):
     """BN-ReLU-conv1x1(bn_size*k)-BN-ReLU-conv3x3(k); returns cat([x, new], channels)."""
 

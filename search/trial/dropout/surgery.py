@@ -1,104 +1,58 @@
-"""Placement surgery: insert dropout modules into a built model at the paper's positions.
+"""Placement surgery: the torch code that inserts dropout modules into a built model.
 
-Placements (PAPER.md, "Placements in the paper"):
-    none      nothing inserted
-    pre_bn    Dropout-(a): dropout -> the last BatchNorm of each block
-    pre_conv  Dropout-(b): dropout -> the last conv of each block (-> ... -> next BN)
-    head      one dropout after all BN layers, right before the classifier
-
-A *block* is a module whose class is registered with `register_block` (our CIFAR
-blocks register themselves; timm's ResNet BasicBlock/Bottleneck and DenseNet
-DenseLayer are known). Inside a block, "last BN" and "last conv" are found by
-execution order (forward pre-hooks on one dummy forward), ignoring the block's
-shortcut children, so no family needs special-case code. Insertion replaces the
-target module `t` at path P by nn.Sequential(dropout, t): the dropout lives at
-`P.0`, the target at `P.1`. See docs/placement.md.
+The placements themselves are registered functions (search/trial/dropout/placements.py);
+they call the helpers here. A *block* is a module whose class a backbone family lists
+in the registry (`register_backbone(..., blocks={'module:Class': skipped children})`).
+Inside a block, "last BN" and "last conv" are found by execution order (forward
+pre-hooks on one dummy forward), ignoring the block's shortcut children, so no family
+needs special-case code. Insertion replaces the target module `t` at path P by
+nn.Sequential(dropout, t): the dropout lives at `P.0`, the target at `P.1`. See
+docs/placement.md.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..config import PLACEMENTS
+from search import registry
+from search.trial.dropout.module import make_dropout
+from search.trial.dropout.placements import PlacementSite
 
-from .kinds import make_dropout
+__all__ = ["PlacementSite", "apply_placement", "per_block", "wrap_classifier", "wrap_before", "block_types", "trace_calls",
+           "classifier_path"]
 
-__all__ = ["PlacementSite", "apply_placement", "register_block", "block_types", "trace_calls", "classifier_path"]
-
-T = TypeVar("T", bound=type)
-
-# Block class -> names of its children that are off the main (residual) branch.
-_BLOCKS: dict[type, tuple[str, ...]] = {}
-# timm classes, resolved only if timm already imported them (no timm model otherwise).
-_TIMM_BLOCKS = (
-    ("timm.models.resnet", "BasicBlock", ("downsample", "se")),
-    ("timm.models.resnet", "Bottleneck", ("downsample", "se")),
-    ("timm.models.densenet", "DenseLayer", ()),
-)
 _TRACED = (nn.Conv2d, _BatchNorm, nn.Linear)
 
 
-@dataclass(frozen=True)
-class PlacementSite:
-    """One inserted dropout module. Paths are module names in the model after surgery.
-
-    Attributes:
-        index: block order (execution order), from 0; 0 for head.
-        block: path of the block, '' for head.
-        module: path of the inserted dropout module.
-        target: path of the module it runs right before.
-        feeds_bn: path of the BatchNorm its noise reaches first (None for head).
-        fan_in: d = in_channels*kh*kw/groups of the conv between dropout and BN (pre_conv only).
-    """
-
-    index: int
-    block: str
-    module: str
-    target: str
-    feeds_bn: str | None
-    fan_in: int | None
-
-
-def register_block(cls: T | None = None, *, skip: Iterable[str] = ("downsample", "shortcut")) -> T | Callable[[T], T]:
-    """Mark a module class as a placement block; usable bare or as `@register_block(skip=(...))`.
-
-    Args:
-        cls: the block class.
-        skip: names of the block's children that are not on its main branch (shortcuts,
-            squeeze-excitation); their BN/conv layers are never placement targets.
-    """
-
-    def deco(c: T) -> T:
-        _BLOCKS[c] = tuple(skip)
-        return c
-
-    return deco(cls) if cls is not None else deco
-
-
 def block_types() -> dict[type, tuple[str, ...]]:
-    """Registered block classes (including timm's, when timm is loaded) -> skipped child names."""
-    out = dict(_BLOCKS)
-    for mod_name, cls_name, skip in _TIMM_BLOCKS:
-        mod = sys.modules.get(mod_name)
-        if mod is not None and hasattr(mod, cls_name):
-            out.setdefault(getattr(mod, cls_name), skip)
+    """Block classes of every registered backbone family -> names of their skipped children.
+
+    A class is resolved only if its module is already imported (a timm block class is
+    needed only when a timm model of that kind was built, which imported it).
+    """
+    out: dict[type, tuple[str, ...]] = {}
+    for entry in registry.entries("backbone"):
+        for ref, skip in entry.meta.get("blocks", {}).items():
+            mod_name, _, cls_name = ref.partition(":")
+            mod = sys.modules.get(mod_name)
+            if mod is not None and hasattr(mod, cls_name):
+                out.setdefault(getattr(mod, cls_name), tuple(skip))
     return out
 
 
 def apply_placement(model: nn.Module, placement: str, kind: str, rate: float, *,
                     input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
-    """Insert dropout of `kind` and drop `rate` into `model` in place at `placement`.
+    """Insert dropout of `kind` and drop `rate` into `model` in place at the registered `placement`.
 
     Args:
         model: a built model (timm or ours); modified in place.
-        placement: one of search.config.PLACEMENTS.
-        kind: a registered dropout kind (search.dropout.list_dropout_kinds()).
-        rate: drop rate in [0, 1); 0 still inserts (identity) modules.
+        placement: a registered placement (search.registry.names("placement")).
+        kind: a registered dropout kind (search.registry.names("dropout")).
+        rate: drop rate; 0 still inserts (identity) modules.
         input_size: (C, H, W) of the dummy input used to trace execution order;
             default (in_chans, 32, 32), then the model's pretrained_cfg input size.
 
@@ -106,34 +60,55 @@ def apply_placement(model: nn.Module, placement: str, kind: str, rate: float, *,
         One PlacementSite per inserted module, in block order; [] for 'none'.
 
     Raises:
-        ValueError: unknown placement, kind or rate; pre_bn/pre_conv on a model
+        ValueError: unknown placement, kind or rate; a placement that feeds BN on a model
             without BatchNorm or without a registered block type; no classifier for head.
     """
-    if placement not in PLACEMENTS:
-        raise ValueError(f"field 'dropout_placement' = {placement!r} is not allowed (allowed: {', '.join(PLACEMENTS)})")
+    entry = registry.get("placement", placement, field_name="dropout_placement")
     make_dropout(kind, rate)  # validates kind and rate before any surgery
-    if placement == "none":
-        return []
-    if placement == "head":
-        path = classifier_path(model)
-        _wrap(model, path, make_dropout(kind, rate))
-        return [PlacementSite(0, "", f"{path}.0", f"{path}.1", None, None)]
+    return list(entry.obj(model, lambda: make_dropout(kind, rate), input_size=input_size))
 
+
+def wrap_classifier(model: nn.Module, make: Callable[[], nn.Module]) -> list[PlacementSite]:
+    """One dropout right before the final classifier (after every BN)."""
+    path = classifier_path(model)
+    _wrap(model, path, make())
+    return [PlacementSite(0, "", f"{path}.0", f"{path}.1", None, None)]
+
+
+def wrap_before(model: nn.Module, path: str, make: Callable[[], nn.Module], index: int = 0, block: str = "",
+                feeds_bn: str | None = None, fan_in: int | None = None) -> PlacementSite:
+    """Insert one dropout right before the module at `path`; returns its site (paths after surgery)."""
+    _wrap(model, path, make())
+    if feeds_bn == path:  # the target BN itself moved one level down
+        feeds_bn = f"{path}.1"
+    return PlacementSite(index, block, f"{path}.0", f"{path}.1", feeds_bn, fan_in)
+
+
+def per_block(model: nn.Module, make: Callable[[], nn.Module], *, target: str, placement: str,
+              input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
+    """One dropout per block, right before the block's last BatchNorm (target='bn') or last conv ('conv').
+
+    Raises:
+        ValueError: the model has no BatchNorm, none of the registered block types, or a
+            block runs no module of the target type.
+    """
     name = _model_name(model)
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        allowed = ", ".join(e.name for e in registry.entries("placement") if not e.meta.get("feeds_bn", True))
         raise ValueError(
             f"field 'dropout_placement' = {placement!r} needs BatchNorm layers, but backbone {name!r} has no"
-            " BatchNorm (allowed for it: none, head)")
+            f" BatchNorm (allowed for it: {allowed})")
     types = block_types()
     blocks = _outermost_blocks(model, tuple(types))
     if not blocks:
         known = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in types))
         raise ValueError(
             f"field 'dropout_placement' = {placement!r}: backbone {name!r} has none of the registered block types"
-            f" ({known}); use 'head' or 'none', or register its block class with"
-            " search.dropout.placement.register_block")
+            f" ({known}); use 'head' or 'none', or list its block class in its family's"
+            " register_backbone(..., blocks=...)")
     modules = dict(model.named_modules())
     calls = trace_calls(model, input_size)
+    want = _BatchNorm if target == "bn" else nn.Conv2d
     plan = []  # (block, target, feeds_bn, fan_in, first call index)
     for bpath, block in blocks:
         prefix = bpath + "."
@@ -142,28 +117,21 @@ def apply_placement(model: nn.Module, placement: str, kind: str, rate: float, *,
                 if n.startswith(prefix) and not any(n == s or n.startswith(s + ".") for s in skipped)]
         if not main:
             continue  # never executed: no noise would reach anything
-        want = _BatchNorm if placement == "pre_bn" else nn.Conv2d
         picks = [(i, n) for i, n in main if isinstance(modules[n], want)]
         if not picks:
-            what = "BatchNorm" if placement == "pre_bn" else "conv"
+            what = "BatchNorm" if target == "bn" else "conv"
             raise ValueError(f"field 'dropout_placement' = {placement!r}: block {bpath!r} of {name!r} runs no {what}")
-        pos, target = picks[-1]
-        if placement == "pre_bn":
-            feeds, fan_in = target, None
+        pos, tpath = picks[-1]
+        if target == "bn":
+            feeds, fan_in = tpath, None
         else:
             feeds = next((n for n in calls[pos + 1:] if isinstance(modules[n], _BatchNorm)), None)
-            w = modules[target].weight
+            w = modules[tpath].weight
             fan_in = int(w.shape[1] * w.shape[2] * w.shape[3])  # in_channels/groups * kh * kw
-        plan.append((bpath, target, feeds, fan_in, main[0][0]))
-
+        plan.append((bpath, tpath, feeds, fan_in, main[0][0]))
     plan.sort(key=lambda p: p[4])
-    sites = []
-    for index, (bpath, target, feeds, fan_in, _) in enumerate(plan):
-        _wrap(model, target, make_dropout(kind, rate))
-        if feeds == target:  # pre_bn: the BN itself moved one level down
-            feeds = f"{target}.1"
-        sites.append(PlacementSite(index, bpath, f"{target}.0", f"{target}.1", feeds, fan_in))
-    return sites
+    return [wrap_before(model, tpath, make, index, bpath, feeds, fan_in)
+            for index, (bpath, tpath, feeds, fan_in, _) in enumerate(plan)]
 
 
 def trace_calls(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> list[str]:

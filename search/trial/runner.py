@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping
 
-from .config import DEFAULT_DEPTH, ConfigError, TrialConfig, parse_value
-from .results import TrialResult
+from search.config import ConfigError, TrialConfig, parse_value
+from search.results import TrialResult
 
 __all__ = ["run_trial", "main"]
 
@@ -37,10 +37,10 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
     """
     import torch
 
-    from .data import load_data, resolve_device
-    from .models import build_model
-    from .probes import measure_variance_shift, reestimate_bn
-    from .train import evaluate, seed_everything, train
+    from search.trial.data import load_data, resolve_device
+    from search.trial.models import build_model
+    from search.trial.probes import measure_variance_shift, reestimate_bn
+    from search.trial.train import evaluate, seed_everything, train
 
     if not isinstance(cfg, TrialConfig):
         cfg = TrialConfig.from_dict(cfg)
@@ -130,9 +130,6 @@ def _config_from_args(ns: argparse.Namespace) -> TrialConfig:
         raw = getattr(ns, f.name)
         if raw is not None:
             values[f.name] = parse_value(f.name, str(f.type), raw)
-    # Spare the user `--depth none` for stock timm models and a depth for CIFAR families.
-    if "backbone" in values and "depth" not in values:
-        values["depth"] = DEFAULT_DEPTH.get(values["backbone"])
     return TrialConfig.from_dict(values)
 
 

@@ -14,14 +14,12 @@ from torch import nn
 from timm.models import generate_default_cfgs, register_model
 
 from search.config import ConfigError
-from search.dropout.placement import register_block
 
-from .cifar_wrn import CifarNet, build_cifar, check_depth, check_width, cifar_cfg, conv1x1, conv3x3, scaled
+from search.trial.models.cifar_base import CifarNet, build_cifar, check_depth, check_width, cifar_cfg, conv1x1, conv3x3, scaled
 
 __all__ = ["ResNeXt", "ResNeXtBottleneck", "cifar_resnext"]
 
 
-@register_block(skip=("shortcut",))
 class ResNeXtBottleneck(nn.Module):
     """conv1x1(D)-BN-ReLU-gconv3x3(D, groups=C, stride)-BN-ReLU-conv1x1(out)-BN, + shortcut, ReLU."""
 

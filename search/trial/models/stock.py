@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from search.config import CIFAR_FAMILIES, ConfigError
+from search.config import ConfigError, family_names
 
 __all__ = ["STOCK_BACKBONES", "WIDTH_FAMILIES", "CIFAR_STEM_FAMILIES", "timm_family", "width_kwargs",
            "resolve_stem", "create_stock"]
@@ -37,8 +37,8 @@ def timm_family(name: str) -> str:
     import timm
 
     if not timm.is_model(name):
-        raise ConfigError(f"field 'backbone' = {name!r} is not a timm model nor a CIFAR family"
-                          f" ({', '.join(CIFAR_FAMILIES)})")
+        raise ConfigError(f"field 'backbone' = {name!r} is not a timm model nor a registered family"
+                          f" ({', '.join(family_names())})")
     return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
 
 
@@ -56,7 +56,7 @@ def width_kwargs(name: str, width: float) -> dict[str, Any]:
     if family not in WIDTH_FAMILIES:
         raise ConfigError(
             f"field 'width' = {width!r} is not supported for backbone {name!r} (timm family {family!r}): width"
-            f" scaling needs a CIFAR family ({', '.join(CIFAR_FAMILIES)}) or a timm"
+            f" scaling needs a registered family ({', '.join(family_names())}) or a timm"
             f" {'/'.join(WIDTH_FAMILIES)} backbone (e.g. {', '.join(STOCK_BACKBONES)}); use width=1")
     import timm
 

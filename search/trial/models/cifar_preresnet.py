@@ -15,9 +15,9 @@ from torch import nn
 from timm.models import generate_default_cfgs, register_model
 
 from search.config import ConfigError
-from search.dropout.placement import register_block
 
-from .cifar_wrn import (CifarNet, WideBasicBlock, bn_relu, build_cifar, check_depth, check_width, cifar_cfg, conv1x1,
+from search.trial.models.cifar_wrn import WideBasicBlock
+from search.trial.models.cifar_base import (CifarNet, bn_relu, build_cifar, check_depth, check_width, cifar_cfg, conv1x1,
                         conv3x3, scaled)
 
 __all__ = ["PreResNet", "PreActBasic", "PreActBottleneck", "cifar_preresnet"]
@@ -25,7 +25,6 @@ __all__ = ["PreResNet", "PreActBasic", "PreActBottleneck", "cifar_preresnet"]
 BLOCKS = ("basic", "bottleneck")
 
 
-@register_block(skip=("shortcut",))
 class PreActBasic(WideBasicBlock):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3; the projection shortcut reads the pre-activated input.
 
@@ -35,7 +34,6 @@ class PreActBasic(WideBasicBlock):
     expansion = 1
 
 
-@register_block(skip=("shortcut",))
 class PreActBottleneck(nn.Module):
     """BN-ReLU-conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(4x planes)."""
 

@@ -14,10 +14,10 @@ import tempfile
 import time
 from typing import Any, Iterable
 
-from .config import TrialConfig, parse_value
-from .results import LayerShift, TrialResult
-from .schema import layer_rows, trial_row
-from .store import ResultStore
+from search.config import TrialConfig, parse_value
+from search.results import LayerShift, TrialResult
+from search.schema import layer_rows, trial_row
+from search.store import ResultStore
 
 __all__ = ["Tracker", "rebuild_parquet", "package_versions", "DONE_STATUSES"]
 
@@ -190,7 +190,7 @@ class Tracker:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .schema import LAYERS_SCHEMA
+        from search.schema import LAYERS_SCHEMA
 
         table = pa.Table.from_pylist(layer_rows(cfg, layers, run_id=run_id, space=self.space),
                                      schema=LAYERS_SCHEMA)
@@ -230,7 +230,7 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .schema import LAYERS_SCHEMA, TRIALS_SCHEMA
+    from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
 
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(space)

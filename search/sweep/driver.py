@@ -7,9 +7,9 @@ import os
 import time
 from typing import Any
 
-from .config import TrialConfig
-from .preflight import SweepLock
-from .tracking import Tracker
+from search.config import TrialConfig
+from search.sweep.preflight import SweepLock
+from search.sweep.tracking import Tracker
 
 __all__ = ["drive", "init_ray"]
 
@@ -46,7 +46,7 @@ def resolve_auto_gpus(configs: list[dict[str, Any]]) -> float:
     """Measure one training step on a GPU of the cluster and pick the packing fraction."""
     import ray
 
-    from .packing import auto_gpus_per_trial
+    from search.sweep.packing import auto_gpus_per_trial
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         raise ValueError("--gpus-per-trial auto: the Ray cluster has no GPU to measure on; give a number instead")
@@ -56,7 +56,7 @@ def resolve_auto_gpus(configs: list[dict[str, Any]]) -> float:
 def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
           gpus: float | str) -> int:
     """Run the sweep the arguments describe; returns the exit code."""
-    from .sweep import SweepPlan, run_sweep
+    from search.sweep.tune import SweepPlan, run_sweep
 
     t0 = time.time()
     with SweepLock(args.storage, args.space, args.tracking_uri):
@@ -109,7 +109,7 @@ def _summary(tracker: Tracker, hashes: set[str] | None, args: argparse.Namespace
     """Best and worst configurations of this sweep, and where everything is."""
     import pyarrow.compute as pc
 
-    from .store import dedup
+    from search.store import dedup
 
     t = dedup(tracker.store.read("trials"), "trials")
     if hashes is not None and t.num_rows:

@@ -1,30 +1,31 @@
-"""Models by name: the paper's CIFAR networks (registered in timm's registry) and stock timm CNNs.
+"""`build_model(cfg)`: the registered backbone family (or any timm model), then dropout placement.
 
-Importing this package registers `cifar_wrn`, `cifar_preresnet`, `cifar_resnext`
-and `cifar_densenet_bc` with timm, so `timm.create_model` serves both kinds.
-`build_model(cfg)` is the one entry point the trial uses.
+Importing this module registers `cifar_wrn`, `cifar_preresnet`, `cifar_resnext` and
+`cifar_densenet_bc` with timm, so `timm.create_model` serves both kinds.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from search.config import CIFAR_FAMILIES, DATASET_CLASSES, ConfigError, TrialConfig
-from search.dropout.placement import PlacementSite, apply_placement
+from search import registry
+from search.config import DATASET_CLASSES, ConfigError, TrialConfig, backbone_family
+from search.trial.dropout.placements import PlacementSite
+from search.trial.dropout.surgery import apply_placement
 
-from . import cifar_densenet, cifar_preresnet, cifar_resnext, cifar_wrn  # noqa: F401  (registers with timm)
-from .cifar_densenet import DenseNetBC
-from .cifar_preresnet import PreResNet
-from .cifar_resnext import ResNeXt
-from .cifar_wrn import WideResNet
-from .stock import STOCK_BACKBONES, create_stock, timm_family, width_kwargs
+from search.trial.models import cifar_densenet, cifar_preresnet, cifar_resnext, cifar_wrn  # noqa: F401  (registers with timm)
+from search.trial.models.cifar_densenet import DenseNetBC
+from search.trial.models.cifar_preresnet import PreResNet
+from search.trial.models.cifar_resnext import ResNeXt
+from search.trial.models.cifar_wrn import WideResNet
+from search.trial.models.stock import STOCK_BACKBONES, create_stock, timm_family, width_kwargs
 
 __all__ = [
     "SUPPORTED_BACKBONES", "CIFAR_BACKBONES", "STOCK_BACKBONES", "build_model", "family_of", "resolve_num_classes",
     "WideResNet", "PreResNet", "ResNeXt", "DenseNetBC", "PlacementSite",
 ]
 
-CIFAR_BACKBONES: tuple[str, ...] = tuple(CIFAR_FAMILIES)
+CIFAR_BACKBONES: tuple[str, ...] = tuple(e.name for e in registry.entries("backbone") if e.name.startswith("cifar_"))
 # Tested end to end with every placement; other timm names work where timm's model does.
 SUPPORTED_BACKBONES: tuple[str, ...] = CIFAR_BACKBONES + STOCK_BACKBONES
 
@@ -37,7 +38,8 @@ def family_of(backbone: str) -> str:
     Raises:
         ConfigError: unknown backbone.
     """
-    if backbone in CIFAR_FAMILIES:
+    entry = backbone_family(backbone)
+    if entry is not None:
         return backbone
     return timm_family(backbone)
 
@@ -76,10 +78,14 @@ def build_model(cfg: TrialConfig, num_classes: int | None = None) -> nn.Module:
     import timm
 
     classes = resolve_num_classes(cfg, num_classes)
-    if cfg.backbone in CIFAR_FAMILIES:
+    family = backbone_family(cfg.backbone)
+    if family is not None:
         torch.manual_seed(cfg.seed)
-        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=classes, in_chans=cfg.in_chans,
-                                  depth=cfg.depth, width=cfg.width)
+        kwargs = dict(num_classes=classes, in_chans=cfg.in_chans, depth=cfg.depth, width=cfg.width)
+        if family.obj is not None:  # a builder (e.g. a plugin's backbone)
+            model = family.obj(**kwargs)
+        else:
+            model = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     else:
         extra = width_kwargs(cfg.backbone, cfg.width)  # before seeding; it draws no random numbers anyway
         torch.manual_seed(cfg.seed)

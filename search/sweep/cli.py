@@ -1,0 +1,190 @@
+"""`python -m search.run --space NAME`: the main command.
+
+Everything the user typed is validated before anything is written or any
+trial starts; a mistake is one line on stderr and exit code 2. Heavy imports
+(torch, ray, mlflow) happen only after that, so `--list`, `--help` and
+`--dry-run` answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from typing import Any
+
+from search.config import ConfigError, TrialConfig, parse_override
+
+__all__ = ["main", "build_configs"]
+
+ALGOS = ("grid", "random", "optuna")
+SCHEDULERS = ("fifo", "asha")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.splitlines()[0])
+    p.add_argument("--list", action="store_true", help="list the spaces with axis sizes and trial counts")
+    p.add_argument("--space", help="search space name (see --list)")
+    p.add_argument("--profile", default="quick", help="quick (2-core CPU, digits) | paper (CIFAR, GPUs)")
+    p.add_argument("--algo", default="grid", help="grid | random | optuna")
+    p.add_argument("--samples", type=int, default=None, help="trials for random/optuna (default: grid size)")
+    p.add_argument("--scheduler", default="fifo", help="fifo | asha (early-stops weak trials)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every configuration with seeds 0..N-1")
+    p.add_argument("--search-seed", type=int, default=0, help="seed of the random/optuna sampler")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", default="0", help="fraction of a GPU per trial (0.25 packs 4 per GPU)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (0: as resources allow)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--address", default=None, help="a running Ray cluster ('auto' or host:port)")
+    p.add_argument("--storage", default="results", help="local path or URI for Ray results and Parquet")
+    p.add_argument("--data-dir", default=None, help="where on-disk datasets (CIFAR, imagefolder) live")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrialConfig field")
+    p.add_argument("--retries", type=int, default=1, help="retries of a trial that raises")
+    p.add_argument("--dry-run", action="store_true", help="print the trial table and count; run nothing")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (closes its stale runs)")
+    p.add_argument("--force", action="store_true", help="train configurations that already finished again")
+    p.add_argument("--quiet", action="store_true", help="no Ray progress table")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return p
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"--{name} {value!r} is not allowed (allowed: {', '.join(allowed)})")
+
+
+def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The validated trial dicts (grid/random) and the overrides; raises ConfigError/UsageError."""
+    from spaces import get_space
+
+    space = get_space(args.space)
+    if args.profile not in space.profiles:
+        raise UsageError(f"--profile {args.profile!r} is not a profile of space {args.space!r} "
+                         f"(allowed: {', '.join(space.profiles)})")
+    overrides = dict(parse_override(s) for s in args.set)
+    if args.data_dir:
+        # A URI stays as typed: each node stages it to local disk (search/staging.py).
+        overrides["data_dir"] = args.data_dir if "://" in args.data_dir else os.path.abspath(args.data_dir)
+    if args.algo == "optuna":
+        base = [space.sample(random.Random(args.search_seed), args.profile)]  # validates overrides once
+    elif args.algo == "random":
+        rng = random.Random(args.search_seed)
+        base = [space.sample(rng, args.profile) for _ in range(args.samples or space.size(args.profile))]
+    else:
+        base = space.grid(args.profile)
+    configs, seen = [], set()
+    for d in base:
+        for s in range(args.seeds):
+            cfg = TrialConfig.from_dict({**d, **overrides, **({"seed": s} if args.seeds > 1 else {})})
+            if cfg.config_hash not in seen:
+                seen.add(cfg.config_hash)
+                configs.append(cfg.to_dict())
+    return configs, overrides
+
+
+def _list_spaces() -> None:
+    from spaces import get_space, list_spaces
+
+    for name in list_spaces():
+        s = get_space(name)
+        print(f"{name}: {s.description}")
+        for prof in s.profiles:
+            sizes = " x ".join(f"{k}={v}" for k, v in s.axis_sizes(prof).items())
+            print(f"  {prof:<6} {s.size(prof):>5} trials   axes: {sizes}")
+
+
+def _print_table(configs: list[dict[str, Any]]) -> None:
+    cols = ["backbone", "depth", "width", "dropout_placement", "dropout_type", "dropout_rate", "dataset", "epochs",
+            "seed"]
+    print("  ".join(f"{c:<17}" if c == "dropout_placement" else f"{c:<10}" for c in ["hash"] + cols))
+    for c in configs:
+        cfg = TrialConfig.from_dict(c)
+        cells = [cfg.config_hash] + [str(c[k]) for k in cols]
+        print("  ".join(f"{v:<17}" if i == 4 else f"{v:<10}" for i, v in enumerate(cells)))
+
+
+def _gpus(value: str) -> float | str:
+    if value == "auto":
+        return "auto"
+    try:
+        g = float(value)
+    except ValueError:
+        raise UsageError(f"--gpus-per-trial {value!r} must be 'auto' or a number >= 0 (e.g. 0.25)") from None
+    if g < 0:
+        raise UsageError(f"--gpus-per-trial {value!r} must be >= 0")
+    return g
+
+
+def _validate(args: argparse.Namespace) -> None:
+    _choice("algo", args.algo, ALGOS)
+    _choice("scheduler", args.scheduler, SCHEDULERS)
+    for name in ("seeds", "retries", "max_concurrent", "samples", "num_cpus"):
+        v = getattr(args, name)
+        if v is not None and v < (1 if name in ("seeds", "samples", "num_cpus") else 0):
+            raise UsageError(f"--{name.replace('_', '-')} {v!r} must be >= {1 if name in ('seeds', 'samples', 'num_cpus') else 0}")
+    if args.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial!r} must be > 0")
+    if args.data_dir and "://" not in args.data_dir and not os.path.isdir(args.data_dir):
+        raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
+    if args.resume and args.force:
+        raise UsageError("--resume and --force exclude each other: --resume keeps finished trials, --force retrains them")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.list:
+            _list_spaces()
+            return 0
+        if not args.space:
+            raise UsageError("--space is required (see --list)")
+        _validate(args)
+        gpus = _gpus(args.gpus_per_trial)
+        configs, overrides = build_configs(args)
+        if args.dry_run:
+            if args.algo == "optuna":
+                print(f"optuna: {args.samples or 'grid-size'} trials sampled by TPE from space {args.space!r}; "
+                      "e.g. the first:")
+            _print_table(configs)
+            print(f"{len(configs)} trials ({args.space}, profile {args.profile}, algo {args.algo})")
+            return 0
+        from search.sweep.preflight import check_address, check_storage, check_tracking, check_trials
+
+        check_storage(args.storage)
+        check_tracking(args.tracking_uri)
+        check_address(args.address)
+        check_trials(configs)
+        if args.data_dir and "://" in args.data_dir:
+            from search.sweep.staging import check_data_uri
+
+            check_data_uri(args.data_dir)
+        from search.sweep.driver import drive
+
+        return drive(args, configs, overrides, gpus)
+    except (ConfigError, UsageError, ValueError, FileNotFoundError, ConnectionError, PermissionError,
+            OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into one line
+        from search.sweep.preflight import disk_full
+
+        if args.debug or not disk_full(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: the disk is full ({first}): free space on --storage {args.storage!r} / --tracking-uri "
+              f"{args.tracking_uri!r}, then rerun with --resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are saved; rerun with --resume to complete the sweep", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
