@@ -96,7 +96,7 @@ def test_full_disk_is_refused_before_training(tmp_path: Path, what: str) -> None
 @pytest.mark.timeout(120)
 def test_min_free_bytes_can_be_raised_from_the_environment(tmp_path: Path) -> None:
     """Where no tmpfs can be mounted (CI without root), a full disk is simulated by asking for more free
-    space than any disk has: DBN_MIN_FREE_BYTES (proposed; search.preflight.MIN_FREE_BYTES has no knob)."""
+    space than any disk has: DBN_MIN_FREE_BYTES (proposed; search.sweep.preflight.MIN_FREE_BYTES has no knob)."""
     env = _env(DBN_MIN_FREE_BYTES=str(2**60))
     proc = subprocess.Popen([PY, "-m", "search.run", *SMALL], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - only a full disk is turned into one line
-        from search.sweep.preflight import disk_full
+        from search.sweep.lock import disk_full
 
         if args.debug or not disk_full(e):
             raise

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from search.config import TrialConfig
-from search.sweep.preflight import SweepLock
+from search.sweep.lock import SweepLock
 from search.sweep.tracking import Tracker
 
 __all__ = ["drive", "init_ray"]

@@ -1,4 +1,4 @@
-"""Checks that run before any trial: storage writable, tracking store reachable, one sweep per space.
+"""Checks that run before any trial: storage writable, tracking store reachable, data files, each model.
 
 They fail in seconds with one line, instead of after hours of training.
 """
@@ -10,7 +10,7 @@ import shutil
 import urllib.error
 import urllib.request
 
-__all__ = ["check_storage", "check_tracking", "check_address", "check_trials", "disk_full", "SweepLock"]
+__all__ = ["check_storage", "check_tracking", "check_address", "check_trials"]
 
 MIN_FREE_BYTES = 200 * 2**20  # below this a sweep cannot even write its first results
 
@@ -133,58 +133,3 @@ def _check_models(configs: list[dict]) -> None:
         except RuntimeError as e:
             raise ConfigError(f"field 'image_size' = {cfg.image_size}: backbone {cfg.backbone!r} cannot run a "
                               f"{cfg.image_size}x{cfg.image_size} input ({str(e).splitlines()[0]}); use a larger image_size") from None
-
-
-def disk_full(e: BaseException | None) -> bool:
-    """True if `e` or an exception in its chain says the disk is full (OSError ENOSPC, sqlite's 'disk is full')."""
-    for _ in range(20):
-        if e is None:
-            return False
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "database or disk is full" in str(e) or "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-class SweepLock:
-    """An exclusive lock per (storage, space): two drivers never write one space at once."""
-
-    def __init__(self, storage: str, space: str, tracking_uri: str | None = None) -> None:
-        self.paths = []
-        if "://" not in storage or storage.startswith("file://"):
-            folder = os.path.join(os.path.abspath(storage.replace("file://", "")), space)
-            self.paths.append(os.path.join(folder, ".sweep.lock"))
-        if tracking_uri and tracking_uri.startswith("sqlite:///"):
-            # The MLflow store is shared by every --storage: lock the space there too.
-            db = os.path.abspath(tracking_uri[len("sqlite:///"):])
-            self.paths.append(os.path.join(os.path.dirname(db), f".{os.path.basename(db)}.{space}.lock"))
-        self.path = self.paths[0] if self.paths else None
-        self.fhs: list = []
-
-    def __enter__(self) -> "SweepLock":
-        import fcntl
-
-        for path in self.paths:  # object storage / remote tracking: no flock; MLflow dedup still applies
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fh = open(path, "a+")
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                owner = fh.read().strip() or "unknown"
-                fh.close()
-                self.__exit__()
-                raise OSError(f"another sweep of this space is running (lock {path}, pid {owner}); "
-                              "wait for it or stop it, then use --resume") from None
-            fh.truncate(0)
-            fh.write(str(os.getpid()))
-            fh.flush()
-            self.fhs.append(fh)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fh in self.fhs:
-            fh.close()  # closing releases the flock; a killed driver releases it too
-        self.fhs = []

@@ -125,7 +125,7 @@ def _guarded(method: Any) -> Any:
         try:
             return method(self, *a, **k)
         except Exception as e:  # noqa: BLE001
-            from search.sweep.preflight import disk_full
+            from search.sweep.lock import disk_full
 
             if not disk_full(e):
                 raise
