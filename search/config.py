@@ -34,6 +34,7 @@ DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cpu", "cuda")
 STEMS = ("auto", "cifar", "imagenet")
+CUDA_GRAPHS = ("auto", "on", "off")
 # Classes per dataset when TrialConfig.num_classes is None (imagefolder: counted from the tree).
 DATASET_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100}
 
@@ -100,6 +101,9 @@ class TrialConfig:
     channels_last: bool = field(default=True, metadata=_meta(False, "NHWC memory format on CUDA"))
     amp: bool = field(default=True, metadata=_meta(False, "bf16 autocast on CUDA"))
     compile: bool = field(default=False, metadata=_meta(False, "torch.compile the model"))
+    cuda_graphs: str = field(default="auto", metadata=_meta(
+        False, "|".join(CUDA_GRAPHS) + ": CUDA-graph the training step and evaluation passes; auto = on for CUDA"
+        " without compile, eager on CPU whatever the value"))
     num_workers: int = field(default=0, metadata=_meta(False, "DataLoader workers off the GPU-resident path"))
 
     def __post_init__(self) -> None:
@@ -184,6 +188,10 @@ class TrialConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("stem", self.stem, STEMS)
+        _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
+        if self.cuda_graphs == "on" and self.compile:
+            raise ConfigError("field 'cuda_graphs' = 'on' conflicts with compile=True (torch.compile captures its"
+                              " own graphs; allowed with compile: auto, off)")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"field 'dropout_rate' must be in [0, 1), got {self.dropout_rate!r}")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -215,3 +215,55 @@ def test_imagefolder_tree(tmp_path):
     assert next(iter(g.test))[0].shape == (6, 1, 8, 8)
     with pytest.raises(FileNotFoundError, match="train/"):
         load_data(cfg(dataset="imagefolder", data_dir=str(tmp_path / "nope")), CPU)
+
+
+# --------------------------------------------------------------------------- resident across trials (issue 18)
+def test_resident_dataset_is_reused_by_the_next_trial_on_the_same_data(monkeypatch):
+    import search.trial.data as data_mod
+
+    data_mod.clear_resident()
+    reads = []
+    real = data_mod._digits
+    monkeypatch.setattr(data_mod, "_digits", lambda: reads.append(1) or real())
+    first = load_data(cfg(augment=True, seed=0), CPU)
+    # Another trial of the same worker: other seed, batch size and augmentation; same images.
+    second = load_data(cfg(augment=True, seed=3, batch_size=32, lr=0.01), CPU)
+    assert len(reads) == 1, "the second trial read the dataset again"
+    assert second.train.images is first.train.images and second.test.images is first.test.images
+    assert second.train.padded is first.train.padded  # the padded training copy is shared too
+    # Served batches are exactly those of an uncached load.
+    fresh = load_data(cfg(augment=True, seed=3, batch_size=32), CPU, reuse=False)
+    assert len(reads) == 2
+    for a, b in zip(second.train, fresh.train):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert (second.mean, second.std, second.n_train) == (fresh.mean, fresh.std, fresh.n_train)
+    # A different dataset identity (image size) replaces the entry: an LRU of one, never two resident.
+    other = load_data(cfg(image_size=8), CPU)
+    assert len(reads) == 3 and len(data_mod._RESIDENT) == 1 and other.train.images.shape[-1] == 8
+    load_data(cfg(augment=True), CPU)
+    assert len(reads) == 4  # the 16 px set was released, so it is read again
+    data_mod.clear_resident()
+    assert not data_mod._RESIDENT
+
+
+def test_resident_cifar_is_read_again_when_its_files_change(tmp_path):
+    import os
+
+    import search.trial.data as data_mod
+
+    d = _write_fake_cifar10(tmp_path)
+    c = cfg(dataset="cifar10", data_dir=str(tmp_path), image_size=32, in_chans=3, batch_size=8)
+    a = load_data(c, CPU)
+    assert load_data(c, CPU).train.images is a.train.images
+    # Re-extracting the archive (new contents, new mtime) must not serve the old images.
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.full((3, 3072), 7, dtype=np.uint8), b"labels": [0, 1, 2]}, f)
+    st = (d / "test_batch").stat()
+    os.utime(d / "test_batch", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    b = load_data(c, CPU)
+    assert b.n_test == 3 and b.test.images is not a.test.images and int(b.test.images.max()) == 7
+    # Files gone: the cache does not hide it, the error is the usual one-liner.
+    (d / "data_batch_2").unlink()
+    with pytest.raises(DatasetNotFoundError, match="data_batch_2"):
+        load_data(c, CPU)
+    data_mod.clear_resident()

@@ -10,11 +10,19 @@ All randomness (epoch order, crop offsets, flips) comes from CPU generators
 seeded by (cfg.seed, epoch), so a seed gives the same batches on CPU and CUDA,
 whatever else drew random numbers before. Train/test splits and
 `train_samples` subsets use a fixed seed: every trial sees the same images.
+
+Resident across trials: with Ray Tune's `reuse_actors` one worker process runs
+trial after trial, usually on the same data. The last in-memory dataset loaded
+stays on its device (an LRU of one, keyed by `_identity`: dataset, size,
+channels, subset, device, and for CIFAR the files' sizes and mtimes), so the
+next trial on it skips reading, resizing and copying it. The cached tensors
+are never written to. A different dataset releases the old one first, so a
+worker never holds two. `clear_resident()` empties it.
 """
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,7 +33,7 @@ import torch.nn.functional as F
 from search.config import DATASET_CLASSES, TrialConfig
 
 __all__ = ["DataBundle", "DatasetNotFoundError", "CorruptDatasetError", "TensorLoader", "FolderLoader",
-           "load_data", "resolve_device"]
+           "load_data", "resolve_device", "clear_resident"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SPLIT_SEED = 0  # fixed: every trial shares the digits split and the train_samples subset
@@ -129,12 +137,13 @@ class TensorLoader:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalise: _Normalise, *, batch_size: int,
-                 shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0):
+                 shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0,
+                 padded: torch.Tensor | None = None):
         self.images, self.labels, self.normalise = images, labels, normalise
         self.batch_size, self.shuffle, self.pad, self.flip, self.seed = batch_size, shuffle, pad, flip, seed
         self.epoch = 0
-        # Pad once up front, so each augmented batch is a single gather from this stack.
-        self.padded = F.pad(images, (pad,) * 4) if pad else None
+        # Pad once up front, so each augmented batch is a single gather from this stack (`padded`: done already).
+        self.padded = (padded if padded is not None else F.pad(images, (pad,) * 4)) if pad else None
         n = len(labels)
         # A trailing training batch of one image would break BatchNorm; drop it (only when shuffling).
         self.n_batches = -(-n // batch_size) - int(shuffle and n > 1 and n % batch_size == 1)
@@ -361,8 +370,77 @@ def _imagefolder(cfg: TrialConfig, device: torch.device) -> tuple:
     return loaders, len(test.classes), len(train), len(test), mean, std
 
 
-def load_data(cfg: TrialConfig, device: torch.device | str) -> DataBundle:
+# --------------------------------------------------------------------------- resident cache
+@dataclass
+class _Resident:
+    """One in-memory dataset as it sits on the device, plus its padded training copies by pad width."""
+
+    xtr: torch.Tensor
+    ytr: torch.Tensor
+    xte: torch.Tensor
+    yte: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    own: int  # the dataset's own number of classes
+    padded: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_RESIDENT: dict[tuple, _Resident] = {}  # at most one entry: the last dataset loaded in this process
+
+
+def clear_resident() -> None:
+    """Forget the resident dataset (its device memory is freed once no loader holds it)."""
+    _RESIDENT.clear()
+
+
+def _identity(cfg: TrialConfig, device: torch.device) -> tuple:
+    """What fixes an in-memory dataset's tensors. For CIFAR also the files' sizes and mtimes, so a
+    re-extracted archive is read again; the check raises as loading would when files are missing."""
+    key: tuple = (cfg.dataset, cfg.image_size, cfg.in_chans, cfg.train_samples, str(device))
+    if cfg.dataset == "synthetic":
+        key += (cfg.num_classes, tuple(SYNTHETIC_SIZES))
+    elif cfg.dataset in CIFAR:
+        root, (train_files, test_files), _ = _cifar_files(cfg.dataset, cfg.data_dir)
+        stats = [(root / f).stat() for f in train_files + test_files]
+        key += (str(root.resolve()), tuple((s.st_size, s.st_mtime_ns) for s in stats))
+    return key
+
+
+def _in_memory(cfg: TrialConfig, device: torch.device, reuse: bool) -> _Resident:
+    """The tensors of an in-memory dataset on `device`, from the resident cache when `reuse` and it matches."""
+    key = _identity(cfg, device) if reuse else None
+    if key is not None and key in _RESIDENT:
+        return _RESIDENT[key]
+    if reuse:
+        _RESIDENT.clear()  # release the previous dataset before the next one lands on the device
+    own = DATASET_CLASSES.get(cfg.dataset)
+    if cfg.dataset == "digits":
+        xtr, ytr, xte, yte = _digits()
+    elif cfg.dataset == "synthetic":
+        own = cfg.num_classes or own
+        xtr, ytr, xte, yte = _synthetic(own, cfg.in_chans, cfg.image_size)
+    else:
+        xtr, ytr, xte, yte = _cifar(cfg.dataset, cfg.data_dir)
+    xtr, xte = (_set_chans(_resize_u8(x, cfg.image_size), cfg.in_chans) for x in (xtr, xte))
+    # Statistics of the whole training split, so a train_samples cap leaves the input scaling unchanged.
+    mean, std = _channel_stats(xtr)
+    if cfg.train_samples is not None and cfg.train_samples < len(ytr):
+        keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(SPLIT_SEED))[: cfg.train_samples]
+        xtr, ytr = xtr[keep], ytr[keep]
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
+    entry = _Resident(xtr, ytr, xte, yte, tuple(mean), tuple(std), own)
+    if key is not None:
+        _RESIDENT[key] = entry
+    return entry
+
+
+def load_data(cfg: TrialConfig, device: torch.device | str, *, reuse: bool = True) -> DataBundle:
     """Load cfg.dataset and serve it on `device` (see the module docstring).
+
+    Args:
+        cfg: the trial; only its data fields, batch size, seed and channels_last matter here.
+        device: where the batches live.
+        reuse: serve an in-memory dataset from (and keep it in) the process's resident cache.
 
     Raises:
         DatasetNotFoundError: on-disk files missing (one line: which files, where, how to get them).
@@ -370,31 +448,19 @@ def load_data(cfg: TrialConfig, device: torch.device | str) -> DataBundle:
         ValueError: cfg.num_classes smaller than the dataset's number of classes.
     """
     device = torch.device(device)
-    own = DATASET_CLASSES.get(cfg.dataset)
     if cfg.dataset == "imagefolder":
         loaders, own, n_train, n_test, mean, std = _imagefolder(cfg, device)
     else:
-        if cfg.dataset == "digits":
-            xtr, ytr, xte, yte = _digits()
-        elif cfg.dataset == "synthetic":
-            own = cfg.num_classes or own
-            xtr, ytr, xte, yte = _synthetic(own, cfg.in_chans, cfg.image_size)
-        else:
-            xtr, ytr, xte, yte = _cifar(cfg.dataset, cfg.data_dir)
-        xtr, xte = (_set_chans(_resize_u8(x, cfg.image_size), cfg.in_chans) for x in (xtr, xte))
-        # Statistics of the whole training split, so a train_samples cap leaves the input scaling unchanged.
-        mean, std = _channel_stats(xtr)
-        if cfg.train_samples is not None and cfg.train_samples < len(ytr):
-            keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(SPLIT_SEED))[: cfg.train_samples]
-            xtr, ytr = xtr[keep], ytr[keep]
-        n_train, n_test = len(ytr), len(yte)
-        xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
+        r = _in_memory(cfg, device, reuse)
+        own, mean, std, n_train, n_test = r.own, r.mean, r.std, len(r.ytr), len(r.yte)
         norm = _Normalise(mean, std, device, cfg.channels_last and device.type == "cuda")
         pad = cfg.image_size // 8 if cfg.augment else 0
-        loaders = (TensorLoader(xtr, ytr, norm, batch_size=cfg.batch_size, shuffle=True, pad=pad,
-                                flip=cfg.dataset in FLIP_OK, seed=cfg.seed),
-                   TensorLoader(xtr, ytr, norm, batch_size=cfg.batch_size),
-                   TensorLoader(xte, yte, norm, batch_size=cfg.batch_size))
+        if pad and pad not in r.padded:
+            r.padded[pad] = F.pad(r.xtr, (pad,) * 4)
+        loaders = (TensorLoader(r.xtr, r.ytr, norm, batch_size=cfg.batch_size, shuffle=True, pad=pad,
+                                flip=cfg.dataset in FLIP_OK, seed=cfg.seed, padded=r.padded.get(pad)),
+                   TensorLoader(r.xtr, r.ytr, norm, batch_size=cfg.batch_size),
+                   TensorLoader(r.xte, r.yte, norm, batch_size=cfg.batch_size))
     num_classes = cfg.num_classes or own
     if num_classes < own:
         raise ValueError(f"field 'num_classes' = {cfg.num_classes!r} is below dataset {cfg.dataset!r}'s {own} "

@@ -9,6 +9,12 @@ Choices, documented once here:
 - Train loss uses cfg.label_smoothing; evaluation loss is plain cross-entropy.
 - On CUDA: bf16 autocast (cfg.amp), channels_last (cfg.channels_last),
   torch.compile (cfg.compile), cudnn.benchmark. On CPU all are no-ops.
+- On CUDA with cfg.cuda_graphs 'auto' (default, unless cfg.compile) or 'on': the
+  training step and the per-epoch test evaluation are replayed from CUDA graphs
+  (search.trial.graphs): fused SGD reading the learning rate from a device tensor,
+  a ragged last training batch padded by wrap-around to the batch size (same
+  step count and schedule as eager; those few images count twice in images_seen
+  and the epoch's train loss). On CPU the knob changes nothing.
 - A NaN/inf loss ends the trial with status 'diverged' (a result, not an error).
   The check reads the accumulated loss once every CHECK_EVERY steps and at
   epoch end, so the GPU is not synchronised every step.
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.config import TrialConfig
+from search.trial.graphs import GraphedEval, GraphedTrainStep, static_batches, use_graphs
 
 __all__ = ["TrainOutcome", "train", "evaluate", "seed_everything", "lr_at", "CHECK_EVERY"]
 
@@ -67,12 +74,18 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     raise ValueError(f"field 'schedule' = {schedule!r} is not allowed (allowed: cosine, multistep)")
 
 
-def _optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.SGD:
+def _optimizer(model: nn.Module, cfg: TrialConfig, lr: torch.Tensor | None = None) -> torch.optim.SGD:
+    """SGD over two groups (decay on ndim >= 2 only); with `lr` (a device tensor): fused, reading it every step."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0)
+    groups = [g for g in groups if g["params"]]
+    if lr is not None:  # for graph capture: one shared tensor, read by the fused kernel (no host value baked in)
+        for g in groups:
+            g["lr"] = lr
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               fused=True)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
@@ -128,13 +141,21 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cuda and cfg.compile else model  # shares parameters with `model`
-    opt = _optimizer(model, cfg)
+    graphed = use_graphs(cfg, device)
+    lr_t = torch.tensor(cfg.lr, device=device, dtype=torch.float32) if graphed else None
+    opt = _optimizer(model, cfg, lr=lr_t)
     steps_per_epoch = len(data.train)
     if steps_per_epoch < 1:
         raise ValueError(f"data.train yields no batches (field 'batch_size' = {cfg.batch_size!r}); need >= 1 batch")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     autocast = _autocast(device, cfg.amp)
+    if graphed:
+        # Static batch size: the loader's full batch (a training set smaller than one batch is its own size).
+        size = min(cfg.batch_size, data.n_train)
+        graph_step = GraphedTrainStep(net, opt, lr_t, label_smoothing=cfg.label_smoothing, amp=cfg.amp,
+                                      strict=cfg.cuda_graphs == "on")
+        graph_eval = GraphedEval(net, device, amp=cfg.amp)
     out = TrainOutcome(status="ok", epochs_completed=0)
     step = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -143,21 +164,28 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         model.train()
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no sync per step
         correct = torch.zeros((), device=device, dtype=torch.long)
+        if graphed:
+            graph_step.reset_metrics()
+            loss_sum, correct = graph_step.loss_sum, graph_step.correct  # the graph adds into these
         n = 0
         _sync(device)
         t0 = time.perf_counter()
-        for x, y in data.train:
+        batches = (b[:2] for b in static_batches(data.train, size)) if graphed else data.train
+        for x, y in batches:
             lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast:
-                logits = net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach().float() * y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
+            if graphed:
+                graph_step(x, y, lr)  # writes lr into lr_t, then one replay (eager for the first few steps)
+            else:
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with autocast:
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach().float() * y.shape[0]
+                correct += (logits.detach().argmax(1) == y).sum()
             n += y.shape[0]
             step += 1
             if step % CHECK_EVERY == 0 and not math.isfinite(loss_sum.item()):
@@ -171,7 +199,10 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         if not math.isfinite(out.train_loss):
             out.status = "diverged"
             break
-        test_loss, test_acc = evaluate(net, data.test, device, amp=cfg.amp)
+        if graphed:
+            test_loss, test_acc = graph_eval(data.test)
+        else:
+            test_loss, test_acc = evaluate(net, data.test, device, amp=cfg.amp)
         row = dict(epoch=epoch, train_loss=out.train_loss, train_acc=out.train_acc, test_loss=test_loss,
                    test_acc=test_acc, lr=lr, epoch_time_s=dt, throughput=n / dt if dt > 0 else float("nan"))
         row = {k: float(v) for k, v in row.items()}
