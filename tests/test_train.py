@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from search.config import TrialConfig
 from search.trial.data import load_data
+from search.trial.graphs import GraphedEval, GraphedTrainStep, pad_batch, static_batches, use_graphs
 from search.trial.train import CHECK_EVERY, EPOCH_KEYS, _optimizer, evaluate, lr_at, seed_everything, train
 
 CPU = torch.device("cpu")
@@ -129,3 +131,122 @@ def test_weight_decay_only_on_conv_and_linear_weights():
     assert names == {"0.weight", "4.weight", "10.weight"}  # convs and the linear; no BN, no bias
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert groups[0]["nesterov"] and not _optimizer(model, cfg(momentum=0.0)).param_groups[0]["nesterov"]
+
+
+# --------------------------------------------------------------------------- CUDA graphs (issue 18)
+
+CUDA = torch.cuda.is_available()
+
+
+def test_graph_knob_is_a_no_op_on_cpu_bit_for_bit(digits):
+    # A ragged last batch too: 1437 training images at batch 64 leave 29.
+    assert digits.n_train % 64 not in (0, 1)
+    ref = run(cfg(epochs=2, cuda_graphs="off"), digits)
+    for mode in ("on", "auto"):
+        assert not use_graphs(cfg(cuda_graphs=mode), CPU)
+        out = run(cfg(epochs=2, cuda_graphs=mode), digits)
+        assert out.images_seen == ref.images_seen == 2 * digits.n_train
+        strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "throughput")} for r in h]  # noqa: E731
+        assert strip(out.history) == strip(ref.history)
+
+
+def test_use_graphs_rules():
+    assert use_graphs(cfg(), torch.device("cuda")) and use_graphs(cfg(cuda_graphs="on"), torch.device("cuda"))
+    assert not use_graphs(cfg(cuda_graphs="off"), torch.device("cuda"))
+    assert not use_graphs(cfg(compile=True), torch.device("cuda"))  # auto leaves compiled models to torch.compile
+    with pytest.raises(ValueError, match="field 'cuda_graphs' = 'on' conflicts with compile=True"):
+        cfg(cuda_graphs="on", compile=True)
+    with pytest.raises(ValueError, match=r"field 'cuda_graphs' = 'maybe' is not allowed \(allowed: auto, on, off\)"):
+        cfg(cuda_graphs="maybe")
+
+
+def test_static_batches_pad_ragged_last_by_wrap_around_and_drop_it():
+    xs = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
+    ys = torch.arange(10)
+    batches = [(xs[i:i + 4], ys[i:i + 4]) for i in range(0, 10, 4)]  # 4, 4, 2
+    out = list(static_batches(batches, 4))
+    assert [n for _, _, n in out] == [4, 4, 2] and all(x.shape[0] == 4 for x, _, _ in out)
+    x, y, _ = out[-1]
+    assert y.tolist() == [8, 9, 0, 1] and x.flatten().tolist() == [8, 9, 0, 1]  # filled from the pass's first batch
+    assert [n for _, _, n in static_batches(batches, 4, ragged="drop")] == [4, 4]
+    # Fewer filler rows than missing ones: cycle through them.
+    x, y = pad_batch(xs[:1], ys[:1], xs[5:7], ys[5:7], 6)
+    assert y.tolist() == [0, 5, 6, 5, 6, 5]
+    # The padding keeps channels_last (the graph's static input has one memory format).
+    cl = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    px, _ = pad_batch(cl[:1], ys[:1], cl, ys[:2], 2)
+    assert px.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="larger than the static size 4"):
+        list(static_batches([(xs[:5], ys[:5])], 4))
+    with pytest.raises(ValueError, match="allowed: pad, drop"):
+        list(static_batches(batches, 4, ragged="trim"))
+
+
+def test_fused_sgd_reading_lr_from_a_tensor_matches_the_eager_optimizer():
+    # The graphed step's optimizer (fused, lr in a tensor written before each step) against train()'s
+    # eager one, on CPU where both run: same updates through a changing schedule.
+    torch.manual_seed(0)
+    a = small_cnn()
+    b = small_cnn()
+    b.load_state_dict(a.state_dict())
+    c = cfg()
+    lr_t = torch.tensor(c.lr)
+    opt_a, opt_b = _optimizer(a, c), _optimizer(b, c, lr=lr_t)
+    assert opt_b.defaults["fused"] and all(g["lr"] is lr_t for g in opt_b.param_groups)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    a.eval(), b.eval()  # no dropout noise: both see the same function
+    for step in range(6):
+        lr = lr_at(step, 6, 2, c.lr, "cosine")
+        for g in opt_a.param_groups:
+            g["lr"] = lr
+        lr_t.fill_(lr)
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # lr = 0 in the tensor: the next step leaves the weights where they are.
+    before = [p.clone() for p in b.parameters()]
+    lr_t.fill_(0.0)
+    opt_b.zero_grad()
+    F.cross_entropy(b(x), y).backward()
+    opt_b.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, b.parameters()))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA-graph capture needs a CUDA device; this machine has none "
+                                     "(the CPU tests above cover the knob, batching and optimizer)")
+def test_graphed_training_captures_and_matches_eager_on_cuda():
+    dev = torch.device("cuda")
+    c = TrialConfig(dataset="synthetic", image_size=16, batch_size=64, epochs=2, seed=1, amp=False,
+                    channels_last=False, train_samples=1000)  # 1000 % 64 = 40: a ragged last batch
+    data = load_data(c, dev)
+    eager = train(_seeded_model(c, data), data, c.replace(cuda_graphs="off"), dev)
+    model = _seeded_model(c, data)
+    graphed = train(model, data, c.replace(cuda_graphs="on"), dev)
+    assert graphed.status == eager.status == "ok"
+    # Same steps and schedule; the padded last batch adds 24 images per epoch.
+    assert graphed.images_seen == eager.images_seen + 2 * 24
+    for g, e in zip(graphed.history, eager.history):
+        assert g["lr"] == e["lr"]
+        assert abs(g["test_acc"] - e["test_acc"]) < 0.1 and abs(g["train_loss"] - e["train_loss"]) < 0.2
+    # The graphed evaluation (padded, masked) equals the eager one on the same weights.
+    loss, acc = GraphedEval(model, dev, amp=False)(data.test)
+    loss2, acc2 = GraphedEval(model, dev, amp=False)(data.test)  # second pass: replays only
+    e_loss, e_acc = evaluate(model, data.test, dev)
+    assert acc == acc2 == pytest.approx(e_acc, abs=1e-9) and loss == pytest.approx(e_loss, rel=1e-4)
+    # A direct step object: eager warm-up, then a captured graph replayed.
+    opt_lr = torch.tensor(0.05, device=dev)
+    step = GraphedTrainStep(model, _optimizer(model, c, lr=opt_lr), opt_lr, label_smoothing=0.0, amp=False,
+                            strict=True)
+    for x, y, _ in static_batches(data.train, 64):
+        step(x, y, 0.05)
+    assert step.graph is not None and step.failed is None and math.isfinite(step.loss_sum.item())
+
+
+def _seeded_model(c: TrialConfig, data):
+    from search.trial.models import build_model
+
+    seed_everything(c.seed)
+    return build_model(c, num_classes=data.num_classes)
