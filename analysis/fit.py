@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
+from .theory import predict_layer_shift
 from .load import DROPOUT_KEYS, Study, context_fields, group_codes, varying
 
 __all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "shift_vs_dim", "accuracy_cost",
@@ -91,13 +92,6 @@ class ShiftFit:
     note: str = ""
 
 
-def _theory() -> Callable[..., Any] | None:
-    try:
-        from .theory import predict_layer_shift  # written alongside; optional
-    except ImportError:
-        return None
-    return predict_layer_shift
-
 
 def _predict(fn: Callable[..., Any], key: tuple, c: np.ndarray, v: np.ndarray, d: np.ndarray,
              cos2: np.ndarray) -> np.ndarray:
@@ -149,15 +143,14 @@ def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: floa
     runs = pc.dictionary_encode(L.column("run_id").combine_chunks()).indices.to_numpy().astype(np.int64)
     d, s = L.column("fan_in").to_numpy().astype(float), L.column("shift").to_numpy()
     c, v, cos2 = (L.column(k).to_numpy() for k in ("real_mean", "real_var", "cos2"))
-    theory, rng = _theory(), np.random.default_rng(seed)
+    theory, rng = predict_layer_shift, np.random.default_rng(seed)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))
     fits = []
     for g, key in enumerate(keys):
         rows = order[bounds[g]:bounds[g + 1]]
         fit = _fit_group(key, rows, d, s, runs, rng, n_boot, level)
-        if theory is not None:
-            _add_theory(fit, theory, key, d[rows], c[rows], v[rows], cos2[rows])
+        _add_theory(fit, theory, key, d[rows], c[rows], v[rows], cos2[rows])
         fits.append(fit)
     return sorted(fits, key=lambda f: (f.dropout_type, f.dropout_placement, f.dropout_rate))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 from scipy import stats
 
-from .fit import (Correlation, CostCell, CriticalWidth, ReestRow, ShiftFit, _theory, accuracy_cost, bn_reestimation,
+from .fit import (Correlation, CostCell, CriticalWidth, ReestRow, ShiftFit, accuracy_cost, bn_reestimation,
                   holm, shift_vs_dim)
 from .load import EXPERIMENT_FIELDS, Study, context_fields, group_codes, varying
 
@@ -127,8 +127,6 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
     out.shift_fits = shift_vs_dim(ok, n_boot=n_boot, seed=seed, level=level)
     if not out.shift_fits:
         out.notes.append("no BN layer fed by dropout with a known fan-in: shift vs d not fitted")
-    elif _theory() is None:
-        out.notes.append("analysis.theory is not importable: no theory prediction beside the fits")
     if "none" not in placements:
         out.notes.append("no trials with placement none: accuracy cost not computed")
     elif placements == {"none"}:

@@ -1,10 +1,17 @@
 """The Parquet result datasets: `<root>/<space>/trials/` and `<root>/<space>/layers/`.
 
-Each finished trial is written as its own part file, atomically (a temporary
-name, then a rename), so a killed driver never leaves a half-written file that
-a reader would see. `compact` folds the parts into one file per dataset.
-Readers de-duplicate on `run_id`. `root` is a local path or a URI that
-pyarrow's filesystems understand (s3://, gs://, file://).
+The one implementation of listing, reading, checking and de-duplicating them, shared by
+the sweep (which writes them) and analysis (which reads them).
+
+Each finished trial is written as its own part file, atomically (a temporary name,
+then a rename), so a killed driver never leaves a half-written file that a reader
+would see. `compact` folds the parts into one file per dataset. `root` is a local path
+or a URI that pyarrow's filesystems understand (s3://, gs://, file://).
+
+De-duplication, one rule everywhere (`dedup`): one trial row per run_id (the newest
+finished_at; ties: the newer file), then one per (config_hash, seed), the newest, so a
+configuration trained twice (--force, a deleted mlflow.db) is never counted as two
+replicates; layer rows follow the kept trial rows.
 """
 from __future__ import annotations
 
@@ -13,15 +20,19 @@ import time
 import uuid
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
+from search.schema import LAYERS_SCHEMA, OPTIONAL_LAYER_COLUMNS, OPTIONAL_TRIAL_COLUMNS, TRIALS_SCHEMA
 
-__all__ = ["ResultStore", "resolve_fs"]
+__all__ = ["ResultStore", "resolve_fs", "list_parts", "read_parts", "dedup", "read_space"]
+
+Part = tuple[str, float]  # (path, mtime)
+_OPTIONAL = {"trials": OPTIONAL_TRIAL_COLUMNS, "layers": OPTIONAL_LAYER_COLUMNS}
 
 
 def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
@@ -31,8 +42,182 @@ def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(root)
 
 
+def list_parts(fs: pafs.FileSystem, folder: str) -> list[Part]:
+    """(path, mtime) of the visible Parquet part files of a dataset folder, oldest first (ties: by name)."""
+    info = fs.get_file_info(folder)
+    if info.type != pafs.FileType.Directory:
+        return []
+    files = [f for f in fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+             if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and not f.base_name.startswith(".")]
+    out = [(f.path, f.mtime.timestamp() if f.mtime is not None else 0.0) for f in files]
+    return sorted(out, key=lambda x: (x[1], x[0]))
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    # Same family is castable without loss of meaning (int32 -> int64, ns -> us, large_string);
+    # an all-null column (pa.null) is a column nobody filled in.
+    if got == want or pa.types.is_null(got):
+        return True
+    for family in (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp):
+        if family(want):
+            return family(got) or (pa.types.is_floating(want) and pa.types.is_integer(got))
+    if pa.types.is_string(want):
+        return pa.types.is_string(got) or pa.types.is_large_string(got) or pa.types.is_dictionary(got)
+    return False
+
+
+def _name(schema: pa.Schema) -> str:
+    return "trials" if schema.equals(TRIALS_SCHEMA) else "layers"
+
+
+def read_parts(fs: pafs.FileSystem, parts: list[Part], schema: pa.Schema, *, with_file: bool = False) -> pa.Table:
+    """Read part files as one table of `schema`, checking every file's columns and types first.
+
+    A column listed in search.schema's OPTIONAL_*_COLUMNS that a file lacks (written
+    before the column existed) is read as nulls.
+
+    Raises:
+        ValueError: a file that is not readable Parquet, lacks a required column or has a
+            column of an incompatible type (names the file and the column).
+    """
+    if not parts:
+        table = schema.empty_table()
+        return table.append_column("__filename", pa.array([], pa.string())) if with_file else table
+    what = _name(schema)
+    optional = set(_OPTIONAL[what])
+    try:
+        fragments = list(ds.dataset([p for p, _ in parts], format="parquet", filesystem=fs).get_fragments())
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{what} dataset: a part file is not readable Parquet: {str(exc).splitlines()[0]}") from None
+    uniform = True
+    checked: list[pa.Schema] = []  # part files of one writer share a schema: check each distinct one once
+    for frag in fragments:
+        try:
+            got = frag.physical_schema
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{frag.path}: not readable Parquet ({str(exc).splitlines()[0]})") from None
+        if any(got.equals(c) for c in checked):
+            continue
+        checked.append(got)
+        for f in schema:
+            idx = got.get_field_index(f.name)
+            if idx < 0:
+                if f.name in optional:
+                    uniform = False
+                    continue
+                raise ValueError(f"{frag.path}: column {f.name!r} is missing (not a {what} file of search.schema)")
+            if not _compatible(got.field(idx).type, f.type):
+                raise ValueError(f"{frag.path}: column {f.name!r} has type {got.field(idx).type}, "
+                                 f"expected {f.type} ({what} schema of search.schema)")
+            uniform &= got.field(idx).type == f.type
+    try:
+        if not uniform:  # per file, each cast from its own physical types, missing optional columns as nulls
+            tables = [_conform(frag.to_table(columns=[n for n in schema.names if n in frag.physical_schema.names]),
+                               schema) for frag in fragments]
+            table = pa.concat_tables(tables).combine_chunks()
+            if with_file:
+                names = [frag.path for frag, t in zip(fragments, tables) for _ in range(t.num_rows)]
+                table = table.append_column("__filename", pa.array(names, pa.string()))
+            return table
+        columns = list(schema.names) + (["__filename"] if with_file else [])
+        dataset = ds.FileSystemDataset(fragments, schema, ds.ParquetFileFormat(), filesystem=fs)
+        return dataset.to_table(columns=columns).combine_chunks()  # one chunk per file would slow every kernel
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{what} dataset: reading failed: {str(exc).splitlines()[0]}") from None
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = [table.column(f.name).cast(f.type) if f.name in table.schema.names
+            else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def dedup(trials: pa.Table, layers: pa.Table, trials_parts: list[Part], layers_parts: list[Part],
+          fs: pafs.FileSystem | None = None, *, replicates: bool = True) -> tuple[pa.Table, pa.Table, list[str]]:
+    """The one de-duplication rule (module docstring). `trials` must carry `__filename` (read_parts with_file).
+
+    Args:
+        replicates: also keep one run per (config_hash, seed) (readers); compaction passes
+            False, so it removes only copies of one run and every run MLflow holds stays on disk.
+
+    Returns:
+        (trials without `__filename`, their layer rows, notes on what was dropped).
+    """
+    notes: list[str] = []
+    order = {p: i for i, (p, _) in enumerate(trials_parts)}  # oldest file first
+    rules = [(("run_id",), "the newest finished_at per run_id")]
+    if replicates:
+        rules.append((("config_hash", "seed"), "the newest run per configuration and seed: a configuration trained"
+                                               " twice is one replicate, not two"))
+    for keys, why in rules:
+        n = trials.num_rows
+        if n == 0:
+            break
+        group = _codes(trials, keys)
+        if np.unique(group).size == n:
+            continue
+        file_rank = np.array([order.get(p, -1) for p in trials.column("__filename").to_pylist()], dtype=np.int64)
+        ts = pc.fill_null(trials.column("finished_at").cast(pa.int64()), -(2**62)).to_numpy()
+        srt = np.lexsort((file_rank, ts, group))  # last key is primary; the last row of each group is kept
+        last = np.r_[group[srt][1:] != group[srt][:-1], True]
+        keep = np.sort(srt[last])
+        notes.append(f"{n - keep.size} duplicate trial rows dropped (kept {why})")
+        trials = trials.take(pa.array(keep))
+    kept_files = dict(zip(trials.column("run_id").to_pylist(),
+                          (os.path.basename(f) for f in trials.column("__filename").to_pylist())))
+    trials = trials.drop_columns(["__filename"])
+    run_ids = trials.column("run_id")
+    if layers.num_rows:
+        inside = pc.is_in(layers.column("run_id"), value_set=run_ids)
+        dropped = layers.num_rows - pc.sum(inside).as_py()
+        if dropped:
+            notes.append(f"{dropped} layer rows of no kept trial dropped (a duplicate, or a trial interrupted "
+                         "while writing)")
+            layers = layers.filter(inside)
+    if layers.num_rows and np.unique(_codes(layers, ("run_id", "index"))).size < layers.num_rows:
+        layers, n = _dedup_layers(fs or pafs.LocalFileSystem(), layers_parts, kept_files, set(run_ids.to_pylist()))
+        notes.append(f"{n} duplicate layer rows dropped (kept the rows written with the kept trial row)")
+    if "__filename" in layers.schema.names:
+        layers = layers.drop_columns(["__filename"])
+    return trials, layers, notes
+
+
+def _codes(table: pa.Table, keys: tuple[str, ...]) -> np.ndarray:
+    parts = [pc.fill_null(pc.cast(table.column(k), pa.string()), "\x00") for k in keys]
+    key = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x1f")
+    return pc.dictionary_encode(pa.chunked_array(key).combine_chunks()).indices.to_numpy().astype(np.int64)
+
+
+def _dedup_layers(fs: pafs.FileSystem, parts: list[Part], kept_files: dict[str, str],
+                  run_ids: set[str]) -> tuple[pa.Table, int]:
+    """Per run, keep the layer rows of one file: the one named like the kept trial's part, else the newest."""
+    table = read_parts(fs, parts, LAYERS_SCHEMA, with_file=True)
+    table = table.filter(pc.is_in(table.column("run_id"), value_set=pa.array(sorted(run_ids), pa.string())))
+    rank = {p: i for i, (p, _) in enumerate(parts)}  # oldest first
+    runs, fnames = table.column("run_id").to_pylist(), table.column("__filename").to_pylist()
+    best: dict[str, tuple[tuple[int, int], str]] = {}
+    for r, f in zip(runs, fnames):
+        score = (int(os.path.basename(f) == kept_files.get(r)), rank.get(f, -1))
+        if r not in best or score > best[r][0]:
+            best[r] = (score, f)
+    keep = np.array([best[r][1] == f for r, f in zip(runs, fnames)], dtype=bool)
+    out = table.filter(pa.array(keep)).drop_columns(["__filename"])
+    return out, table.num_rows - out.num_rows
+
+
+def read_space(root: str, space: str) -> tuple[pa.Table, pa.Table, list[str], list[str]]:
+    """One space's de-duplicated (trials, layers), the notes of what was dropped, and the folders read."""
+    fs, base = resolve_fs(root)
+    tdir, ldir = f"{base.rstrip('/')}/{space}/trials", f"{base.rstrip('/')}/{space}/layers"
+    t_parts, l_parts = list_parts(fs, tdir), list_parts(fs, ldir)
+    trials = read_parts(fs, t_parts, TRIALS_SCHEMA, with_file=True)
+    layers = read_parts(fs, l_parts, LAYERS_SCHEMA)
+    trials, layers, notes = dedup(trials, layers, t_parts, l_parts, fs)
+    return trials, layers, notes, [tdir, ldir]
+
+
 class ResultStore:
-    """Reads and writes one space's `trials` and `layers` datasets."""
+    """Writes one space's `trials` and `layers` datasets (and reads them back de-duplicated)."""
 
     def __init__(self, root: str, space: str) -> None:
         self.root, self.space = root, space
@@ -47,7 +232,6 @@ class ResultStore:
     def write_trial(self, trial_row: dict[str, Any], layer_rows: Iterable[dict[str, Any]]) -> None:
         """Write one trial's row and its layer rows as part files (layers first, so a
         reader that sees the trial also sees its layers)."""
-        # Sorted by name, one run's parts come in write order: dedup keeps the last written.
         tag = f"{trial_row['run_id']}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         layers = pa.Table.from_pylist(list(layer_rows), schema=LAYERS_SCHEMA)
         self._write_atomic(layers, self.path("layers"), f"part-{tag}.parquet")
@@ -72,7 +256,7 @@ class ResultStore:
         if not run_ids:
             return
         for name in ("trials", "layers"):
-            for p in self._parts(self.path(name)):
+            for p, _ in list_parts(self.fs, self.path(name)):
                 base = p.rsplit("/", 1)[-1]
                 if any(base.startswith(f"part-{r}-") for r in run_ids):
                     self.fs.delete_file(p)
@@ -92,55 +276,34 @@ class ResultStore:
         return n
 
     def compact(self) -> None:
-        """Fold all part files of each dataset into one, de-duplicated on run_id."""
-        for name, schema in (("trials", TRIALS_SCHEMA), ("layers", LAYERS_SCHEMA)):
-            folder = self.path(name)
-            parts = self._parts(folder)
-            if len(parts) <= 1:
-                continue
-            table = dedup(self.read(name), name)
-            self._write_atomic(table, folder, f"part-compact-{uuid.uuid4().hex[:12]}.parquet")
-            for p in parts:  # the new file is in place before any old one goes
+        """Fold all part files of each dataset into one, de-duplicated by `dedup`."""
+        t_parts, l_parts = list_parts(self.fs, self.path("trials")), list_parts(self.fs, self.path("layers"))
+        if len(t_parts) <= 1 and len(l_parts) <= 1:
+            return
+        trials, layers, _ = self.read_deduped(replicates=False)
+        for name, table, parts in (("layers", layers, l_parts), ("trials", trials, t_parts)):
+            self._write_atomic(table, self.path(name), f"part-compact-{uuid.uuid4().hex[:12]}.parquet")
+            for p, _ in parts:  # the new file is in place before any old one goes
                 self.fs.delete_file(p)
 
     def replace_all(self, trials: pa.Table, layers: pa.Table) -> None:
         """Swap both datasets for the given tables (used when rebuilding from MLflow)."""
         for name, table in (("layers", layers), ("trials", trials)):
             folder = self.path(name)
-            old = self._parts(folder)
+            old = list_parts(self.fs, folder)
             self._write_atomic(table, folder, f"part-rebuild-{uuid.uuid4().hex[:12]}.parquet")
-            for p in old:
+            for p, _ in old:
                 self.fs.delete_file(p)
 
     # ------------------------------------------------------------------ read
-    def _parts(self, folder: str) -> list[str]:
-        info = self.fs.get_file_info(folder)
-        if info.type != pafs.FileType.Directory:
-            return []
-        sel = pafs.FileSelector(folder, recursive=False)
-        return sorted(f.path for f in self.fs.get_file_info(sel)
-                      if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
-                      and not f.base_name.startswith("."))
-
     def read(self, name: str) -> pa.Table:
-        """The whole dataset (`trials` or `layers`); an empty table of the schema when absent."""
+        """The raw dataset (`trials` or `layers`), every part file, no de-duplication."""
         schema = TRIALS_SCHEMA if name == "trials" else LAYERS_SCHEMA
-        parts = self._parts(self.path(name))
-        if not parts:
-            return schema.empty_table()
-        return ds.dataset(parts, schema=schema, format="parquet", filesystem=self.fs).to_table()
+        return read_parts(self.fs, list_parts(self.fs, self.path(name)), schema)
 
-    def finished_hashes(self) -> set[str]:
-        t = self.read("trials")
-        return set(t.column("config_hash").to_pylist()) if t.num_rows else set()
-
-
-def dedup(table: pa.Table, name: str) -> pa.Table:
-    """Keep one row per run_id (trials) or per (run_id, index) (layers): the last written."""
-    if table.num_rows == 0:
-        return table
-    keys = ["run_id"] if name == "trials" else ["run_id", "index"]
-    idx = pa.array(range(table.num_rows), pa.int64())
-    last = table.append_column("__i", idx).group_by(keys).aggregate([("__i", "max")])
-    keep = pc.sort_indices(last.column("__i_max"))
-    return table.take(pc.take(last.column("__i_max"), keep))
+    def read_deduped(self, *, replicates: bool = True) -> tuple[pa.Table, pa.Table, list[str]]:
+        """(trials, layers, notes) de-duplicated by the one rule (`dedup`)."""
+        t_parts, l_parts = list_parts(self.fs, self.path("trials")), list_parts(self.fs, self.path("layers"))
+        trials = read_parts(self.fs, t_parts, TRIALS_SCHEMA, with_file=True)
+        layers = read_parts(self.fs, l_parts, LAYERS_SCHEMA)
+        return dedup(trials, layers, t_parts, l_parts, self.fs, replicates=replicates)

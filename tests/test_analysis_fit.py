@@ -215,9 +215,7 @@ def test_load_errors_name_column_file_and_command(tmp_path) -> None:
 
 
 def test_theory_beside_the_fit_scalar_or_vectorised(monkeypatch) -> None:
-    import sys
-    import types
-
+    import analysis.fit
     from analysis.fit import shift_vs_dim
 
     study = _study(*planted_study(placements=("none", "pre_conv"), widths=(1.0, 2.0), seeds=(0, 1)))
@@ -231,7 +229,7 @@ def test_theory_beside_the_fit_scalar_or_vectorised(monkeypatch) -> None:
         return 1.0 / (1.0 + d**-0.5)
 
     for fn, slope in ((scalar, -1.0), (vectorised, -0.5)):
-        monkeypatch.setitem(sys.modules, "analysis.theory", types.SimpleNamespace(predict_layer_shift=fn))
+        monkeypatch.setattr(analysis.fit, "predict_layer_shift", fn)
         (fit,) = shift_vs_dim(study, n_boot=100)
         assert fit.theory_slope == pytest.approx(slope, abs=1e-6) and fit.theory_mean > 1.0
         assert fit.cos2_assumed == 0
@@ -240,7 +238,7 @@ def test_theory_beside_the_fit_scalar_or_vectorised(monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("not implemented yet")
 
-    monkeypatch.setitem(sys.modules, "analysis.theory", types.SimpleNamespace(predict_layer_shift=broken))
+    monkeypatch.setattr(analysis.fit, "predict_layer_shift", broken)
     (fit,) = shift_vs_dim(study, n_boot=100)
     assert fit.note == "theory failed: RuntimeError: not implemented yet" and math.isfinite(fit.slope)
 
