@@ -24,11 +24,13 @@ report: install
 
 # Two workers, one test file each at a time: the end-to-end files mostly wait on Ray and subprocess
 # start-up, so two of them overlap well on 2 cores; whole files keep their module fixtures in one worker.
+# Everything CI runs: the fast tier plus the end-to-end (slow-marked) tests. `python -m pytest` alone
+# runs the fast tier only (pyproject.toml's addopts).
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "slow or not slow"
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2
 
 clean:
 	rm -rf results reports mlflow.db mlruns ray_results
