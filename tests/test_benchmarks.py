@@ -30,7 +30,7 @@ def bench():
         torch.set_num_threads(threads)
         # The scripts also put their folder on sys.path; leave no trace for the other test files.
         sys.path[:] = [p for p in sys.path if p != str(BENCH)]
-        for name in ("gpu_throughput", "packing", "probe_cost", "_common"):
+        for name in ("gpu_throughput", "packing", "probe_cost", "paper_grid_cost", "_common"):
             sys.modules.pop(name, None)
 
 
@@ -130,3 +130,47 @@ def test_busy_sampler_reads_nvidia_smi(bench, tmp_path, monkeypatch) -> None:
     assert sampler.source.startswith("nvidia-smi")
     assert sampler.busy(t0, time.time()) == pytest.approx(0.40)
     assert sampler.busy(t0 - 10, t0 - 5) is None
+
+
+def test_paper_grid_cost_prints_network_table_and_projection(bench, capsys) -> None:
+    mod = bench("paper_grid_cost")
+    common = bench("_common")
+    rows = mod.main(["--device", "cpu", "--threads", "1", "--only", "cifar_wrn", "--n-train", "32", "--n-test", "16"])
+    text = capsys.readouterr().out
+    assert text.startswith("paper_grid_cost: 26 grid trials over 1 networks") and "device: cpu" in text
+    table = common.parse_markdown_table(text, "network")
+    assert [r["network"] for r in table] == ["cifar_wrn-10-1"]  # shrunk on CPU; the recipe's batch capped at 16
+    r = table[0]
+    assert r["batch"] == "16" and _positive(r["eager img/s"]) and _positive(r["probe block s"])
+    assert _positive(r["probe % of epoch"]) and _positive(r["eval s/epoch"])
+    for col in ("graphed img/s", "hand img/s", "busy graphed", "MFU graphed", "auto k", "packed img/s"):
+        assert r[col] == "n/a", col  # CUDA only
+    proj = {p["setting"]: p for p in common.parse_markdown_table(text, "setting")}
+    assert list(proj) == ["eager, one trial per GPU", "graphed, one trial per GPU", "graphed, packed at auto k"]
+    eager = proj["eager, one trial per GPU"]
+    # The printed hours are the closed form of the measured rates: 26 trials of 200 epochs.
+    row = rows[0]
+    assert row["epochs"] == 200 and row["trials"] == 26
+    trial = 200 * (50_000 / row["eager"]["rate"] + row["eager"]["eval_s"] * 10_000 / 16) \
+        + row["eager"]["probe_s"] + row["eager"]["eval_s"] * (10_000 / 16 - 1)
+    assert _num(eager["GPU-hours (1 GPU, sum)"]) == pytest.approx(26 * trial / 3600, rel=0.01, abs=0.06)
+    assert _num(eager["wall h on 8 GPUs"]) == pytest.approx(max(26 * trial / 8, trial) / 3600, rel=0.01, abs=0.06)
+    assert proj["graphed, packed at auto k"]["GPU-hours (1 GPU, sum)"] == "n/a"
+    assert "targets:" in text and "grid <= 32 GPU-hours packed" in text
+
+
+def test_paper_grid_projection_counts_packing(bench) -> None:
+    # Hand-made measurements: 1000 img/s alone, 3000 img/s aggregate at k = 4, 1 s eval, 10 s probes.
+    mod = bench("paper_grid_cost")
+    m = dict(rate=1000.0, eval_s=1.0, probe_s=10.0, status="ok")
+    row = dict(trials=10, epochs=100, n_test=10_000, k=4, eager=m, graphed=m,
+               pack=dict(aggregate=3000.0, status="ok"))
+    alone = 100 * (50 + 1) + 10  # seconds per trial
+    assert mod.trial_seconds(row, "eager") == alone
+    proj = {r[0]: r for r in mod.project([row])}
+    assert _num(proj["graphed, one trial per GPU"][1]) == pytest.approx(10 * alone / 3600, abs=0.05)
+    packed = proj["graphed, packed at auto k"]
+    assert _num(packed[1]) == pytest.approx(10 * alone / 3 / 3600, abs=0.05)  # speed-up 3
+    # Each packed trial takes k / speed-up = 4/3 as long; 8 GPUs split the GPU-hours.
+    assert _num(packed[3]) == pytest.approx(alone * 4 / 3 / 3600, abs=0.005)
+    assert _num(packed[2]) == pytest.approx(max(10 * alone / 3 / 8, alone * 4 / 3) / 3600, abs=0.05)
