@@ -264,6 +264,7 @@ SECTIONS = [  # (heading, table keys, figure stem prefixes)
     ("Accuracy vs width", ["cost", "critical"], ["accuracy_vs_width"]),
     ("BN re-estimation", ["reest", "reest_pooled"], ["bn_reestimation"]),
     ("Factor importance", ["factors_test_acc", "factors_mean_shift"], []),
+    ("One-factor-at-a-time ablation", ["ablation"], []),
     ("The paper's numbers beside ours", ["paper"], []),
 ]
 
@@ -287,6 +288,8 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
     else:
         out += ["No guideline: no fit in this study has an interval that supports a statement.", ""]
     for heading, keys, stems in SECTIONS:
+        if keys == ["ablation"] and "ablation" not in by:
+            continue  # only a study run with --ablate has this section
         out += [f"## {heading}", ""]
         out += [md_table(by[k]) for k in keys if k in by]
         for f in figs:
@@ -309,6 +312,83 @@ def render_tex(a: Analysis, full: Study, tables: list[Table], gls: list[Guidelin
     return "\n".join(out)
 
 
+def ablation_table(study: Study, root: str, level: float = 0.95) -> Table | None:
+    """The "ablation" table from the plans `search.run --ablate` stored beside the study (None: no plan)."""
+    from search.sweep.ablate import read_plan
+
+    from .ablation import ablation_rows
+
+    plans = [(s, p) for s in study.spaces if (p := read_plan(root, s)) is not None]
+    if not plans:
+        return None
+    lvl = f"{level:.0%} CI"
+    t = Table("ablation", "One factor changed at a time: effect against the baseline, paired by seed",
+              ["space", "factor", "level", "seeds", "acc base (%)", "acc (%)", "d acc (pp)", lvl,
+               "d re-est. gain (pp)", lvl, "d mean shift", lvl])
+    bases = []
+    for space, plan in plans:
+        base = plan["baseline"]
+        bases.append(f"{space}: " + ", ".join(f"{k}={base[k]}" for k in ("backbone", "depth", "width",
+                     "dropout_placement", "dropout_type", "dropout_rate", "dataset", "epochs") if k in base))
+        for r in ablation_rows(study, plan, level=level):
+            acc, gain, shift = (r.effects[k] for k in ("test_acc", "reest_gain", "mean_shift"))
+            t.rows.append([space, r.factor, str(r.level), str(len(r.seeds)), _f(acc.baseline, 2, 100),
+                           _f(acc.variant, 2, 100), _f(acc.diff, 2, 100, True), _ci(acc.ci_low, acc.ci_high, 2, 100),
+                           _f(gain.diff, 2, 100, True), _ci(gain.ci_low, gain.ci_high, 2, 100),
+                           _f(shift.diff, 3, sign=True), _ci(shift.ci_low, shift.ci_high, 3)])
+    t.note = ("d = variant - baseline over the seeds where both trials are ok; Student-t intervals on the paired "
+              "differences (n/a for one seed). Baseline: " + "; ".join(bases) + ".")
+    return t
+
+
+ALL_PROFILES = "all"
+
+
+def select_profile(study: Study, profile: str | None = None) -> tuple[Study, str]:
+    """The trials of one profile per space, so a report never pools e.g. digits with Fashion-MNIST.
+
+    Args:
+        study: the loaded study (every profile its spaces hold).
+        profile: a profile name; None: each space's latest sweep (the profile of its newest trial);
+            "all": every profile, pooled (asked for explicitly).
+
+    Returns:
+        The filtered study (layers follow their trials) and one sentence saying which profile was reported.
+
+    Raises:
+        ValueError: a named profile with no trials (one line listing the profiles there are).
+    """
+    t = study.trials
+    spaces = t.column("space").to_pylist()
+    profiles = [p or "" for p in t.column("profile").to_pylist()]
+    when = pc.fill_null(t.column("finished_at").cast(pa.int64()), -(2**62)).to_pylist() if t.num_rows else []
+    held: dict[str, dict[str, int]] = {}  # space -> profile -> newest finished_at
+    for sp, pr, ts in zip(spaces, profiles, when):
+        held.setdefault(sp, {})[pr] = max(ts, held.get(sp, {}).get(pr, ts))
+    show = lambda prs: ", ".join(p or "(none recorded)" for p in sorted(prs))  # noqa: E731
+    if profile == ALL_PROFILES or not held:
+        names = sorted({p for prs in held.values() for p in prs})
+        return study, f"Profiles: all, pooled as asked ({show(names) or 'none'})."
+    if profile is None:
+        chosen = {sp: max(prs, key=prs.get) for sp, prs in held.items()}
+        how = "the latest sweep's"
+    else:
+        chosen = {sp: profile for sp, prs in held.items() if profile in prs}
+        if not chosen:
+            there = "; ".join(f"{sp}: {show(prs)}" for sp, prs in held.items())
+            raise ValueError(f"--profile {profile!r}: no trials of that profile in {', '.join(held)} "
+                             f"(profiles there: {there}; or --profile {ALL_PROFILES})")
+        how = "as asked"
+    keep = np.array([chosen.get(sp) == pr for sp, pr in zip(spaces, profiles)], dtype=bool)
+    trials = t.filter(pa.array(keep))
+    layers = study.layers.filter(pc.is_in(study.layers.column("run_id"), value_set=trials.column("run_id")))
+    left = sorted({f"{sp}/{p or '(none recorded)'}" for sp, prs in held.items() for p in prs if chosen.get(sp) != p})
+    text = "Profile: " + "; ".join(f"{sp} {pr or '(none recorded)'}" for sp, pr in chosen.items()) + f" ({how}"
+    text += (f"; not pooled with {', '.join(left)}: pass --profile NAME or --profile {ALL_PROFILES})." if left
+             else ").")
+    return dataclasses.replace(study, trials=trials, layers=layers), text
+
+
 def write_report(spaces: str | Sequence[str], root: str = "results", out: str | None = None,
                  tracking_uri: str | None = None, *, n_boot: int = 1000, seed: int = 0, figures: bool = True) -> str:
     """Load, analyse and write report.md, report.tex and figures/; returns the output folder.
@@ -319,6 +399,9 @@ def write_report(spaces: str | Sequence[str], root: str = "results", out: str | 
     study = load_study(spaces, root=root, tracking_uri=tracking_uri)
     a = analyse(study, n_boot=n_boot, seed=seed)
     gls, tables = guidelines(a), build_tables(a, study)
+    abl = ablation_table(study, root, level=a.level)
+    if abl is not None:
+        tables.insert(next((i for i, t in enumerate(tables) if t.key == "paper"), len(tables)), abl)
     out = out or os.path.join("reports", "+".join(study.spaces))
     figs = []
     if figures:
@@ -343,9 +426,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the slope CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--profile", default=None,
+                   help="the profile to report (default: each space's latest sweep; 'all' pools every profile)")
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+                   help="the plugin(s) the study's trials used, so their names resolve (docs/extending.md)")
     p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     try:
+        from search.plugins import load_plugins
+
+        load_plugins(args.plugin)
         if args.n_boot < 100:
             raise ValueError(f"--n-boot must be >= 100, got {args.n_boot}")
         out = write_report(args.space, args.root, args.out, args.tracking_uri, n_boot=args.n_boot, seed=args.seed,

@@ -59,8 +59,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _meta(hashed: bool = True, help: str = "", hash_none: bool = False) -> dict[str, Any]:
-    return {"hashed": hashed, "help": help, "hash_none": hash_none}
+def _meta(hashed: bool = True, help: str = "", hash_none: bool = False, auto: bool = False) -> dict[str, Any]:
+    return {"hashed": hashed, "help": help, "hash_none": hash_none, "auto": auto}
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,10 @@ class TrialConfig:
     label_smoothing: float = field(default=0.0, metadata=_meta(help="in [0, 1)"))
     augment: bool = field(default=True, metadata=_meta(help="random crop + flip (flip off for digits)"))
     seed: int = field(default=0, metadata=_meta(help="seeds weights, data order and dropout"))
+    # Set automatically (search/plugins.py): 'name:sha' of each plugin whose names this trial uses, so an
+    # edited plugin hashes apart from the old one. None (built-ins only) stays out of the hash.
+    plugins: str | None = field(default=None, metadata=_meta(
+        help="plugin identities (name:sha, sorted); set automatically from the registered names", auto=True))
     # Execution knobs: they change speed, not the experiment, so they stay out of the hash.
     device: str = field(default="auto", metadata=_meta(False, "|".join(DEVICES)))
     data_dir: str | None = field(default=None, metadata=_meta(False, "where on-disk datasets live"))
@@ -109,6 +113,11 @@ class TrialConfig:
     def __post_init__(self) -> None:
         self._check_types()
         self._check_values()
+        if self.plugins is None:  # a config read back from a store keeps the identity it was run with
+            from search.plugins import identity_of
+
+            used = (("dropout", self.dropout_type), ("placement", self.dropout_placement), ("backbone", self.backbone))
+            object.__setattr__(self, "plugins", identity_of(used))
 
     # ------------------------------------------------------------------ build
     @classmethod

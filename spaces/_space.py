@@ -243,6 +243,10 @@ class Space:
         links: axis -> value -> field overrides applied when the axis takes that value
             (e.g. backbone -> its valid depth).
         profiles: profile name -> Profile; every shipped space has `quick` and `paper`.
+        baseline: optional field values of the reference trial of a one-factor-at-a-time
+            ablation (`search.run --ablate`): one value per axis (non-axis fields allowed too).
+        ablate: optional field -> levels to try one at a time against the baseline; a field
+            not named here is tried at its profile's grid values (search/sweep/ablate.py).
     """
 
     name: str
@@ -252,9 +256,19 @@ class Space:
     profiles: Mapping[str, Profile]
     conditions: tuple[Condition, ...] = field(default_factory=lambda: (dropout_condition(),))
     links: Links = field(default_factory=dict)
+    baseline: Mapping[str, Value] | None = None
+    ablate: Mapping[str, Sequence[Value]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fixed", dict(self.fixed))
+        if self.baseline is not None:
+            object.__setattr__(self, "baseline", dict(self.baseline))
+        if self.ablate is not None:
+            for k, levels in self.ablate.items():
+                if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
+                    raise SpaceError(f"space {self.name!r}: ablate[{k!r}] must be a non-empty list of levels, "
+                                     f"got {levels!r}")
+            object.__setattr__(self, "ablate", {k: tuple(v) for k, v in self.ablate.items()})
         object.__setattr__(self, "axes", {k: _as_axis(k, a) for k, a in self.axes.items()})
         object.__setattr__(self, "profiles", dict(self.profiles))
         object.__setattr__(self, "conditions", tuple(self.conditions))
@@ -303,6 +317,25 @@ class Space:
         active. Single-valued axes are constants, not Optuna parameters.
         """
         return self._walk(self._resolve(profile), lambda name, axis: axis.suggest(trial, name))
+
+    def point(self, profile: str, values: Mapping[str, Value]) -> dict[str, Value]:
+        """One trial from explicit values: fixed, then each axis's value (with its links), then conditions.
+
+        Every active axis must get a value; `values` may also set non-axis fields.
+
+        Raises:
+            SpaceError: unknown profile, or an active axis without a value.
+        """
+        r = self._resolve(profile)
+        cfg = dict(r.fixed)
+        for name in r.axes:
+            if name in values:
+                cfg = self._set(r, cfg, name, values[name])
+            elif self._active(name, cfg):
+                raise SpaceError(f"space {self.name!r}, profile {profile!r}: no value for axis {name!r} "
+                                 f"(given: {', '.join(values) or 'none'})")
+        cfg.update({k: v for k, v in values.items() if k not in r.axes})
+        return self._forced(cfg)
 
     def describe(self, profile: str) -> str:
         """A one-line summary: size, axes, conditions and the key fixed values."""

@@ -32,4 +32,8 @@ def wrn_widths() -> Space:
             # 5 widths x (none + 3 placements x 3 types x 4 rates) = 185 trials.
             paper=Profile(fixed=dict(PAPER, depth=28), text="WRN-28-{1,2,4,8,10} on CIFAR-10, 200 epochs"),
         ),
+        # `--ablate`: WRN-k with Dropout-(a) at 0.5 is the reference; width, placement, kind and rate
+        # change one at a time (width and placement over the profile's grid, kind and rate as listed).
+        baseline=dict(width=4.0, dropout_placement="pre_bn", dropout_type="bernoulli", dropout_rate=0.5),
+        ablate=dict(dropout_type=list(DROPOUT_TYPES), dropout_rate=[0.1, 0.3, 0.5]),
     )

@@ -28,7 +28,15 @@ class UsageError(ValueError):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.splitlines()[0])
     p.add_argument("--list", action="store_true", help="list the spaces with axis sizes and trial counts")
-    p.add_argument("--space", help="search space name (see --list)")
+    p.add_argument("--space", help="search space name (see --list), or FILE.py:NAME (loads FILE.py as a plugin)")
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+                   help="a .py file or importable module registering spaces, dropout kinds, placements or "
+                        "backbones (repeatable; docs/extending.md)")
+    p.add_argument("--ablate", nargs="*", default=None, metavar="FIELD=V1,V2",
+                   help="one-factor-at-a-time ablation: the baseline plus each factor changed alone; levels "
+                        "default to the space's `ablate` and its profile's grid (search/sweep/ablate.py)")
+    p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                   help="--ablate: a baseline value over the space's declared baseline")
     p.add_argument("--profile", default="quick", help="quick (2-core CPU, digits) | paper (CIFAR, GPUs)")
     p.add_argument("--algo", default="grid", help="grid | random | optuna")
     p.add_argument("--samples", type=int, default=None, help="trials for random/optuna (default: grid size)")
@@ -138,6 +146,10 @@ def _validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        from search.plugins import load_cli_plugins
+
+        # Kinds and backbones pass their contract (torch) unless only listing or printing the plan.
+        load_cli_plugins(args, check=not (args.list or args.dry_run))
         if args.list:
             _list_spaces()
             return 0
@@ -145,7 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--space is required (see --list)")
         _validate(args)
         gpus = _gpus(args.gpus_per_trial)
-        configs, overrides = build_configs(args)
+        ablation = None
+        if args.ablate is not None:
+            from search.sweep.ablate import ablation_configs, print_plan
+
+            configs, overrides, ablation = ablation_configs(args)
+        else:
+            configs, overrides = build_configs(args)
+        if args.dry_run and ablation is not None:
+            print_plan(ablation)
+            return 0
         if args.dry_run:
             if args.algo == "optuna":
                 print(f"optuna: {args.samples or 'grid-size'} trials sampled by TPE from space {args.space!r}; "
@@ -163,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             from search.sweep.staging import check_data_uri
 
             check_data_uri(args.data_dir)
+        if ablation is not None:
+            from search.sweep.ablate import write_plan
+
+            write_plan(args.storage, args.space, args.profile, ablation)
         from search.sweep.driver import drive
 
         return drive(args, configs, overrides, gpus)

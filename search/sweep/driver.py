@@ -28,7 +28,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
             # Ray rewrites a loopback address to the LAN IP; a loopback-only cluster is then unreachable.
             ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=_plugin_env())
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address {address!r}: no Ray cluster reachable there "
                                   f"({str(e).splitlines()[0][:200]})") from None
@@ -39,7 +39,14 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a fresh local Ray, never a cluster someone else started on this machine.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False, runtime_env=_plugin_env())
+
+
+def _plugin_env() -> dict[str, Any] | None:
+    """The runtime environment that loads the `--plugin`s in every Ray worker (search/plugins.py)."""
+    from search.plugins import runtime_env
+
+    return runtime_env() or None
 
 
 def resolve_auto_gpus(configs: list[dict[str, Any]]) -> float:

@@ -113,7 +113,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m search.trial",
         description="Run one trial (no Ray needed) and print its summary and per-layer variance shift.",
     )
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+                   help="a .py file or importable module registering dropout kinds, placements or backbones "
+                        "(repeatable; docs/extending.md)")
     for f in dataclasses.fields(TrialConfig):
+        if f.metadata.get("auto"):  # set from the registry (plugins), never typed
+            continue
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=str(f.type).upper().replace(" | NONE", ""),
                        default=None, help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
     p.add_argument("--layers", action="store_true", help="print the per-BN-layer table")
@@ -127,7 +132,7 @@ def _config_from_args(ns: argparse.Namespace) -> TrialConfig:
 
     values: dict[str, Any] = {}
     for f in dataclasses.fields(TrialConfig):
-        raw = getattr(ns, f.name)
+        raw = getattr(ns, f.name, None)
         if raw is not None:
             values[f.name] = parse_value(f.name, str(f.type), raw)
     return TrialConfig.from_dict(values)
@@ -161,6 +166,9 @@ def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
+        from search.plugins import load_plugins
+
+        load_plugins(ns.plugin, check=True)
         cfg = _config_from_args(ns)
         result = run_trial(cfg, report=lambda m: print(
             f"  epoch {int(m['epoch']):>3}  train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.4f}  "

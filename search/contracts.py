@@ -1,0 +1,263 @@
+"""The contracts every registered implementation must pass, built-in or plugin.
+
+    check_dropout(kind)               train-mode multiplier of mean 1; for element-wise kinds
+                                      (closed_form='elementwise') i.i.d. noise whose variance is
+                                      noise_var(rate); the identity in eval mode; input shape kept
+    check_placement(placement, fam)   the sites it returns are proven by forward hooks: each inserted
+                                      module runs, right before its target, its noise reaches the BN
+                                      it names (or no BN when it feeds none), and the eval-mode
+                                      function of the model is unchanged
+    check_backbone(family)            it builds at a small size and runs forward, train and eval
+
+Each raises ContractError with one line saying what was measured and what was expected.
+tests/test_contracts.py runs them over the whole registry; `--plugin` runs the dropout and
+backbone contracts on what a plugin registers. Imports torch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from search import registry
+from search.trial.dropout.module import VarianceDropout, make_dropout
+from search.trial.dropout.placements import PlacementSite
+
+__all__ = ["ContractError", "check_dropout", "check_placement", "check_backbone", "small_model", "CONTRACT_RATES"]
+
+CONTRACT_RATES = (0.2, 0.5)
+STOCK_STANDIN = "resnet18"  # the timm model that stands for the `timm_stock` family
+IMAGE = 32  # px of the contract inputs
+Z = 6.0  # standard errors a Monte-Carlo mean may stray before it is a failure (false alarm ~1e-9)
+
+
+class ContractError(ValueError):
+    """An implementation that breaks its contract; the message says what was measured and expected."""
+
+
+# ---------------------------------------------------------------- dropout kinds
+def check_dropout(kind: str, rates: tuple[float, ...] = CONTRACT_RATES, seed: int = 0) -> None:
+    """Check a registered dropout kind's statistics by Monte Carlo.
+
+    Train mode on x = 1 (so the output is the multiplier m): E[m] = 1 within 6 standard
+    errors, on (N, C, H, W) and (N, C) inputs; for closed_form 'elementwise' also
+    Var[m] = noise_var(rate) within 5 % and neighbouring elements uncorrelated (|r| < 0.05).
+    Eval mode: the output is the input, bit for bit.
+
+    Raises:
+        ContractError: the first broken property.
+    """
+    try:
+        _check_dropout(kind, rates, seed)
+    except ContractError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a kind that raises breaks its contract too
+        raise ContractError(f"{kind!r}: raises {type(e).__name__}: {_first(e)}".rstrip(": ")) from None
+
+
+def _check_dropout(kind: str, rates: tuple[float, ...], seed: int) -> None:
+    entry = registry.get("dropout", kind)
+    closed = entry.meta.get("closed_form")
+    top = float(getattr(entry.obj, "max_rate", 1.0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for rate in [r for r in rates if r < top] or [top / 2]:
+            mod = make_dropout(kind, rate)
+            if not isinstance(mod, VarianceDropout):
+                raise ContractError(f"make_dropout({kind!r}, {rate}) returned {type(mod).__name__}, not a "
+                                    "VarianceDropout (the probes find dropout sites by that class)")
+            _check_mean(mod, kind, rate, (512, 16, 8, 8), units=(2, 3))
+            _check_mean(mod, kind, rate, (4096, 64), units=None)
+            if closed == "elementwise":
+                _check_elementwise(mod, entry.obj, kind, rate)
+            mod.eval()
+            x = torch.randn(8, 4, 5, 5)
+            if not torch.equal(mod(x), x):
+                raise ContractError(f"{kind!r} at rate {rate}: eval mode changes its input (must be the identity)")
+
+
+def _multiplier(mod: nn.Module, kind: str, rate: float, shape: tuple[int, ...]) -> torch.Tensor:
+    mod.train()
+    x = torch.ones(shape)
+    with torch.no_grad():
+        y = mod(x)
+    if tuple(y.shape) != shape:
+        raise ContractError(f"{kind!r} at rate {rate}: output shape {tuple(y.shape)} for input {shape}")
+    if not torch.isfinite(y).all():
+        raise ContractError(f"{kind!r} at rate {rate}: non-finite output in train mode")
+    return y
+
+
+def _check_mean(mod: nn.Module, kind: str, rate: float, shape: tuple[int, ...], units: tuple[int, ...] | None) -> None:
+    m = _multiplier(mod, kind, rate, shape)
+    # Means over H, W first: a kind may share its noise across a channel's positions (spatial
+    # dropout), so the independent units are (sample, channel) pairs, not elements.
+    u = (m.mean(dim=units) if units else m).flatten().double()
+    mean, se = u.mean().item(), u.std().item() / math.sqrt(u.numel())
+    if abs(mean - 1.0) > Z * se + 1e-3:
+        raise ContractError(f"{kind!r} at rate {rate}: train-mode mean multiplier {mean:.4f} on {shape} inputs, "
+                            f"expected 1 (+- {Z * se + 1e-3:.4f}); scale the kept values so E[m] = 1")
+
+
+def _check_elementwise(mod: nn.Module, cls: Any, kind: str, rate: float) -> None:
+    m = _multiplier(mod, kind, rate, (512, 16, 8, 8)).double()
+    want = float(cls.noise_var(rate))
+    got = m.var().item()
+    if abs(got - want) > 0.05 * want + 1e-3:
+        raise ContractError(f"{kind!r} at rate {rate}: train-mode variance of the multiplier {got:.4f}, but "
+                            f"noise_var({rate}) = {want:.4f} (closed_form='elementwise' promises it)")
+    a, b = m[..., :-1].flatten(), m[..., 1:].flatten()
+    r = torch.corrcoef(torch.stack([a, b]))[0, 1].item() if a.std() > 0 else 0.0
+    if abs(r) > 0.05:
+        raise ContractError(f"{kind!r} at rate {rate}: neighbouring multipliers correlate (r = {r:.3f}); "
+                            "shared noise is not element-wise: declare closed_form = None")
+
+
+# ------------------------------------------------------------------- backbones
+def _smallest_depth(entry: registry.Entry) -> int | None:
+    ok, default = entry.meta.get("depth_ok"), entry.meta.get("default_depth")
+    if ok is None:
+        return default
+    return next((d for d in range(1, 400) if ok(d)), default)
+
+
+def small_model(family: str, *, num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    """The registered `family` at its smallest depth and a small width, without dropout.
+
+    `timm_stock` (any timm model) is represented by resnet18 at width 1/8.
+    """
+    from search.config import TrialConfig
+    from search.trial.models import build_model
+
+    entry = registry.get("backbone", family)
+    stock = bool(entry.meta.get("stock"))
+    cfg = TrialConfig(backbone=STOCK_STANDIN if stock else family, depth=None if stock else _smallest_depth(entry),
+                      width=0.125 if stock else float(entry.meta.get("contract_width", 0.5)),
+                      dataset="synthetic", image_size=IMAGE, in_chans=in_chans, num_classes=num_classes)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def check_backbone(family: str) -> None:
+    """A registered family builds small and maps (2, 3, 32, 32) to (2, 10) logits in train and eval mode.
+
+    Raises:
+        ContractError: it does not build, does not run, or returns the wrong shape.
+    """
+    try:
+        model = small_model(family)
+    except Exception as e:  # noqa: BLE001 - any failure to build is the contract's failure
+        raise ContractError(f"backbone {family!r} does not build: {type(e).__name__}: {_first(e)}") from None
+    for train in (True, False):
+        model.train(train)
+        try:
+            with torch.no_grad():
+                y = model(torch.randn(2, 3, IMAGE, IMAGE))
+        except Exception as e:  # noqa: BLE001
+            raise ContractError(f"backbone {family!r}: forward in {'train' if train else 'eval'} mode fails: "
+                                f"{type(e).__name__}: {_first(e)}") from None
+        if tuple(y.shape) != (2, 10):
+            raise ContractError(f"backbone {family!r}: output shape {tuple(y.shape)}, expected (2, 10) logits")
+
+
+# ------------------------------------------------------------------ placements
+def check_placement(placement: str, family: str, kind: str = "bernoulli", rate: float = 0.5) -> list[PlacementSite]:
+    """Insert `placement` into a small `family` model and prove every returned site by forward hooks.
+
+    Proven: the inserted VarianceDropout modules are exactly the sites; in a train-mode
+    forward each runs at least once, changes its input (rate > 0), and the next module
+    called after it is its target; the first BatchNorm called after it is `feeds_bn`
+    (none at all for a placement registered with feeds_bn=False); case 'a' targets a BN,
+    case 'b' a conv or linear layer; the eval-mode output equals the model's before surgery.
+
+    Returns:
+        The sites.
+
+    Raises:
+        ContractError: the first broken property.
+    """
+    from search.trial.dropout.surgery import apply_placement
+
+    meta = registry.get("placement", placement).meta
+    model = small_model(family)
+    before = copy.deepcopy(model)
+    where = f"placement {placement!r} on {family!r}"
+    try:
+        sites = apply_placement(model, placement, kind, rate, input_size=(3, IMAGE, IMAGE))
+    except Exception as e:  # noqa: BLE001
+        raise ContractError(f"{where}: surgery fails: {type(e).__name__}: {_first(e)}") from None
+    modules = dict(model.named_modules())
+    inserted = {n for n, m in modules.items() if isinstance(m, VarianceDropout)}
+    if inserted != {s.module for s in sites}:
+        raise ContractError(f"{where}: returned sites {sorted(s.module for s in sites)} but inserted "
+                            f"{sorted(inserted)}")
+    # Eval first: the train-mode forward below moves the BN running statistics.
+    model.eval()
+    before.eval()
+    x = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        same = torch.allclose(model(x), before(x), rtol=1e-5, atol=1e-6)
+    if not same:
+        raise ContractError(f"{where}: the eval-mode output differs from the model's before surgery "
+                            "(a placement may insert only dropout, which is the identity in eval mode)")
+    calls, changed = _record(model, modules)
+    bns = {n for n, m in modules.items() if isinstance(m, _BatchNorm)}
+    for s in sites:
+        idx = [i for i, n in enumerate(calls) if n == s.module]
+        if not idx:
+            raise ContractError(f"{where}: site {s.module!r} never runs in a forward")
+        if rate > 0 and not changed.get(s.module):
+            raise ContractError(f"{where}: site {s.module!r} leaves its input unchanged in train mode at rate {rate}")
+        nxt = calls[idx[0] + 1] if idx[0] + 1 < len(calls) else None
+        if nxt != s.target:
+            raise ContractError(f"{where}: site {s.module!r} says it runs before {s.target!r}, but the next module "
+                                f"called is {nxt!r}")
+        first_bn = next((n for n in calls[idx[0] + 1:] if n in bns), None)
+        if not meta.get("feeds_bn", True):
+            if first_bn is not None:
+                raise ContractError(f"{where}: registered with feeds_bn=False, but BN {first_bn!r} runs after "
+                                    f"{s.module!r}")
+        elif first_bn != s.feeds_bn:
+            raise ContractError(f"{where}: site {s.module!r} names feeds_bn={s.feeds_bn!r}, but the first BN "
+                                f"called after it is {first_bn!r}")
+        target = modules[s.target]
+        if meta.get("case") == "a" and not isinstance(target, _BatchNorm):
+            raise ContractError(f"{where}: case 'a' (dropout -> BN), but {s.module!r} runs before "
+                                f"{type(target).__name__} {s.target!r}")
+        if meta.get("case") == "b" and not isinstance(target, (nn.Conv2d, nn.Linear)):
+            raise ContractError(f"{where}: case 'b' (dropout -> weight layer -> BN), but {s.module!r} runs before "
+                                f"{type(target).__name__} {s.target!r}")
+    return sites
+
+
+def _record(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[list[str], dict[str, bool]]:
+    """Names of every module in call order (pre-hooks) and, per dropout site, whether it changed its input."""
+    names = {m: n for n, m in modules.items() if n}
+    calls: list[str] = []
+    changed: dict[str, bool] = {}
+
+    def pre(mod: nn.Module, _inp: Any) -> None:
+        calls.append(names[mod])
+
+    def post(mod: nn.Module, inp: Any, out: Any) -> None:
+        changed[names[mod]] = changed.get(names[mod], False) or not torch.equal(inp[0], out)
+
+    hooks = [m.register_forward_pre_hook(pre) for m in names]
+    hooks += [m.register_forward_hook(post) for m in names if isinstance(m, VarianceDropout)]
+    try:
+        model.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model(torch.randn(4, 3, IMAGE, IMAGE))
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls, changed
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
