@@ -53,8 +53,8 @@ CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 TARGET_BUSY, TARGET_SPEEDUP, TARGET_HOURS, TARGET_PROBE, TARGET_HAND = 0.60, 2.0, 32.0, 0.10, 0.95
 # GPU: enough images per timed epoch for a steady rate, few enough that four networks, the hand loop and the
 # packed workers fit in ~10 minutes on an H100/H200 (benchmarks/gpu_session.sh).
-FULL = dict(n_train=20_000, n_test=CIFAR_TEST, image_size=32, warmup_epochs=1, epochs=1, probe_samples=5000,
-            pack_n_train=8_000, pack_epochs=1)
+FULL = dict(n_train=12_800, n_test=CIFAR_TEST, image_size=32, warmup_epochs=1, epochs=1, probe_samples=5000,
+            pack_n_train=5_120, pack_epochs=1)
 # CPU: tiny networks and data; only the shape of the output means anything.
 QUICK = dict(n_train=48, n_test=16, image_size=8, warmup_epochs=1, epochs=1, probe_samples=16, pack_n_train=48,
              pack_epochs=1)
@@ -173,6 +173,46 @@ def hand_graphed_rate(cfg: Any, epochs: int) -> float:
     return rate
 
 
+def reduce_overhead_rate(cfg: Any, epochs: int) -> float:
+    """Images/s of a minimal loop over torch.compile(model, mode="reduce-overhead") (the alternative to an
+    explicit graph: Inductor kernels replayed from cudagraph trees) with fused SGD reading lr from a tensor.
+
+    Static shapes as in the graphed trainer (ragged batch dropped), so nothing recompiles; the first pass
+    (compilation, graph recording) is not timed.
+    """
+    from search.trial.data import load_data
+    from search.trial.models import build_model
+
+    dev = torch.device("cuda")
+    data = load_data(cfg, dev)
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=data.num_classes).to(dev).to(memory_format=torch.channels_last).train()
+    net = torch.compile(model, mode="reduce-overhead")
+    lr = torch.tensor(cfg.lr, device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
+                          fused=True)
+    size = cfg.batch_size
+    clock = EpochClock(dev)
+    for _ in range(1 + epochs):
+        clock.start()
+        n = 0
+        for x, y in data.train:
+            if x.shape[0] != size:
+                continue
+            torch.compiler.cudagraph_mark_step_begin()  # each step a new cudagraph-trees iteration
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += size
+        clock.stop(n)
+    rate = clock.images_per_s(skip=1)
+    del net, opt, model
+    torch._dynamo.reset()
+    return rate
+
+
 def auto_k(cfg: Any) -> tuple[int | None, str]:
     """Trials per GPU that `--gpus-per-trial auto` picks for cfg, measured here (CUDA only)."""
     from search.sweep.packing import gpu_fraction, measure_step_peak_bytes
@@ -214,11 +254,13 @@ def measure(net: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             graphed = timed_trial(_trial_cfg(net, args, cuda_graphs="on"), w, sampler) if cuda else None
             cfg = _trial_cfg(net, args)
             row["hand"] = hand_graphed_rate(cfg, args.epochs) if cuda and not args.no_hand else None
+            row["compiled"] = reduce_overhead_rate(cfg, args.epochs) if cuda and args.reduce_overhead else None
             clear_resident()
             if cuda:
                 torch.cuda.empty_cache()  # the packed workers get the memory back
             row["flops"] = forward_flops_per_image(cfg)
-            row["k"], row["k_why"] = auto_k(cfg) if cuda else (None, "n/a (needs CUDA)")
+            # Sized as the grid's trials: CIFAR-100 resident (60,000 images) and its 100-class head.
+            row["k"], row["k_why"] = auto_k(cfg.replace(dataset="cifar100")) if cuda else (None, "n/a (needs CUDA)")
     finally:
         if sampler:
             sampler.stop()
@@ -283,6 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pack-timeout", type=float, default=300)
     p.add_argument("--no-pack", action="store_true", help="skip the packed workers")
     p.add_argument("--no-hand", action="store_true", help="skip the hand-written graphed loop")
+    p.add_argument("--reduce-overhead", action="store_true",
+                   help="also time torch.compile(mode='reduce-overhead') in a minimal loop (compiles: minutes)")
     p.add_argument("--gpu-index", default=None)
     p.add_argument("--threads", type=int, help="torch CPU threads (CPU runs)")
     p.add_argument("--peak-flops", type=float, help="peak dense bf16 FLOP/s if the GPU is not in _common's table")
@@ -323,8 +367,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         row = measure(net, args)
         row["n_test"] = args.n_test
         rows.append(row)
-        print(f"  done {model_label(net['backbone'], net['depth'], net['width'])} in {time.time() - t0:.0f} s",
-              flush=True)
+        # One JSON line per network as soon as it is measured: a run cut short still leaves its figures.
+        print(f"  done {model_label(net['backbone'], net['depth'], net['width'])} in {time.time() - t0:.0f} s "
+              f"@@row {json.dumps(row, default=str)}", flush=True)
     table = []
     for r in rows:
         e, g, p = r["eager"], r["graphed"], r.get("pack")
@@ -342,6 +387,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             str(r["k"]) if r["k"] else "n/a", fmt(p["aggregate"]) if p else "n/a",
             fmt(p["aggregate"] / base["rate"], ".2f") if p else "n/a", fmt(p["busy"], ".0%") if p else "n/a"])
     print(markdown_table(HEADERS, table))
+    if any(r.get("compiled") for r in rows):
+        print(markdown_table(("network", "graphed trainer img/s", "hand graph img/s", "compile reduce-overhead img/s",
+                              "hand/compiled"),
+                             [[model_label(r["backbone"], r["depth"], r["width"]), fmt(r["graphed"]["rate"]),
+                               fmt(r["hand"]), fmt(r["compiled"]), fmt(r["hand"] / r["compiled"], ".2f")
+                               if r["hand"] and r["compiled"] else "n/a"] for r in rows]))
     why = "; ".join(f"{model_label(r['backbone'], r['depth'], r['width'])} {r['k_why']}" for r in rows)
     mode = "graphed" if cuda else "eager"
     print(f"probe % of epoch: run_trial's probe block (probe_samples {args.probe_samples}, one {CIFAR_TEST:,}-image "
