@@ -349,9 +349,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if bad:
             raise SystemExit(f"--only {bad[0]!r} is not a paper network (allowed: {', '.join(known)})")
         nets = [n for n in nets if n["backbone"] in wanted]
-    if not cuda:  # one block per stage: the shape of the output, not the paper's cost
+    if not cuda:  # paper networks at one block per stage: the shape of the output, not the paper's cost
         for n in nets:
-            n["depth"], n["width"] = QUICK_ARCH.get(n["backbone"], (n["depth"], n["width"]))
+            if not args.models:
+                n["depth"], n["width"] = QUICK_ARCH.get(n["backbone"], (n["depth"], n["width"]))
             n["batch_size"] = min(n["batch_size"], 16)
     print(f"paper_grid_cost: {sum(n['trials'] for n in nets)} grid trials over {len(nets)} networks; synthetic "
           f"3x{args.image_size}x{args.image_size}, {args.n_train} train / {args.n_test} test images, "
