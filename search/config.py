@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -191,6 +192,7 @@ class TrialConfig:
                 raise ConfigError(f"field {f.name!r} expects {want}, got {v!r} ({type(v).__name__})")
 
     def _check_values(self) -> None:
+        self._check_numbers()
         _choice("dropout_placement", self.dropout_placement, registry.names("placement"))
         _choice("dropout_type", self.dropout_type, registry.names("dropout"))
         _choice("dataset", self.dataset, DATASETS)
@@ -227,6 +229,26 @@ class TrialConfig:
             raise ConfigError(f"field 'num_workers' must be >= 0, got {self.num_workers!r}")
         self._check_backbone()
 
+    def _check_numbers(self) -> None:
+        """Every number finite and inside its field's range, checked before any rule that compares it.
+
+        NaN compares False with everything, so without this `lr=nan` passed `lr >= 0` and
+        failed later in `config_hash` ("cannot convert float NaN to integer"); `lr=inf` ended
+        in an OverflowError. Integers must fit Parquet's int64 (and seeds NumPy's uint32).
+        """
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None or isinstance(v, (bool, str)):
+                continue
+            lo, hi = _RANGES.get(f.name, (None, None))
+            if isinstance(v, float) and not math.isfinite(v):
+                allowed = _OPEN_RANGES.get(f.name) or _range_text(lo, hi)
+                raise ConfigError(f"field {f.name!r} = {v!r} is not a finite number (allowed: {allowed})")
+            if isinstance(v, int) and not (lo is not None or hi is not None):
+                lo, hi = -_INT_MAX, _INT_MAX
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise ConfigError(f"field {f.name!r} = {v!r} is out of range (allowed: {_range_text(lo, hi)})")
+
     def _check_backbone(self) -> None:
         family = backbone_family(self.backbone)
         if family is not None:
@@ -256,6 +278,34 @@ class TrialConfig:
                 f"field 'depth' = {self.depth!r} is only for the registered families ({', '.join(families)});"
                 f" stock timm model {self.backbone!r} fixes its own depth: set depth=None (or leave it unset)"
             )
+
+
+_INT_MAX = 2**31 - 1
+# Closed ranges of the numeric fields; rules with open ends (dropout_rate < 1, width > 0) stay below
+# in _check_values with their own messages. These bound what the hardware or Parquet can take.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "depth": (1, 10_000), "width": (None, 1e4), "image_size": (8, 8192),
+    "in_chans": (1, 3), "num_classes": (2, 10**6), "train_samples": (1, _INT_MAX), "probe_samples": (1, _INT_MAX),
+    "epochs": (1, 100_000), "batch_size": (1, 2**20), "lr": (0.0, 1e6), "momentum": (0.0, 1.0),
+    "weight_decay": (0.0, 1e3), "warmup_epochs": (0.0, 100_000.0),
+    "seed": (0, 2**32 - 1), "num_workers": (0, 1024),
+}
+
+
+_OPEN_RANGES = {"dropout_rate": "[0, 1)", "label_smoothing": "[0, 1)", "width": "> 0 and <= 10000"}
+
+
+def _range_text(lo: float | None, hi: float | None) -> str:
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    if lo is None and hi is None:
+        return "a finite number"
+    if hi is None:
+        return f">= {num(lo)}"
+    if lo is None:
+        return f"<= {num(hi)}"
+    return f"{num(lo)} to {num(hi)}"
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

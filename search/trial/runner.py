@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
         load_plugins(ns.plugin, check=True)
         cfg = _config_from_args(ns)
+        _check_json_path(ns.json)
         result = run_trial(cfg, report=lambda m: print(
             f"  epoch {int(m['epoch']):>3}  train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.4f}  "
             f"{m['throughput']:,.0f} img/s", flush=True))
@@ -180,12 +181,40 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_result(cfg, result, layers=ns.layers))
     if ns.json:
-        import json
-
-        with open(ns.json, "w") as fh:
-            json.dump({"config": cfg.to_dict(), "config_hash": cfg.config_hash, "result": result.to_dict()}, fh,
-                      indent=1, default=float)
+        _write_json_atomic(ns.json, {"config": cfg.to_dict(), "config_hash": cfg.config_hash,
+                                     "result": result.to_dict()})
     return 0 if result.status != "failed" else 1
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse a --json path that cannot be written, before training rather than after."""
+    import os
+
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json {path!r}: folder {folder!r} does not exist (create it first)")
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a directory; give a file name")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--json {path!r} is not writable")
+
+
+def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    """Write beside the target, then rename: an interrupted write never leaves half a JSON file."""
+    import json
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".json-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=1, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 if __name__ == "__main__":
