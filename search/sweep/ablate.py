@@ -4,9 +4,9 @@
     python -m search.run --space wrn_widths --ablate width=1,2 dropout_rate=0.3 --baseline width=4 --seeds 3
 
 The baseline is the space's declared `baseline` (spaces.Space) with `--baseline KEY=VALUE`
-over it; the levels of a factor are, in order of precedence, `--ablate FIELD=V1,V2`, the
-space's `ablate` levels, and the profile's grid values of each axis (the baseline's own
-value left out). Each trial is `space.point(profile, {**baseline, factor: level})` (links
+over it. `--ablate FIELD=V1,V2 ...` names the factors and their levels; a bare `--ablate`
+ablates every axis, at the space's `ablate` levels where it declares them and at the
+profile's grid values otherwise (the baseline's own value left out). Each trial is `space.point(profile, {**baseline, factor: level})` (links
 and conditions apply, so a placement of 'none' also resets type and rate), then `--set`.
 A variant equal to the baseline or to an earlier variant is dropped. Finished trials are
 reused by configuration hash like in any sweep. The plan is written as
@@ -74,7 +74,8 @@ def plan(space: Any, profile: str, *, baseline: Mapping[str, Any] | None = None,
 
     Args:
         baseline: values over the space's declared baseline.
-        levels: factor -> levels, over the space's `ablate` levels and the profile's axis grids.
+        levels: factor -> levels; these factors only (default: every axis, at the space's `ablate`
+            levels or the profile's grid).
         overrides: `--set` values applied to every trial (they may not name a factor).
         seeds: 1 keeps the baseline's seed; N > 1 runs seeds 0..N-1.
 
@@ -87,7 +88,8 @@ def plan(space: Any, profile: str, *, baseline: Mapping[str, Any] | None = None,
                           f"({', '.join(space.axis_sizes(profile))})")
     overrides = dict(overrides or {})
     grid_levels = {k: tuple(a.grid_values()) for k, a in space._resolve(profile).axes.items()}
-    factors: dict[str, tuple[Any, ...]] = {**grid_levels, **dict(space.ablate or {}), **dict(levels or {})}
+    # Explicit levels name the factors; otherwise every axis (at the space's levels, else its grid).
+    factors: dict[str, tuple[Any, ...]] = dict(levels) if levels else {**grid_levels, **dict(space.ablate or {})}
     clash = sorted(set(levels or {}) & set(overrides))
     if clash:
         raise ConfigError(f"--set {', '.join(clash)}: an ablated factor cannot also be fixed by --set; "
