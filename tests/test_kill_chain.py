@@ -280,7 +280,7 @@ def test_ctrl_c_while_mlflow_store_is_created_leaves_it_usable(tmp_path: Path) -
     proc = _popen(cwd, KILL_ARGS, env, tmp_path / "int.log", hook=hook)
     rc = _finish(proc, 100)
     assert (tmp_path / "fired").exists() and rc in (1, 2, 130), (tmp_path / "int.log").read_text()[-2000:]
-    probe = subprocess.run([PY, "-c", "from search.tracking import Tracker; Tracker('sqlite:///mlflow.db', "
+    probe = subprocess.run([PY, "-c", "from search.sweep.tracking import Tracker; Tracker('sqlite:///mlflow.db', "
                             "'smoke', 'quick', 'results').finished(); print('usable')"],
                            cwd=cwd, env=_env(), capture_output=True, text=True, timeout=100)
     assert probe.returncode == 0 and "usable" in probe.stdout, (
