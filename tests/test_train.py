@@ -216,7 +216,8 @@ def test_fused_sgd_reading_lr_from_a_tensor_matches_the_eager_optimizer():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA-graph capture needs a CUDA device; this machine has none "
-                                     "(the CPU tests above cover the knob, batching and optimizer)")
+                                     "(CPU tests cover the knob, batching, optimizer and, with recorded "
+                                     "stand-ins for the graph, the capture/replay logic)")
 def test_graphed_training_captures_and_matches_eager_on_cuda():
     dev = torch.device("cuda")
     c = TrialConfig(dataset="synthetic", image_size=16, batch_size=64, epochs=2, seed=1, amp=False,
@@ -250,3 +251,124 @@ def _seeded_model(c: TrialConfig, data):
 
     seed_everything(c.seed)
     return build_model(c, num_classes=data.num_classes)
+
+
+class _RecordedGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: capture records the step function, replay runs it."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.fn()
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class _Recorder:
+    """Models whose gradients a replay writes afresh: backward was captured with every .grad unset, so a
+    real replay assigns gradients where eager autograd would accumulate onto the last step's."""
+
+    def __init__(self) -> None:
+        self.models: list[nn.Module] = []
+
+    def watch(self, model: nn.Module) -> nn.Module:
+        self.models.append(model)
+        return model
+
+    def record(self, graph: _RecordedGraph, fn) -> None:
+        unset = [p for m in self.models for p in m.parameters() if p.grad is None]
+
+        def replay() -> None:
+            for p in unset:
+                p.grad = None
+            fn()
+
+        graph.fn = replay  # recorded, not run: as a real capture
+
+
+@pytest.fixture
+def recorded_graphs(monkeypatch):
+    """The CUDA calls of search.trial.graphs replaced by CPU stand-ins with a real graph's semantics:
+    what is captured does not run at capture time, every replay reads the static buffers again and
+    writes the gradients afresh."""
+    import contextlib
+
+    from search.trial import graphs
+
+    rec = _Recorder()
+    record = rec.record
+
+    monkeypatch.setattr(graphs, "_record", record)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RecordedGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: _Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return rec
+
+
+def test_graphed_step_warms_up_captures_once_and_replays_like_eager_steps(digits, recorded_graphs):
+    # The same fused optimizer and padded batches, stepped eagerly by hand: bit-identical parameters and sums.
+    c = cfg()
+    seed_everything(0)
+    ref, model = small_cnn(), recorded_graphs.watch(small_cnn())
+    model.load_state_dict(ref.state_dict())
+    lr_ref, lr_g = torch.tensor(c.lr), torch.tensor(c.lr)
+    opt_ref, opt_g = _optimizer(ref, c, lr=lr_ref), _optimizer(model, c, lr=lr_g)
+    step = GraphedTrainStep(model, opt_g, lr_g, label_smoothing=0.1, amp=False, strict=True)
+    batches = [(x, y) for x, y, _ in static_batches(digits.train, 64)]
+    assert len(batches) == len(digits.train) == 23  # 1437 = 22 x 64 + 29, padded to 64
+    ref_loss = torch.zeros(())
+    torch.manual_seed(5)
+    for i, (x, y) in enumerate(batches):
+        lr_ref.fill_(0.1 / (i + 1))
+        opt_ref.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(ref(x), y, label_smoothing=0.1)
+        loss.backward()
+        opt_ref.step()
+        ref_loss += loss.detach() * 64
+    torch.manual_seed(5)  # dropout draws the same noise in the same order
+    for i, (x, y) in enumerate(batches):
+        step(x.clone(), y.clone(), 0.1 / (i + 1))  # fresh tensors: replays must read the static copies
+    assert step.graph is not None and step.failed is None
+    assert step.graph.replays == len(batches) - 3  # 3 eager warm-up steps, then the capture step is replay 1
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(step.loss_sum, ref_loss)
+    with pytest.raises(ValueError, match="captured for 64; pad it"):
+        step(batches[0][0][:10], batches[0][1][:10], 0.1)
+
+
+def test_graphed_eval_pads_masks_and_equals_evaluate(digits, recorded_graphs):
+    seed_everything(0)
+    model = small_cnn()
+    run(cfg(epochs=1), digits, model)
+    ev = GraphedEval(model, CPU, amp=False)
+    model.train()
+    first = ev(digits.test)  # 360 test images at batch 64: 5 full batches and a ragged one of 40
+    assert ev.graph is not None and ev.graph.replays == len(digits.test) - 1  # first batch ran eagerly (warm-up)
+    again = ev(digits.test)
+    assert ev.graph.replays == 2 * len(digits.test) - 1 and model.training  # mode restored
+    loss, acc = evaluate(model, digits.test, CPU)
+    assert first == again and first[1] == acc and first[0] == pytest.approx(loss, rel=1e-6)
+
+
+def test_train_graphed_path_end_to_end_on_cpu_stand_ins(digits, recorded_graphs, monkeypatch):
+    import search.trial.train as train_mod
+
+    monkeypatch.setattr(train_mod, "use_graphs", lambda cfg, device: cfg.cuda_graphs != "off")  # as on CUDA
+    seed_everything(0)
+    ref = train(small_cnn(), digits, cfg(epochs=3, amp=False, cuda_graphs="off"), CPU)  # no bf16 on CPU
+    seed_everything(0)
+    out = train(recorded_graphs.watch(small_cnn()), digits, cfg(epochs=3, amp=False), CPU)
+    pad = 64 - digits.n_train % 64
+    assert out.status == "ok" and out.images_seen == ref.images_seen + 3 * pad
+    assert [r["lr"] for r in out.history] == [r["lr"] for r in ref.history]  # same steps, same schedule
+    assert out.history[-1]["test_acc"] > 0.9 and abs(out.history[-1]["test_acc"] - ref.history[-1]["test_acc"]) < 0.05

@@ -26,8 +26,9 @@ On CPU nothing here is used: `use_graphs` is False whatever the config says.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,18 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
         and not x.is_contiguous() else torch.contiguous_format
 
 
-def _autocast(amp: bool) -> torch.autocast:
+def _record(graph: "torch.cuda.CUDAGraph", fn: Callable[[], None]) -> None:
+    """Capture `fn`'s kernels into `graph`: they are recorded, not run (the one place capture happens,
+    so a CPU test can stand in a recorder that replays `fn`)."""
+    with torch.cuda.graph(graph):
+        fn()
+
+
+def _autocast(amp: bool) -> contextlib.AbstractContextManager:
     # cache_enabled=False: autocast's weight-cast cache must not outlive a capture (PyTorch CUDA-graphs notes).
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False)
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
 
 class GraphedTrainStep:
@@ -189,8 +199,10 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(self.lr.device)
-            with torch.cuda.graph(graph):
-                self._body(self._x, self._y)
+            # The warm-up steps' activations sit in the ordinary cache; hand them back so the graph's private
+            # pool reuses that memory instead of doubling the step's footprint (what packing budgets for).
+            torch.cuda.empty_cache()
+            _record(graph, lambda: self._body(self._x, self._y))
         except Exception as e:  # a model doing host work in its step (a sync, a CPU RNG) cannot be captured
             if self.strict:
                 raise RuntimeError(f"field 'cuda_graphs' = 'on' but the training step cannot be captured: "
@@ -286,8 +298,7 @@ class GraphedEval:
         saved = self.loss_sum.clone(), self.correct.clone()
         try:
             torch.cuda.synchronize(self.device)
-            with torch.cuda.graph(graph):
-                self._body()
+            _record(graph, self._body)
         except Exception as e:  # noqa: BLE001 - fall back to eager, as the training step does
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"CUDA-graph capture of evaluation failed, evaluating eagerly: {self.failed}",
