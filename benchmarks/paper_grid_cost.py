@@ -362,10 +362,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("timer: run_trial's per-epoch training time (perf_counter, CUDA-synchronised); hand loop: CUDA events; "
           "GPU busy: nvidia-smi utilization.gpu over the timed epochs incl. their test evaluation; "
           f"MFU peak: {peak_src}")
-    rows = []
+    rows, failed = [], []
     for net in nets:
         t0 = time.time()
-        row = measure(net, args)
+        label = model_label(net["backbone"], net["depth"], net["width"])
+        try:
+            row = measure(net, args)
+        except Exception as e:  # one network failing (capture, OOM) must not cost the others' figures
+            failed.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"  FAILED {failed[-1]}", flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
         row["n_test"] = args.n_test
         rows.append(row)
         # One JSON line per network as soon as it is measured: a run cut short still leaves its figures.
@@ -387,7 +395,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             fmt(probe_full, ".3f"), fmt(100 * probe_full / epoch_s, ".1f"),
             str(r["k"]) if r["k"] else "n/a", fmt(p["aggregate"]) if p else "n/a",
             fmt(p["aggregate"] / base["rate"], ".2f") if p else "n/a", fmt(p["busy"], ".0%") if p else "n/a"])
-    print(markdown_table(HEADERS, table))
+    if table:
+        print(markdown_table(HEADERS, table))
+    if failed:
+        print("not measured (their trials are left out of the projection): " + "; ".join(failed))
     if any(r.get("compiled") for r in rows):
         print(markdown_table(("network", "graphed trainer img/s", "hand graph img/s", "compile reduce-overhead img/s",
                               "hand/compiled"),
