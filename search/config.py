@@ -31,13 +31,14 @@ class ConfigError(ValueError):
     """A bad configuration value. The message names field, value and what is allowed."""
 
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "fashion_mnist", "mnist")
 SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cpu", "cuda")
 STEMS = ("auto", "cifar", "imagenet")
 CUDA_GRAPHS = ("auto", "on", "off")
 # Classes per dataset when TrialConfig.num_classes is None (imagefolder: counted from the tree).
-DATASET_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100}
+DATASET_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100, "fashion_mnist": 10,
+                   "mnist": 10}
 
 
 def backbone_family(name: str) -> registry.Entry | None:

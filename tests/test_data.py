@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _idx import idx_bytes, write_idx
 
 from search.config import TrialConfig
 from search.trial.data import (CorruptDatasetError, DatasetNotFoundError, TensorLoader, _Normalise, load_data,
@@ -267,3 +268,156 @@ def test_resident_cifar_is_read_again_when_its_files_change(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="data_batch_2"):
         load_data(c, CPU)
     data_mod.clear_resident()
+
+
+# --------------------------------------------------------------------------- MNIST-format idx files
+REAL_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def _icfg(data_dir, dataset="fashion_mnist", **kw) -> TrialConfig:
+    return cfg(dataset=dataset, data_dir=None if data_dir is None else str(data_dir), image_size=12, batch_size=8,
+               **kw)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist"])
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("layout", ["flat", "torchvision", "raw"])
+def test_idx_files_read_in_every_layout(tmp_path, dataset, gz, layout):
+    folder = {"flat": tmp_path, "torchvision": tmp_path / ("FashionMNIST" if dataset == "fashion_mnist" else "MNIST")
+              / "raw", "raw": tmp_path / "raw"}[layout]
+    arrays = write_idx(folder, gz=gz)
+    b = load_data(_icfg(tmp_path, dataset), CPU)
+    assert (b.n_train, b.n_test, b.num_classes, b.in_chans) == (20, 10, 10, 1)
+    x, y = all_batches(b.train_eval)
+    assert x.shape == (20, 1, 12, 12) and y.tolist() == [i % 10 for i in range(20)]
+    # Undo the normalisation: every pixel of image i is i, as written; test images carry 100 + i.
+    px = x * b.std[0] * 255 + b.mean[0] * 255
+    assert torch.allclose(px, torch.arange(20.0).view(-1, 1, 1, 1).expand_as(px), atol=1e-3)
+    xt, yt = all_batches(b.test)
+    assert torch.allclose(xt * b.std[0] * 255 + b.mean[0] * 255,
+                          torch.arange(100.0, 110.0).view(-1, 1, 1, 1).expand_as(xt), atol=1e-3)
+    assert yt.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    # The training split's own statistics normalise (images 0..19 -> mean 9.5 / 255).
+    assert b.mean[0] == pytest.approx(9.5 / 255) and b.std[0] == pytest.approx(np.arange(20).std() / 255)
+    assert b.train.flip == (dataset == "fashion_mnist")  # a mirrored garment is still one; a mirrored digit is not
+
+
+def test_idx_resize_and_three_channels(tmp_path):
+    write_idx(tmp_path, gz=True)
+    b = load_data(cfg(dataset="mnist", data_dir=str(tmp_path), image_size=8, in_chans=3, batch_size=8), CPU)
+    x, _ = next(iter(b.test))
+    assert x.shape == (8, 3, 8, 8) and torch.equal(x[:, 0], x[:, 2])
+
+
+def test_idx_default_dir_is_the_debian_folder(tmp_path, monkeypatch):
+    from search.trial import mnist
+
+    write_idx(tmp_path / "debian", gz=True)
+    monkeypatch.setitem(mnist.DEBIAN_DIRS, "fashion_mnist", (str(tmp_path / "debian"), "dataset-fashion-mnist"))
+    assert load_data(_icfg(None), CPU).n_train == 20
+    monkeypatch.setitem(mnist.DEBIAN_DIRS, "fashion_mnist", (str(tmp_path / "absent"), "dataset-fashion-mnist"))
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_data(_icfg(None), CPU)
+    msg = str(e.value)
+    assert "\n" not in msg and "field 'data_dir'" in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert "train-images-idx3-ubyte" in msg and "FashionMNIST/raw/" in msg
+
+
+@pytest.mark.parametrize("dataset,how", [("fashion_mnist", "apt-get install dataset-fashion-mnist"),
+                                         ("mnist", "https://ossci-datasets.s3.amazonaws.com/mnist/")])
+def test_missing_idx_file_is_one_line_naming_it_and_how_to_get_it(tmp_path, dataset, how):
+    write_idx(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        load_data(_icfg(tmp_path, dataset), CPU)
+    msg = str(e.value)
+    assert isinstance(e.value, DatasetNotFoundError) and "\n" not in msg
+    assert "missing t10k-labels-idx1-ubyte" in msg and "train-images" not in msg.split("missing")[1].split("(")[0]
+    assert str(tmp_path) in msg and how in msg
+    if dataset == "mnist":  # no Debian package: data_dir None is an error naming the field
+        with pytest.raises(DatasetNotFoundError, match="needs field 'data_dir'"):
+            load_data(_icfg(None, dataset), CPU)
+
+
+def _corrupt(folder, case: str) -> str:
+    """Damage one file as `case` says; returns the file's name."""
+    import gzip
+
+    img, lab = folder / "train-images-idx3-ubyte", folder / "train-labels-idx1-ubyte"
+    if case == "not gzip":
+        (folder / "t10k-images-idx3-ubyte").unlink()
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"plain bytes, no gzip stream")
+        return "t10k-images-idx3-ubyte.gz"
+    if case == "truncated gzip":
+        (folder / "t10k-images-idx3-ubyte").unlink()
+        data = gzip.compress((folder / "t10k-labels-idx1-ubyte").read_bytes() * 50)
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(data[: len(data) // 2])
+        return "t10k-images-idx3-ubyte.gz"
+    if case == "magic":  # a labels file where images belong
+        img.write_bytes(lab.read_bytes())
+        return img.name
+    if case == "short":
+        img.write_bytes(img.read_bytes()[:-7])
+        return img.name
+    if case == "header":
+        img.write_bytes(img.read_bytes()[:10])
+        return img.name
+    if case == "count":
+        lab.write_bytes(idx_bytes(np.zeros(19, dtype=np.uint8)))
+        return lab.name
+    if case == "label":
+        lab.write_bytes(idx_bytes(np.full(20, 10, dtype=np.uint8)))
+        return lab.name
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case,why", [("not gzip", "BadGzipFile"), ("truncated gzip", "EOFError"),
+                                      ("magic", "magic number 0x00000801, expected 0x00000803"),
+                                      ("short", "file holds 2873"), ("header", "shorter than the 16-byte header"),
+                                      ("count", "19 labels for the 20 images"), ("label", "label 10, expected 0..9")])
+def test_corrupt_idx_file_is_one_line_naming_it(tmp_path, case, why):
+    write_idx(tmp_path, gz=False)
+    name = _corrupt(tmp_path, case)
+    with pytest.raises(CorruptDatasetError) as e:
+        load_data(_icfg(tmp_path), CPU)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / name) + ":") and why in msg
+    assert "dataset-fashion-mnist" in msg  # says how to get a good copy
+
+
+def test_preflight_checks_idx_files_before_anything_runs(tmp_path, monkeypatch):
+    from search.sweep import preflight
+
+    monkeypatch.setattr(preflight, "_check_models", lambda configs: None)  # the files are what is tested here
+    check_trials = preflight.check_trials
+    write_idx(tmp_path, gz=True)
+    good = _icfg(tmp_path).to_dict()
+    check_trials([good])  # reads every file once
+    _corrupt(tmp_path, "count")
+    with pytest.raises(CorruptDatasetError, match="train-labels-idx1-ubyte"):
+        check_trials([good])
+    with pytest.raises(DatasetNotFoundError, match="missing"):
+        check_trials([{**good, "data_dir": str(tmp_path / "nowhere")}])
+
+
+def test_idx_resident_copy_follows_the_files(tmp_path):
+    for sub in ("a", "b"):
+        write_idx(tmp_path / sub, gz=False, n_train=20 if sub == "a" else 30)
+    assert load_data(_icfg(tmp_path / "a"), CPU).n_train == 20
+    assert load_data(_icfg(tmp_path / "b"), CPU).n_train == 30  # another data_dir is another dataset
+    write_idx(tmp_path / "a", gz=False, n_train=40)  # files rewritten in place: read again
+    assert load_data(_icfg(tmp_path / "a"), CPU).n_train == 40
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(REAL_FASHION),
+                    reason=f"real Fashion-MNIST not installed ({REAL_FASHION} absent; apt-get install "
+                           "dataset-fashion-mnist to run this test)")
+def test_real_fashion_mnist_files():
+    from search.trial.mnist import load_idx
+
+    xtr, ytr, xte, yte = load_idx("fashion_mnist", None)  # the Debian folder is the default
+    assert xtr.shape == (60000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28) and xtr.dtype == torch.uint8
+    assert torch.bincount(ytr).tolist() == [6000] * 10 and torch.bincount(yte).tolist() == [1000] * 10
+    # Fashion-MNIST's published training-set statistics (pixel mean 0.2860, std 0.3530).
+    assert xtr.double().mean().item() / 255 == pytest.approx(0.2860, abs=5e-4)
+    assert xtr.double().std().item() / 255 == pytest.approx(0.3530, abs=5e-4)

@@ -96,9 +96,15 @@ def check_trials(configs: list[dict]) -> None:
     seen: set = set()
     for c in configs:
         key = (c["dataset"], c.get("data_dir"))
-        if key in seen or c["dataset"] not in ("cifar10", "cifar100") or "://" in (c.get("data_dir") or ""):
+        if key in seen or c["dataset"] not in ("cifar10", "cifar100", "fashion_mnist", "mnist") \
+                or "://" in (c.get("data_dir") or ""):
             continue  # a URI is staged per node; check_data_uri checked the folder
         seen.add(key)
+        if c["dataset"] in ("fashion_mnist", "mnist"):
+            from search.trial.mnist import check_idx
+
+            check_idx(*key)
+            continue
         from search.trial.data import check_cifar
 
         check_cifar(*key)

@@ -1,6 +1,6 @@
 """Datasets by name, served as device-resident batches (airbench style).
 
-In-memory datasets (digits, synthetic, cifar10, cifar100) live on the device
+In-memory datasets (digits, synthetic, cifar10, cifar100, fashion_mnist, mnist) live on the device
 as one uint8 tensor [N, C, H, W]; a batch is a slice of a randperm, and the
 random crop + flip is one batched gather on that device, so no
 DataLoader sits in the hot path. Only `imagefolder` uses a DataLoader (PIL
@@ -39,7 +39,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 SPLIT_SEED = 0  # fixed: every trial shares the digits split and the train_samples subset
 SYNTHETIC_SIZES = (2048, 512)  # train, test images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FLIP_OK = {"cifar10", "cifar100", "imagefolder"}  # digits and synthetic patterns are not mirror-symmetric
+# Digits (digits, mnist) and synthetic patterns are not mirror-symmetric; a mirrored garment is still one.
+FLIP_OK = {"cifar10", "cifar100", "imagefolder", "fashion_mnist"}
+IDX_DATASETS = ("fashion_mnist", "mnist")  # read by search/trial/mnist.py
 CIFAR = {  # name -> (folder, train files, test files, label key, archive to fetch by hand)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
@@ -403,6 +405,10 @@ def _identity(cfg: TrialConfig, device: torch.device) -> tuple:
         root, (train_files, test_files), _ = _cifar_files(cfg.dataset, cfg.data_dir)
         stats = [(root / f).stat() for f in train_files + test_files]
         key += (str(root.resolve()), tuple((s.st_size, s.st_mtime_ns) for s in stats))
+    elif cfg.dataset in IDX_DATASETS:
+        from search.trial.mnist import identity
+
+        key += identity(cfg.dataset, cfg.data_dir)
     return key
 
 
@@ -419,6 +425,10 @@ def _in_memory(cfg: TrialConfig, device: torch.device, reuse: bool) -> _Resident
     elif cfg.dataset == "synthetic":
         own = cfg.num_classes or own
         xtr, ytr, xte, yte = _synthetic(own, cfg.in_chans, cfg.image_size)
+    elif cfg.dataset in IDX_DATASETS:
+        from search.trial.mnist import load_idx  # the idx format lives in its own module
+
+        xtr, ytr, xte, yte = load_idx(cfg.dataset, cfg.data_dir)
     else:
         xtr, ytr, xte, yte = _cifar(cfg.dataset, cfg.data_dir)
     xtr, xte = (_set_chans(_resize_u8(x, cfg.image_size), cfg.in_chans) for x in (xtr, xte))
