@@ -178,7 +178,7 @@ def test_two_trial_sweep_with_a_plugin_on_local_ray(tmp_path: Path, clean: None)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("spatial_pool")
-    runs = client.search_runs([exp.experiment_id])
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("run_kind") != "sweep"]
     assert len(runs) == 2
     assert {r.data.tags["config_hash"] for r in runs} == set(want)
     assert {r.data.params["dropout_placement"] for r in runs} == {"pre_bn", "pre_pool"}
@@ -207,3 +207,28 @@ def test_two_trial_sweep_with_a_plugin_on_local_ray(tmp_path: Path, clean: None)
     assert dry.returncode == 0, dry.stderr
     printed = {line.split()[0] for line in dry.stdout.splitlines()[1:-1]}
     assert len(printed) == 2 and not printed & set(want)
+
+
+# ------------------------------------------------------------------ the tutorial's plugin passes the contracts
+@pytest.mark.usefixtures("no_onednn")
+def test_tutorial_plugin_passes_every_contract(tmp_path: Path, clean: None) -> None:
+    from search import contracts
+
+    plugins.load_plugin(str(write(tmp_path, "myplug", EXAMPLE.read_text())))
+    contracts.check_dropout("spatial")
+    for family in registry.names("backbone"):
+        assert len(contracts.check_placement("pre_pool", family, kind="spatial")) == 1
+    # Declared without a closed form: its masks are shared per channel, which the element-wise check rejects.
+    assert registry.get("dropout", "spatial").meta["closed_form"] is None
+
+
+def test_a_module_plugin_is_imported_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
+    write(tmp_path, "lab_kinds", "from search import DropoutKind, register_dropout\n"
+                                 "@register_dropout('lab')\nclass Lab(DropoutKind):\n    closed_form = None\n"
+                                 "    def noise(self, x):\n        return x * 0 + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = plugins.load_plugin("lab_kinds")
+    assert p.registered == (("dropout", "lab"),) and p.identity.startswith("lab_kinds:")
+    assert TrialConfig(dropout_type="lab", dropout_placement="pre_bn", dropout_rate=0.1).plugins == p.identity
+    with pytest.raises(plugins.PluginError, match="'no_such_mod': no such file, nor an importable module"):
+        plugins.load_plugin("no_such_mod")
