@@ -232,3 +232,35 @@ def test_a_module_plugin_is_imported_by_name(tmp_path: Path, monkeypatch: pytest
     assert TrialConfig(dropout_type="lab", dropout_placement="pre_bn", dropout_rate=0.1).plugins == p.identity
     with pytest.raises(plugins.PluginError, match="'no_such_mod': no such file, nor an importable module"):
         plugins.load_plugin("no_such_mod")
+
+
+BACKBONE_SRC = '''
+from search import register_backbone
+
+
+@register_backbone("tiny_convnet")
+def tiny_convnet(*, depth, width, num_classes, in_chans):
+    from torch import nn
+
+    c = max(4, int(8 * width))
+    return nn.Sequential(nn.Conv2d(in_chans, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, {out}))
+'''
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_plugin_backbone_is_contract_checked(broken: bool, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               clean: None) -> None:
+    path = write(tmp_path, "tiny_bb", BACKBONE_SRC.replace("{out}", "3" if broken else "num_classes"))
+    argv = ["--plugin", str(path), "--space", "smoke", "--set", "backbone=tiny_convnet", "--set", "depth=none",
+            "--set", "dropout_placement=head", "--storage", str(tmp_path / "r"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'm.db'}", "--address", "127.0.0.1:1"]  # refused before any sweep starts
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    if broken:
+        assert "backbone 'tiny_convnet' fails its contract: backbone 'tiny_convnet': output shape (2, 3)" in err
+        assert "tiny_convnet" not in registry.names("backbone")
+    else:  # the contract passed; the run stops later, at the unreachable cluster
+        assert "--address '127.0.0.1:1'" in err, err
+        cfg = TrialConfig(backbone="tiny_convnet", dropout_placement="head", dropout_rate=0.5)
+        assert cfg.plugins == plugins.owner("backbone", "tiny_convnet").identity
