@@ -1,8 +1,10 @@
-"""Shared numbers of the two standard profiles: tune the laptop budget here, in one place.
+"""Shared numbers of the standard profiles: tune the laptop budget here, in one place.
 
-`QUICK` must let `wrn_widths --profile quick` (12 trials) finish on a 2-core CPU in
-under 15 minutes including Ray start-up: time one WRN-10-4 trial and adjust
-`epochs` / `image_size` here. `PAPER` is the paper's CIFAR recipe for GPUs.
+`QUICK` must let `wrn_widths --profile quick` (12 configurations x 2 seeds) finish on a
+2-core CPU in under 10 minutes including Ray start-up: time one WRN-10-4 trial and adjust
+`epochs` / `image_size` here. `FASHION` sizes the real-image study (`--profile fashion`,
+<= 60 minutes on 2 cores with 3 seeds; the measurement is below). `PAPER` is the paper's
+CIFAR recipe for GPUs.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from search import registry
 
 from ._space import Range
 
-__all__ = ["QUICK", "PAPER", "PLACEMENTS", "DROPOUT_TYPES", "PAPER_RATES", "rate_axis"]
+__all__ = ["QUICK", "FASHION", "FASHION_RATES", "FASHION_WIDTHS", "PAPER", "PLACEMENTS", "DROPOUT_TYPES", "PAPER_RATES", "rate_axis"]
 
 # 2-core laptop CPU, scikit-learn's bundled digits (1437 train / 360 test images, 8x8 upscaled).
 QUICK: dict = dict(
@@ -27,6 +29,36 @@ QUICK: dict = dict(
     train_samples=None,  # all 1437
     seed=0,
 )
+
+# Fashion-MNIST (60,000 real 28x28 training images; Debian: apt-get install dataset-fashion-mnist) on a
+# 2-core CPU: 3 widths x 13 configurations x 3 seeds = 117 trials, one trial per core.
+# Measured (08:00 UTC 2026-12-02, a shared 2-core AMD EPYC VM): one trial on 1 thread, `python -m
+# search.trial --backbone cifar_wrn --depth 10 --dataset fashion_mnist --in-chans 1 --image-size 16
+# --augment false --lr 0.05 --batch-size 32 --train-samples 3000 --epochs 3 --probe-samples 1000
+# --width K [...]`, process CPU seconds by /usr/bin/time: WRN-10-1 none 22 s (81.3% test acc),
+# WRN-10-3 pre_conv@0.5 62 s. At 2 epochs x 4500 images: WRN-10-2 pre_bn/uout@0.5 39 s, WRN-10-4
+# pre_conv@0.5 87 s; one more 10,000-image test pass (+4 s, +12 s) puts them at ~43 s and ~99 s here.
+# Projected: 39 trials per width x (22 + 43 + 62) s = 4950 CPU-s / 2 cores = 41 min, + Ray start-up
+# and the driver's MLflow writes (~3 min) = ~44 min. Width 4 in place of 3 would be ~53 min before
+# overhead: too close to 60. The whole test set is evaluated after every epoch (4 passes a trial,
+# ~40% of its cost), so few epochs over more images pay: WRN-10-1 at 3 x 3000 cost what 2 x 4500 did
+# (22 s) for 81.3% vs 79.8%; 6 x 2000 at batch 64 cost 26 s for 80.1%; batch 64 at 3 x 3000 gave 75.4%.
+FASHION: dict = dict(
+    dataset="fashion_mnist",
+    image_size=16,  # px, from 28: a 28 px step costs 3x as much (WRN-10-4: 78 vs 237 img/s per core)
+    in_chans=1,
+    train_samples=3000,  # a fixed subset (the same images in every trial)
+    probe_samples=1000,  # training images the shift probes and BN re-estimation see
+    epochs=3,
+    batch_size=32,
+    lr=0.05,
+    weight_decay=5e-4,
+    schedule="cosine",
+    augment=False,  # 3 epochs underfit; crops would only slow convergence
+    seed=0,
+)
+FASHION_WIDTHS = (1.0, 2.0, 3.0)
+FASHION_RATES = (0.1, 0.5)  # bernoulli: drop rate; uout: beta (uout 0.5 adds the noise variance of bernoulli ~0.08)
 
 # The paper's CIFAR setting (Zagoruyko & Komodakis' WRN recipe): SGD, Nesterov momentum 0.9,
 # lr 0.1 divided at fixed milestones, 200 epochs, batch 128, weight decay 5e-4.

@@ -213,13 +213,20 @@ class Profile:
 
     `fixed` overrides fixed values; `axes` replaces axes of the same name (a new
     name is appended as a new axis); `links` merges, per axis value, over the
-    space's links.
+    space's links. `seeds` is how many replicates (seeds 0..seeds-1) `search.run`
+    trains of each configuration when `--seeds` is not given; seed 0 is the
+    profile's own trial, so its config hash does not change with `seeds`.
     """
 
     fixed: Mapping[str, Value] = field(default_factory=dict)
     axes: Mapping[str, AxisLike] = field(default_factory=dict)
     links: Links = field(default_factory=dict)
     text: str = ""
+    seeds: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise SpaceError(f"field 'seeds' = {self.seeds!r} is not allowed (allowed: an integer >= 1)")
 
 
 @dataclass(frozen=True)
@@ -296,6 +303,15 @@ class Space:
                 seen.add(k)
                 out.append(cfg)
         return out
+
+    def seeds(self, profile: str) -> int:
+        """Replicates per configuration that `search.run` trains by default (the profile's `seeds`).
+
+        Raises:
+            SpaceError: unknown profile.
+        """
+        self._resolve(profile)  # the one check (and message) for an unknown profile
+        return self.profiles[profile].seeds
 
     def axis_sizes(self, profile: str) -> dict[str, int]:
         """Grid values per axis, before conditions (their product bounds `size`)."""

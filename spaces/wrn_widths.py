@@ -5,7 +5,7 @@ dimension d grows; this space varies the WRN widen factor k to fit that.
 """
 from __future__ import annotations
 
-from ._defaults import DROPOUT_TYPES, PAPER, PLACEMENTS, QUICK, rate_axis
+from ._defaults import DROPOUT_TYPES, FASHION, FASHION_RATES, FASHION_WIDTHS, PAPER, PLACEMENTS, QUICK, rate_axis
 from ._registry import register_space
 from ._space import Profile, Space
 
@@ -23,11 +23,23 @@ def wrn_widths() -> Space:
             dropout_rate=rate_axis(),
         ),
         profiles=dict(
-            # 3 widths x (none + 3 placements x bernoulli@0.5) = 12 trials on a 2-core CPU.
+            # 3 widths x (none + 3 placements x bernoulli@0.5) = 12 configurations x 2 seeds = 24 trials
+            # on a 2-core CPU: two seeds give every accuracy cost an interval.
             quick=Profile(
                 fixed=dict(QUICK, depth=10),
                 axes=dict(width=[1.0, 2.0, 4.0], dropout_type=["bernoulli"], dropout_rate=rate_axis((0.5,))),
                 text="WRN-10-{1,2,4} on digits",
+                seeds=2,
+            ),
+            # Real images: 3 widths x (none + 3 placements x {bernoulli, uout} x 2 rates) = 39 configurations
+            # x 3 seeds = 117 trials, sized for <= 60 minutes on a 2-core CPU (FASHION in _defaults.py; width 4
+            # would cost a third more, measured there).
+            fashion=Profile(
+                fixed=dict(FASHION, depth=10),
+                axes=dict(width=list(FASHION_WIDTHS), dropout_placement=["none", "pre_bn", "pre_conv", "head"],
+                          dropout_type=["bernoulli", "uout"], dropout_rate=rate_axis(FASHION_RATES)),
+                text="WRN-10-{1,2,3} on Fashion-MNIST (16 px, 3000 training images, 3 epochs)",
+                seeds=3,
             ),
             # 5 widths x (none + 3 placements x 3 types x 4 rates) = 185 trials.
             paper=Profile(fixed=dict(PAPER, depth=28), text="WRN-28-{1,2,4,8,10} on CIFAR-10, 200 epochs"),

@@ -253,3 +253,62 @@ def test_bad_spaces_are_rejected_at_definition() -> None:
         def not_toy() -> Space:
             return _toy()
     assert "toy" not in list_spaces()
+
+
+# ------------------------------------------------------------------ profiles: seeds and the fashion study
+def _configs(*argv: str) -> list[dict]:
+    """The trial dicts `python -m search.run ARGV` would train (search.run's own parser and expansion)."""
+    from search.sweep.cli import _parser, build_configs
+
+    return build_configs(_parser().parse_args(list(argv)))[0]
+
+
+def test_profile_seeds_must_be_a_positive_integer() -> None:
+    assert Profile().seeds == 1 and get_space("smoke").seeds("quick") == 1
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(SpaceError) as e:
+            Profile(seeds=bad)
+        assert "field 'seeds'" in str(e.value) and repr(bad) in str(e.value) and "integer >= 1" in str(e.value)
+    with pytest.raises(SpaceError, match="did you mean 'quick'"):
+        get_space("wrn_widths").seeds("quik")
+
+
+def test_quick_runs_two_seeds_and_keeps_its_seed_zero_hashes() -> None:
+    import json
+    from pathlib import Path
+
+    space = get_space("wrn_widths")
+    assert space.seeds("quick") >= 2
+    grid = space.grid("quick")
+    configs = _configs("--space", "wrn_widths")  # no --seeds: the profile's
+    assert len(configs) == len(grid) * space.seeds("quick")
+    assert Counter(c["seed"] for c in configs) == {s: len(grid) for s in range(space.seeds("quick"))}
+    pinned = json.loads((Path(__file__).parent / "data" / "config_hashes.json").read_text())["wrn_widths/quick"]
+    seed0 = {TrialConfig.from_dict(c).config_hash for c in configs if c["seed"] == 0}
+    assert seed0 == set(pinned)  # adding seed 1 left the seed-0 trials (and their stored results) as they were
+    # --seeds overrides the profile; --set seed=N pins one seed (no replicates).
+    assert {c["seed"] for c in _configs("--space", "wrn_widths", "--seeds", "1")} == {0}
+    assert len(_configs("--space", "wrn_widths", "--seeds", "3")) == 3 * len(grid)
+    assert {c["seed"] for c in _configs("--space", "wrn_widths", "--set", "seed=5")} == {5}
+
+
+def test_fashion_profile_is_the_real_image_study() -> None:
+    space = get_space("wrn_widths")
+    grid = space.grid("fashion")
+    assert space.seeds("fashion") >= 3
+    assert {c["dataset"] for c in grid} == {"fashion_mnist"} and {c["in_chans"] for c in grid} == {1}
+    assert {c["dropout_placement"] for c in grid} == {"none", "pre_bn", "pre_conv", "head"}
+    widths = sorted({c["width"] for c in grid})
+    assert len(widths) >= 3 and widths[0] == 1.0
+    rates = {(c["dropout_type"], c["dropout_rate"]) for c in grid if c["dropout_placement"] != "none"}
+    kinds = {k for k, _ in rates}
+    assert kinds == {"bernoulli", "uout"} and all(1 <= sum(k == kind for k, _ in rates) <= 2 for kind in kinds)
+    # One baseline per width, every (placement, kind, rate) at every width: the cost of each has a partner.
+    assert Counter(c["width"] for c in grid if c["dropout_placement"] == "none") == {w: 1 for w in widths}
+    assert len(grid) == len(widths) * (1 + 3 * len(rates))
+    assert len({(c["train_samples"], c["epochs"], c["image_size"], c["probe_samples"]) for c in grid}) == 1
+    # Profiles of one space share its results and MLflow experiment: no fashion trial hashes like a quick one.
+    quick = {TrialConfig.from_dict(c).config_hash for c in space.grid("quick")}
+    assert not quick & {TrialConfig.from_dict(c).config_hash for c in grid}
+    configs = _configs("--space", "wrn_widths", "--profile", "fashion")
+    assert len(configs) == len(grid) * space.seeds("fashion")

@@ -15,7 +15,7 @@ from typing import Any
 
 from search.config import ConfigError, TrialConfig, parse_override
 
-__all__ = ["main", "build_configs"]
+__all__ = ["main", "build_configs", "resolve_seeds"]
 
 ALGOS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="grid", help="grid | random | optuna")
     p.add_argument("--samples", type=int, default=None, help="trials for random/optuna (default: grid size)")
     p.add_argument("--scheduler", default="fifo", help="fifo | asha (early-stops weak trials)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat every configuration with seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="repeat every configuration with seeds 0..N-1 (default: the profile's seeds, see --list)")
     p.add_argument("--search-seed", type=int, default=0, help="seed of the random/optuna sampler")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", default="0", help="fraction of a GPU per trial (0.25 packs 4 per GPU)")
@@ -75,6 +76,7 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
         raise UsageError(f"--profile {args.profile!r} is not a profile of space {args.space!r} "
                          f"(allowed: {', '.join(space.profiles)})")
     overrides = dict(parse_override(s) for s in args.set)
+    resolve_seeds(args)
     if args.data_dir:
         # A URI stays as typed: each node stages it to local disk (search/staging.py).
         overrides["data_dir"] = args.data_dir if "://" in args.data_dir else os.path.abspath(args.data_dir)
@@ -95,6 +97,22 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
     return configs, overrides
 
 
+def resolve_seeds(args: argparse.Namespace) -> int:
+    """Set `args.seeds` when --seeds was not given: the profile's seeds (spaces.Profile.seeds), or 1 when
+    `--set seed=N` pins the seed or the space/profile is unknown (build_configs then names the mistake)."""
+    if args.seeds is None:
+        from spaces import get_space
+
+        pinned = any(s.split("=", 1)[0].strip() == "seed" for s in args.set)
+        try:
+            space = get_space(args.space)
+        except ValueError:
+            space = None
+        ok = space is not None and args.profile in space.profiles and not pinned
+        args.seeds = space.seeds(args.profile) if ok else 1
+    return args.seeds
+
+
 def _list_spaces() -> None:
     from spaces import get_space, list_spaces
 
@@ -103,7 +121,9 @@ def _list_spaces() -> None:
         print(f"{name}: {s.description}")
         for prof in s.profiles:
             sizes = " x ".join(f"{k}={v}" for k, v in s.axis_sizes(prof).items())
-            print(f"  {prof:<6} {s.size(prof):>5} trials   axes: {sizes}")
+            n, k = s.size(prof), s.seeds(prof)
+            count = f"{n:>5} trials" if k == 1 else f"{n:>5} configurations x {k} seeds = {n * k} trials"
+            print(f"  {prof:<6} {count}   axes: {sizes}")
 
 
 def _print_table(configs: list[dict[str, Any]]) -> None:
@@ -156,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.space:
             raise UsageError("--space is required (see --list)")
         _validate(args)
+        resolve_seeds(args)
         gpus = _gpus(args.gpus_per_trial)
         ablation = None
         if args.ablate is not None:
