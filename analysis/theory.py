@@ -30,7 +30,7 @@ from search import registry
 __all__ = [
     "shift_case_a", "shift_case_b", "shift_gaussian", "shift_uout", "shift_uout_case_b",
     "unit_train_var", "paper_shift", "predict_delta", "predict_layer_shift",
-    "closed_form_kinds", "placement_cases", "noise_var",
+    "closed_form_kinds", "placement_cases", "noise_var", "rho_from_variance", "exact_train_var",
 ]
 
 
@@ -255,3 +255,40 @@ def predict_layer_shift(kind: str, placement: str, rate: ArrayLike, c: ArrayLike
         ValueError: unknown kind or placement, or rate outside [0, 1).
     """
     return paper_shift(predict_delta(kind, placement, rate, c, v, d, cos2, rho))
+
+
+# ------------------------------------------------ case (b) from measured quantities (PAPER.md)
+def rho_from_variance(var_out: ArrayLike, v: float, sq: ArrayLike, D: ArrayLike) -> float:
+    """Effective input correlation from eval-mode output variances (the probe's estimator).
+
+    Model: Var(Wx)_j = v ||w_j||^2 (1 + rho (D_j - 1)), D_j = (sum_i w_ji)^2 / ||w_j||^2, for inputs
+    of equal variance v and equal pairwise correlation rho. Least squares over output units j of
+    b_j = Var_j - v ||w_j||^2 on a_j = v ||w_j||^2 (D_j - 1): rho = sum a b / sum a^2. Real inputs
+    are neither equal-variance nor equicorrelated, and a conv's zero padding drops border taps: the
+    estimate is the rho that makes the paper's model reproduce the measured variances.
+
+    Args:
+        var_out: per-unit eval-mode variance of the weight layer's output.
+        v: the mean variance of its inputs.
+        sq: per-unit ||w_j||^2.
+        D: per-unit D_j (= d cos^2 theta_j).
+
+    Returns:
+        rho (NaN when every D_j = 1 leaves it unidentified).
+    """
+    var_out, sq, D = (np.asarray(a, float) for a in (var_out, sq, D))
+    a, b = v * sq * (D - 1.0), var_out - v * sq
+    ok = np.isfinite(a) & np.isfinite(b)
+    den = float((a[ok] ** 2).sum())
+    return float((a[ok] * b[ok]).sum() / den) if den > 0 else float("nan")
+
+
+def exact_train_var(var_test: ArrayLike, k: ArrayLike, sq_moment: ArrayLike) -> np.ndarray:
+    """PAPER.md's exact form: Var_train(X_j) = Var_test(X_j) + k sum_i w_ji^2 E[x_i^2].
+
+    Args:
+        var_test: eval-mode variance of the unit.
+        k: the kind's noise variance (`noise_var`).
+        sq_moment: sum_i w_ji^2 E[x_i^2] (for a conv: the mean of conv2d(x^2, w^2); case (a): E[x^2]).
+    """
+    return _out(np.asarray(np.asarray(var_test, float) + np.asarray(k, float) * np.asarray(sq_moment, float)))

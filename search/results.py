@@ -6,10 +6,15 @@ can read and write them without loading a deep-learning stack.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["LayerShift", "TrialResult", "STATUSES", "Status"]
+__all__ = ["LayerShift", "TrialResult", "STATUSES", "Status", "noise_floor", "FLOOR_LIMIT"]
+
+# A noise-free BN layer's shift above this means its running statistics have not caught up with the
+# weights (momentum 0.1 lags the last steps' drift); docs/theory.md, "Noise floor".
+FLOOR_LIMIT = 1.10
 
 Status = Literal["ok", "diverged", "failed", "stopped"]
 STATUSES: tuple[str, ...] = ("ok", "diverged", "failed", "stopped")  # stopped: early-stopped by ASHA
@@ -36,6 +41,15 @@ class LayerShift:
     shift_channelwise: float
     real_mean: float = float("nan")  # channel mean of the input's mean in eval mode (PAPER's c)
     cos2: float = float("nan")  # mean over output channels of cos^2 between the feeding weight and all-ones
+    # The mechanism (search/trial/mechanism.py, docs/theory.md). Where a quantity does not apply: NaN.
+    c_in: float = float("nan")  # fed BNs: channel mean of the feeding dropout's input mean (eval mode; PAPER's c)
+    v_in: float = float("nan")  # fed BNs: channel mean of that input's variance (PAPER's v)
+    d_cos2: float = float("nan")  # mean over output units j of D_j = (sum_i w_ji)^2 / ||w_j||^2 = d cos^2 theta
+    rho: float = float("nan")  # fed BNs: effective input correlation of the feeding weight layer (least squares)
+    shift_frozen: float = float("nan")  # measured: Var(BN input), dropout on and BN frozen / Var in eval mode
+    shift_theory: float = float("nan")  # predicted shift_frozen from eval-mode quantities: 1 + local + inherited
+    excess_local: float = float("nan")  # the theory's extra variance from the dropout feeding this BN / Var_eval
+    excess_inherited: float = float("nan")  # ... from earlier dropouts (the residual stream, concatenation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -57,6 +71,11 @@ class TrialResult:
     max_shift: float = float("nan")
     mean_shift_fed: float = float("nan")  # mean over BN layers fed by dropout
     mean_shift_reest: float = float("nan")  # after re-estimation (should be ~1)
+    # The noise floor (docs/theory.md): mean `shift` over BN layers no dropout noise reaches (shift_theory == 1),
+    # before and after re-estimation; above FLOOR_LIMIT the running statistics have not converged.
+    shift_floor: float = float("nan")
+    shift_floor_reest: float = float("nan")
+    bn_unconverged: bool = False
     throughput: float = float("nan")  # training images / s, excluding evaluation
     wall_time_s: float = float("nan")
     train_time_s: float = float("nan")
@@ -69,9 +88,14 @@ class TrialResult:
 
     SUMMARY_KEYS = (
         "test_acc", "test_loss", "test_acc_reest", "test_loss_reest", "train_loss", "train_acc",
-        "mean_shift", "max_shift", "mean_shift_fed", "mean_shift_reest", "throughput",
+        "mean_shift", "max_shift", "mean_shift_fed", "mean_shift_reest", "shift_floor", "shift_floor_reest",
+        "bn_unconverged", "throughput",
         "wall_time_s", "train_time_s", "probe_time_s", "params", "epochs_completed",
     )
+
+    def __post_init__(self) -> None:
+        flag = self.bn_unconverged  # MLflow gives the flag back as 0.0 / 1.0 (NaN: never computed)
+        self.bn_unconverged = bool(flag) and flag == flag
 
     def summary(self) -> dict[str, float]:
         """The numeric summary metrics as a flat dict."""
@@ -87,3 +111,21 @@ class TrialResult:
         d = dict(d)
         layers = [LayerShift(**x) for x in d.pop("layers", [])]
         return cls(**d, layers=layers)
+
+
+def noise_floor(layers: list[LayerShift], after: list[LayerShift] | None = None) -> tuple[float, float, bool]:
+    """(floor, floor after re-estimation, unconverged) over the BN layers no dropout noise reaches.
+
+    Those are the layers whose theory predicts no extra variance (shift_theory == 1: every
+    layer of a `none` trial, and the layers before the first dropout); without the mechanism
+    columns, the layers not fed by dropout. NaN floor (and not flagged) when there is none.
+    """
+    def quiet(x: LayerShift) -> bool:
+        if x.shift_theory == x.shift_theory:  # not NaN
+            return abs(x.shift_theory - 1.0) < 1e-9
+        return not x.fed_by_dropout
+
+    idx = [i for i, x in enumerate(layers) if quiet(x) and math.isfinite(x.shift)]
+    floor = sum(layers[i].shift for i in idx) / len(idx) if idx else math.nan
+    post = [after[i].shift for i in idx if after is not None and i < len(after) and math.isfinite(after[i].shift)]
+    return floor, (sum(post) / len(post) if post else math.nan), bool(idx) and floor > FLOOR_LIMIT

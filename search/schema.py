@@ -35,7 +35,8 @@ ID_FIELDS = [
 ]
 CONFIG_FIELDS = [pa.field(f.name, _arrow_type(f.type)) for f in dataclasses.fields(TrialConfig)]
 METRIC_FIELDS = [
-    pa.field(k, pa.int64() if k in ("params", "epochs_completed") else pa.float64())
+    pa.field(k, pa.int64() if k in ("params", "epochs_completed") else pa.bool_() if k == "bn_unconverged"
+             else pa.float64())
     for k in TrialResult.SUMMARY_KEYS
 ]
 # `ran_on` is where the trial ran (e.g. cuda:0); `device` is what the config asked for.

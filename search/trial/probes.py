@@ -49,6 +49,7 @@ class _Site:
 
     weight: nn.Module | None  # last Conv/Linear executed before it
     fed_by_dropout: bool
+    dropout: nn.Module | None = None  # the last dropout module run since the previous BN
 
 
 class _Trace:
@@ -58,7 +59,7 @@ class _Trace:
         self.order: list[nn.Module] = []
         self.sites: dict[nn.Module, _Site] = {}
         self._last_weight: nn.Module | None = None
-        self._dropout = False
+        self._dropout: nn.Module | None = None
         self._handles = []
         for m in model.modules():
             if isinstance(m, _BatchNorm):
@@ -71,14 +72,14 @@ class _Trace:
     def _on_bn(self, module: nn.Module, _args: Any) -> None:
         if module not in self.sites:  # a BN called twice keeps its first position
             self.order.append(module)
-            self.sites[module] = _Site(self._last_weight, self._dropout)
-        self._dropout = False
+            self.sites[module] = _Site(self._last_weight, self._dropout is not None, self._dropout)
+        self._dropout = None
 
     def _on_weight(self, module: nn.Module, _args: Any, _out: Any) -> None:
         self._last_weight = module
 
-    def _on_dropout(self, _module: nn.Module, _args: Any, _out: Any) -> None:
-        self._dropout = True
+    def _on_dropout(self, module: nn.Module, _args: Any, _out: Any) -> None:
+        self._dropout = module
 
     def stop(self) -> None:
         for h in self._handles:
@@ -183,18 +184,61 @@ def _shift(real: float, moving: float) -> float:
     return math.inf if (real > 0) != (moving > 0) else math.nan
 
 
+class _Gated(_Moments):
+    """_Moments that count only while `on` (the mechanism's subset of batches); input or output of a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on, self.enabled = False, True
+
+    def pre(self, module: nn.Module, args: tuple) -> None:
+        if self.on:
+            self(module, args)
+
+    def post(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self.on:
+            self(module, (out,))
+
+
+@dataclass
+class _Mechanism:
+    """The mechanism probe's state: gated statistics over every `every`-th batch, then the frozen pass."""
+
+    every: int
+    bn_eval: dict  # BN -> _Gated of its input (eval mode, subset)
+    drop_in: dict  # dropout -> _Gated of its input
+    w_in: dict  # weight layer -> _Gated of its input
+    w_out: dict  # weight layer -> _Gated of its output
+    propagator: Any = None  # mechanism.NoisePropagator, None when the model does not trace
+    batches: list = None  # the subset's inputs, for the frozen pass
+    frozen: dict = None  # BN -> _Moments of its input in the frozen pass
+
+    def gates(self) -> list[_Gated]:
+        return [*self.bn_eval.values(), *self.drop_in.values(), *self.w_in.values(), *self.w_out.values()]
+
+
 @torch.no_grad()
-def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.device | str | None) -> list[LayerShift]:
-    """Variance shift at every BatchNorm layer, in execution order.
+def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.device | str | None, *,
+                           mechanism: bool = True, every: int = 8) -> list[LayerShift]:
+    """Variance shift at every BatchNorm layer, in execution order, and the mechanism behind it.
 
     The model runs in eval mode (dropout off, BN on running statistics) over
     every batch of `loader`; each BN's input is summarised per channel on the
     fly. The previous train/eval mode of every module is restored afterwards.
 
+    With `mechanism`, every `every`-th batch (the first included) also feeds the
+    mechanism probe (search/trial/mechanism.py): the eval-mode moments of each
+    feeding dropout's input (c_in, v_in) and weight layer (rho), the theory's
+    propagated noise (shift_theory, excess_local, excess_inherited), and then the
+    frozen measurement on those same batches (shift_frozen: dropout on, BN frozen,
+    fixed seed) over their eval-mode variance.
+
     Args:
         model: any nn.Module with BatchNorm layers (`_BatchNorm` subclasses).
         loader: iterable of (x, y) batches (or bare x); x is moved to `device`.
         device: where to run; None leaves x where it is.
+        mechanism: also run the mechanism probe (the shift probe after BN re-estimation skips it).
+        every: stride of the mechanism's batch subset (8: an eighth of the batches, the first included).
 
     Returns:
         One `LayerShift` per BN module, in the order the first forward calls
@@ -204,23 +248,39 @@ def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.dev
         where both variances are > 0.
 
     Raises:
-        ValueError: `loader` yielded no batch.
+        ValueError: `loader` yielded no batch, or `every` < 1.
     """
+    if every < 1:
+        raise ValueError(f"argument 'every' = {every!r} is invalid: must be an int >= 1")
     names = {m: n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
     if not names:
         return []
     moments = {m: _Moments() for m in names}
     trace = _Trace(model)
     handles = [m.register_forward_pre_hook(moments[m]) for m in names]
+    mech = _start_mechanism(model, names, every) if mechanism else None
+    if mech is not None:
+        handles += _mechanism_hooks(mech)
     modes = _modes(model)
     batches = 0
     try:
         model.eval()
         for batch in loader:
-            model(_inputs(batch, device))
+            x = _inputs(batch, device)
+            if mech is not None and batches % every == 0:
+                _subset_forward(mech, model, x)
+            else:
+                model(x)
             if batches == 0:
                 trace.stop()  # structure is known after one forward; keep later batches lean
+                if mech is not None:
+                    _prune(mech, trace, handles)
             batches += 1
+        if mech is not None and batches:
+            for h in handles:  # the eval-mode statistics are complete; the frozen pass must not add to them
+                h.remove()
+            handles.clear()
+            _frozen(mech, model, trace)
     finally:
         trace.stop()
         for h in handles:
@@ -235,8 +295,117 @@ def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.dev
     for index, bn in enumerate(order):
         site = trace.sites.get(bn, _Site(None, False))
         fan_in, cos2 = _feeding(site.weight)
-        records.append(_record(names[bn], index, n, bn, moments[bn], fan_in, site.fed_by_dropout, cos2))
+        rec = _record(names[bn], index, n, bn, moments[bn], fan_in, site.fed_by_dropout, cos2)
+        if mech is not None:
+            _mechanism_fields(rec, mech, bn, site)
+        records.append(rec)
     return records
+
+
+def _start_mechanism(model: nn.Module, names: dict, every: int) -> _Mechanism:
+    from search.trial import mechanism as M
+
+    drops = [m for m in model.modules() if is_active_dropout(m)]
+    weights = [m for m in model.modules() if _is_weight_layer(m)] if drops else []
+    mech = _Mechanism(every, {m: _Gated() for m in names}, {m: _Gated() for m in drops},
+                      {m: _Gated() for m in weights}, {m: _Gated() for m in weights}, batches=[])
+    if drops:
+        gm = M.trace_graph(model)
+        mech.propagator = M.NoisePropagator(gm, list(names)) if gm is not None else None
+        if mech.propagator is not None:
+            for rec in mech.propagator.records.values():
+                rec.shifted = _Moments()
+    return mech
+
+
+def _mechanism_hooks(mech: _Mechanism) -> list:
+    hs = [m.register_forward_pre_hook(g.pre) for d in (mech.bn_eval, mech.drop_in, mech.w_in) for m, g in d.items()]
+    return hs + [m.register_forward_hook(g.post) for m, g in mech.w_out.items()]
+
+
+def _prune(mech: _Mechanism, trace: _Trace, handles: list) -> None:
+    """After the first batch: keep weight/dropout statistics only for the modules that feed a BN fed by dropout."""
+    fed = [s for s in trace.sites.values() if s.fed_by_dropout]
+    keep_w = {s.weight for s in fed if s.weight is not None}
+    keep_d = {s.dropout for s in fed if s.dropout is not None}
+    for table, keep in ((mech.w_in, keep_w), (mech.w_out, keep_w), (mech.drop_in, keep_d)):
+        for m in [m for m in table if m not in keep]:
+            table[m].enabled = False  # its hook stays (cheap to leave) but counts nothing more
+
+
+def _subset_forward(mech: _Mechanism, model: nn.Module, x: torch.Tensor) -> None:
+    for g in mech.gates():
+        g.on = g.enabled
+    if mech.propagator is not None:
+        mech.propagator.propagate(x)
+    else:
+        model(x)
+    for g in mech.gates():
+        g.on = False
+    if mech.drop_in:
+        mech.batches.append(x)
+
+
+def _frozen(mech: _Mechanism, model: nn.Module, trace: _Trace) -> None:
+    from search.trial.mechanism import frozen_pass
+
+    mech.frozen = {m: _Moments() for m in mech.bn_eval}
+    if mech.batches:
+        frozen_pass(model, mech.batches, mech.frozen)
+    mech.batches = []
+
+
+def _mechanism_fields(rec: LayerShift, mech: _Mechanism, bn: nn.Module, site: _Site) -> None:
+    """Fill the mechanism columns of one BN record (NaN where a quantity does not apply or was not measured)."""
+    from search.trial.mechanism import d_cos2
+
+    ev = mech.bn_eval[bn].variance()
+    if site.weight is not None and getattr(site.weight, "weight", None) is not None and \
+            not (isinstance(site.weight, _ConvNd) and site.weight.transposed):
+        sq, dj = d_cos2(site.weight.weight)
+        rec.d_cos2 = float(dj[torch.isfinite(dj)].mean()) if bool(torch.isfinite(dj).any()) else math.nan
+        if site.fed_by_dropout and site.weight in mech.w_in:
+            rec.rho = _rho(mech.w_in[site.weight], mech.w_out[site.weight], sq, dj)
+    if site.fed_by_dropout and site.dropout in mech.drop_in:
+        m = mech.drop_in[site.dropout]
+        if m.mean is not None:
+            rec.c_in, rec.v_in = float(m.mean.mean()), float(m.variance().mean())
+    if ev is None or not mech.drop_in:
+        if ev is not None:  # no active dropout: nothing injects noise, the frozen pass is the eval pass
+            rec.shift_frozen = rec.shift_theory = 1.0
+            rec.excess_local = rec.excess_inherited = 0.0
+        return
+    base = float(ev.sum())
+    fz = mech.frozen[bn].variance()
+    if fz is not None and base > 0:
+        rec.shift_frozen = float(fz.sum()) / base
+    if mech.propagator is not None and bn in mech.propagator.records:
+        noise = mech.propagator.records[bn]
+        total, local = noise.mean()
+        shifted = noise.shifted.variance() if noise.shifted is not None else None
+        if total is not None and shifted is not None and base > 0:
+            # Var_frozen = Var_data(x + mean shift) + E[noise variance]; the local part is exact, the rest inherited.
+            rec.shift_theory = (float(shifted.sum()) + float(total.sum())) / base
+            rec.excess_local = float(local.sum()) / base
+            rec.excess_inherited = rec.shift_theory - 1.0 - rec.excess_local
+
+
+def _rho(w_in: _Moments, w_out: _Moments, sq: torch.Tensor, dj: torch.Tensor) -> float:
+    """Least-squares rho of Var(Wx)_j = v ||w_j||^2 (1 + rho (D_j - 1)) over output units j.
+
+    v is the channel mean of the weight layer's input variance (eval mode): the paper's
+    equal-variance, equicorrelated model. rho is *effective*: it also absorbs unequal
+    input variances, correlation that differs across taps, and a conv's zero padding.
+    """
+    vin, vout = w_in.variance(), w_out.variance()
+    if vin is None or vout is None or vout.numel() != sq.numel():
+        return math.nan
+    v = float(vin.mean())
+    a = v * sq.to(vout.device) * (dj.to(vout.device) - 1.0)
+    b = vout - v * sq.to(vout.device)
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    den = float((a[ok] ** 2).sum())
+    return float((a[ok] * b[ok]).sum()) / den if den > 0 else math.nan
 
 
 def _record(name: str, index: int, n: int, bn: _BatchNorm, mom: _Moments, fan_in: int | None,

@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from search.config import ConfigError, TrialConfig, parse_value
-from search.results import TrialResult
+from search.results import TrialResult, noise_floor
 
 __all__ = ["run_trial", "main"]
 
@@ -71,7 +71,7 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
             result.test_loss, result.test_acc = evaluate(model, data.test, device, amp=amp)
         reestimate_bn(model, probe_data, device)
         result.test_loss_reest, result.test_acc_reest = evaluate(model, data.test, device, amp=amp)
-        after = measure_variance_shift(model, probe_data, device)
+        after = measure_variance_shift(model, probe_data, device, mechanism=False)
         result.probe_time_s = time.perf_counter() - t_probe
         _summarise_shift(result, after)
     if device.type == "cuda":
@@ -103,6 +103,7 @@ def _summarise_shift(result: TrialResult, after: list) -> None:
     result.max_shift = max(shifts) if shifts else float("nan")
     result.mean_shift_fed = sum(fed) / len(fed) if fed else float("nan")
     result.mean_shift_reest = sum(reest) / len(reest) if reest else float("nan")
+    result.shift_floor, result.shift_floor_reest, result.bn_unconverged = noise_floor(result.layers, after)
 
 
 # ---------------------------------------------------------------------- CLI
