@@ -15,7 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
@@ -29,6 +30,26 @@ __all__ = ["Figure", "write_figures"]
 PLACEMENT_ORDER = ("none", "pre_bn", "pre_conv", "head")
 COLORS = {"none": "black", "pre_bn": "tab:red", "pre_conv": "tab:blue", "head": "tab:green"}
 LAYER_CONTEXT = ("backbone", "depth", "dataset")  # context columns the layers table carries
+LEGEND = dict(fontsize=8, framealpha=0.85)  # 8 pt: readable when a panel is printed at a column's width
+PLACEMENT_LABELS = {"none": "no dropout", "pre_bn": "dropout before BN (pre_bn)",
+                    "pre_conv": "dropout before conv (pre_conv)", "head": "dropout before the classifier (head)"}
+# Human axis labels for the columns a figure may put on an axis.
+AXIS_LABELS = {"mean_shift_fed": "mean variance shift, BN layers fed by dropout",
+               "mean_shift": "mean variance shift over BN layers", "max_shift": "largest variance shift of a BN layer"}
+
+
+def _ci_text(lo: float, hi: float, nd: int = 2) -> str:
+    """" [lo, hi]", or nothing when the interval is undefined (too few points): never "[nan, nan]"."""
+    return f" [{lo:.{nd}f}, {hi:.{nd}f}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+
+
+def _log_ticks_at(axis, values) -> None:
+    """Label a log axis at the data's own values when they are few (a short log range has no labelled decade)."""
+    vals = sorted({float(v) for v in values if np.isfinite(v) and v > 0})
+    if 0 < len(vals) <= 8:
+        axis.set_major_locator(FixedLocator(vals))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
 
 
 @dataclass(frozen=True)
@@ -53,8 +74,8 @@ def write_figures(a: Analysis, folder: str, *, max_points: int = 4000, seed: int
     return figs
 
 
-def _grid(rows: int, cols: int, w: float = 3.6, h: float = 3.0):
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+def _grid(rows: int, cols: int, w: float = 3.6, h: float = 3.0, **share: object):
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False, **share)
     return fig, axes
 
 
@@ -67,7 +88,10 @@ def _shift_by_layer(a: Analysis, **_: object):
     if L.num_rows == 0:
         return
     keys = list(LAYER_CONTEXT) + ["dropout_type", "dropout_placement", "dropout_rate", "width", "index"]
-    agg = L.group_by(keys).aggregate([("shift", "mean")]).sort_by([(k, "ascending") for k in keys])
+    L = L.set_column(L.schema.get_field_index("fed_by_dropout"), "fed_by_dropout",
+                     pc.fill_null(L.column("fed_by_dropout"), False))
+    agg = L.group_by(keys).aggregate([("shift", "mean"), ("fed_by_dropout", "max")]).sort_by(
+        [(k, "ascending") for k in keys])
     rows = agg.to_pylist()
     ctx_vary = [k for k in LAYER_CONTEXT if len({r[k] for r in rows}) > 1]
     types = sorted({r["dropout_type"] for r in rows if r["dropout_placement"] != "none"}) or ["bernoulli"]
@@ -76,28 +100,46 @@ def _shift_by_layer(a: Analysis, **_: object):
     cmap = plt.get_cmap("viridis")
     styles = ["-", "--", ":", "-."]
     for dtype in types:
-        fig, axes = _grid(1, len(placements))
-        for ax, pl in zip(axes[0], placements):
+        # One y-scale for all panels: the placements compare by height at a glance. Two panels a row:
+        # the figure stays near a page's width, so its 8-pt text is still ~6 pt in the PDF.
+        ncol = min(len(placements), 2)
+        fig, axes = _grid(-(-len(placements) // ncol), ncol, w=3.4, h=2.6, sharey=True)
+        for ax in axes.flat[len(placements):]:
+            ax.set_visible(False)
+        for ax, pl in zip(axes.flat, placements):
             sel = [r for r in rows if r["dropout_placement"] == pl and (pl == "none" or r["dropout_type"] == dtype)]
-            series: dict[tuple, list[tuple[int, float]]] = {}
+            series: dict[tuple, list[tuple[int, float, bool]]] = {}
             for r in sel:
                 series.setdefault((tuple(r[k] for k in ctx_vary), r["dropout_rate"], r["width"]), []).append(
-                    (r["index"], r["shift_mean"]))
+                    (r["index"], r["shift_mean"], bool(r["fed_by_dropout_max"])))
             rates = sorted({k[1] for k in series})
+            any_fed = False
             for (ctx, rate, width), pts in series.items():
-                x, y = zip(*sorted(pts))
+                x, y, fed = zip(*sorted(pts))
                 color = cmap(widths.index(width) / max(len(widths) - 1, 1))
-                label = f"w={fmt_width(width)}" + (f" r={rate:g}" if len(rates) > 1 else "") + (
-                    f" {'/'.join(map(str, ctx))}" if ctx else "")
+                label = f"width {fmt_width(width)}" + (f", rate {rate:g}" if len(rates) > 1 else "") + (
+                    f", {'/'.join(map(str, ctx))}" if ctx else "")
                 ax.plot(x, y, styles[rates.index(rate) % 4], color=color, marker=".", label=label, lw=1)
-            ax.axhline(1.0, color="grey", lw=0.5)
-            ax.set_title(f"{pl}" + ("" if pl == "none" else f" ({dtype})"))
-            ax.set_xlabel("BN layer index")
+                fx = [xi for xi, f in zip(x, fed) if f]
+                if fx:  # the BN layers dropout feeds: a ring around their points
+                    any_fed = True
+                    ax.scatter(fx, [yi for yi, f in zip(y, fed) if f], s=46, facecolors="none",
+                               edgecolors="tab:red", linewidths=1.2, zorder=3)
+            ax.axhline(1.0, color="grey", lw=0.6, ls="--")
+            ax.set_title(PLACEMENT_LABELS.get(pl, pl), fontsize=9)
+            ax.set_xlabel("BN layer (execution order)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            handles, _ = ax.get_legend_handles_labels()
+            if any_fed:
+                handles.append(Line2D([], [], ls="none", marker="o", ms=7, mfc="none", mec="tab:red",
+                                      label="fed by dropout"))
             if len(series) <= 12:
-                ax.legend(fontsize=6)
-        axes[0][0].set_ylabel("variance shift (mean over seeds)")
-        yield (f"shift_by_layer_{dtype}", f"Variance shift at each BN layer, {dtype} dropout, per placement; "
-               "lines: width (colour) and rate (style), mean over seeds", fig)
+                ax.legend(handles=handles, **LEGEND)
+        for row in axes:
+            row[0].set_ylabel("variance shift\n(mean over seeds)")
+        yield (f"shift_by_layer_{dtype}", f"Variance shift at each BN layer, {dtype} dropout, one panel per "
+               "placement on one y-scale; lines: width (colour) and rate (style), mean over seeds; red rings: BN "
+               "layers fed by dropout; dashed: no shift (1)", fig)
 
 
 def _shift_vs_dim(a: Analysis, *, max_points: int, seed: int):
@@ -126,7 +168,7 @@ def _shift_vs_dim(a: Analysis, *, max_points: int, seed: int):
         ax.scatter(d[rows], s[rows] - 1.0, s=6, alpha=0.35, color=color)
         xs = np.geomspace(d[rows].min() if rows.size else 1, d[rows].max() if rows.size else 10, 20)
         ax.plot(xs, np.exp(f.intercept) * xs**f.slope, color=color, lw=1.5,
-                label=f"rate {f.dropout_rate:g}: slope {f.slope:.2f} [{f.slope_ci[0]:.2f}, {f.slope_ci[1]:.2f}]")
+                label=f"rate {f.dropout_rate:g}: slope {f.slope:.2f}{_ci_text(*f.slope_ci)}")
         if math.isfinite(f.theory_slope):
             ax.plot(xs, np.exp(f.theory_intercept) * xs**f.theory_slope, "--", color=color, lw=1,
                     label=f"theory: slope {f.theory_slope:.2f}")
@@ -135,12 +177,13 @@ def _shift_vs_dim(a: Analysis, *, max_points: int, seed: int):
             ax = axes[i][j]
             ax.set_xscale("log")
             ax.set_yscale("log")
-            for axis in (ax.xaxis, ax.yaxis):  # minor labels on a short log range overlap
-                axis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{t}, {pl}")
+            ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels on a short log range overlap
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            _log_ticks_at(ax.xaxis, d)  # the tested d themselves, else a short range shows no label at all
+            ax.set_title(f"{t} dropout, placement {pl}", fontsize=9)
             ax.set_xlabel("feature dimension d (fan-in)")
-            ax.legend(fontsize=6)
-        axes[i][0].set_ylabel("shift - 1")
+            ax.legend(**LEGEND)
+        axes[i][0].set_ylabel("excess variance shift (shift - 1)")
     yield ("shift_vs_dim", "Excess variance shift (shift - 1) against the feature dimension d, log axes, BN layers "
            "fed by dropout; solid: least-squares fit (95% bootstrap CI of the slope); dashed: theory", fig)
 
@@ -177,9 +220,9 @@ def _accuracy_vs_width(a: Analysis, **_: object):
                 tested = sorted({k[3] for k in summary})
                 ax.set_xticks(tested, [fmt_width(w) for w in tested])
                 ax.xaxis.set_minor_formatter(NullFormatter())
-                ax.set_title(f"{dtype}, rate {rate:g}")
-                ax.set_xlabel("width")
-                ax.legend(fontsize=6)
+                ax.set_title(f"{dtype} dropout, rate {rate:g}", fontsize=9)
+                ax.set_xlabel("width multiplier")
+                ax.legend(**LEGEND)
             axes[i][0].set_ylabel("test accuracy (%)")
         label = _ctx_label(dict(zip(a.context, ckey)), a.context)
         stem = "accuracy_vs_width" + (f"_{ci + 1}" if len(ctx_keys) > 1 else "")
@@ -200,8 +243,8 @@ def _reestimation(a: Analysis, **_: object):
     ax.plot(lims, lims, color="grey", lw=0.8)
     ax.set_xlabel("test accuracy before (%)")
     ax.set_ylabel("after BN re-estimation (%)")
-    ax.set_title("per configuration (mean over seeds)")
-    ax.legend(fontsize=6)
+    ax.set_title("per configuration (mean over seeds)", fontsize=9)
+    ax.legend(**LEGEND)
     if a.correlation is not None:
         c, t = a.correlation, a.study.trials
         x, b, aft = t.column(c.x).to_numpy(), t.column("test_acc").to_numpy(), t.column("test_acc_reest").to_numpy()
@@ -211,9 +254,9 @@ def _reestimation(a: Analysis, **_: object):
             sel = (pl == p) & np.isfinite(x) & np.isfinite(aft - b)
             if sel.any():
                 ax.scatter(x[sel], 100 * (aft - b)[sel], s=8, color=COLORS[p], label=p, alpha=0.6)
-        ax.set_xlabel(c.x)
-        ax.set_ylabel("gain (pp)")
-        ax.set_title(f"r = {c.r:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}], n = {c.n}")
-        ax.legend(fontsize=6)
+        ax.set_xlabel(AXIS_LABELS.get(c.x, c.x.replace("_", " ")))
+        ax.set_ylabel("accuracy gain from re-estimation (pp)")
+        ax.set_title(f"Pearson r = {c.r:.2f}{_ci_text(c.ci_low, c.ci_high)}, n = {c.n}", fontsize=9)
+        ax.legend(**LEGEND)
     yield ("bn_reestimation", "BN re-estimation: accuracy before vs after per configuration (left, diagonal = no "
            "change) and the gain against the measured shift per dropout trial (right)", fig)
