@@ -3,24 +3,30 @@
 A study that is empty or unknown is one line on stderr and exit code 2, and
 nothing is written. A partial study is reported as far as it goes; what is
 missing is named. matplotlib is imported only when figures are drawn.
+Profiles of one space share its results folder: a report takes one profile per
+space (by default the one of its latest sweep, and says which), so e.g. digits
+and Fashion-MNIST trials are never pooled unless `--profile all` asks for it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from .guidelines import Analysis, Guideline, analyse, fmt_width, guidelines
 from .load import DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, varying
 
-__all__ = ["Table", "build_tables", "write_report", "main", "PAPER_REFERENCE"]
+__all__ = ["Table", "build_tables", "select_profile", "write_report", "main", "PAPER_REFERENCE"]
 
 NA = "n/a"
 # The paper's numbers (PAPER.md); they come from secondary summaries of the paper, not its PDF.
@@ -246,17 +252,106 @@ def tex_escape(text: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
+# Plain-text notation in tables and notes -> LaTeX math, matched before escaping the rest.
+_MATH = [(r"log\(shift - 1\) = a \+ b log d", r"$\log(\mathrm{shift} - 1) = a + b \log d$"),
+         (r"\bd cos\^2\(theta\)", r"$d\cos^2\theta$"), (r"\bcos\^2\(theta\)", r"$\cos^2\theta$"),
+         (r"\bcos\^2", r"$\cos^2$"), (r"\bR\^2", r"$R^2$"), (r"\beta\^2", r"$\eta^2$"),
+         (r"\b[A-Za-z]\^[+-]?\d+(?:\.\d+)?", lambda t: "${}^{{{}}}$".format(*t.split("^"))),  # d^-1.02
+         (r"\b(rho|beta|theta|eta)\b", None), (r"->", r"$\to$"), (r"<=", r"$\le$"), (r">=", r"$\ge$"),
+         (r"\+/-|±", r"$\pm$"), (r"(?<=\s)~(?=\s?\d)|^~(?=\d)", r"$\approx$"), (r"(?<![\w.])-(?=\d)", r"$-$"),
+         (r"(?<=\s)-(?=\s)", r"$-$"), (r"<", r"$<$"), (r">", r"$>$"), (r"_", r"\_\allowbreak{}")]
+_MATH_RE = re.compile("|".join(f"(?P<r{i}>{pat})" for i, (pat, _) in enumerate(_MATH)))
+
+
+def tex_text(text: str) -> str:
+    """Escape `text` for LaTeX with its notation in math mode: R^2, eta^2, ->, <=, greek names, minus signs.
+
+    Underscores may break a line there (long identifiers in notes stay within the text width).
+    """
+    out, pos, text = [], 0, str(text)
+    for m in _MATH_RE.finditer(text):
+        out.append(tex_escape(text[pos:m.start()]))
+        rule = next(int(k[1:]) for k, v in m.groupdict().items() if v is not None)
+        rep = _MATH[rule][1]
+        out.append(f"$\\{m.group(0)}$" if rep is None else rep(m.group(0)) if callable(rep) else rep)
+        pos = m.end()
+    out.append(tex_escape(text[pos:]))
+    return "".join(out)
+
+
+_NUMERIC = re.compile(r"^([+-]?\d[\d.,]*(e[+-]?\d+)?%?|\[.*\]|n/a|)$")
+
+
+def _merge_ci(headers: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """Put each interval column beside its estimate ("0.52 [0.31, 0.70]"): fewer columns, as papers print them."""
+    heads, keep = list(headers), list(range(len(headers)))
+    body = [list(r) for r in rows]
+    for i in range(len(headers) - 1, 0, -1):
+        ci = re.search(r"\d+% CI", headers[i])
+        if ci and "CI" not in headers[i - 1] and all(r[i].startswith("[") or r[i] == NA for r in rows):
+            heads[i - 1] = f"{headers[i - 1]} [{ci.group(0)}]"
+            for r in body:
+                r[i - 1] = r[i - 1] if r[i] == NA else f"{r[i - 1]} {r[i]}"
+            keep.remove(i)
+    return [heads[k] for k in keep], [[r[k] for k in keep] for r in body]
+
+
+def _column_spec(rows: list[list[str]], n: int) -> str:
+    """`r` for numeric columns (numbers align on the right), `p{}` for long text (it wraps), `l` otherwise."""
+    spec = []
+    for j in range(n):
+        cells = [r[j] for r in rows]
+        if all(_NUMERIC.match(c.split(" [")[0]) for c in cells) and any(c[:1].isdigit() or c[:1] in "+-"
+                                                                       for c in cells):
+            spec.append("r")
+        elif max(len(c) for c in cells) > 40:
+            spec.append(f"p{{{min(0.5, 0.9 / n + 0.2):.2f}\\linewidth}}")
+        else:
+            spec.append("l")
+    return "".join(spec)
+
+
 def tex_table(t: Table) -> str:
-    """A booktabs table float, ready to \\input."""
+    """A booktabs table float, ready to \\input: numbers right-aligned, math in math mode, within the text width.
+
+    More than 10 columns are split into two stacked tabulars; one still wider than the text is scaled down
+    to the text width by graphicx's \\resizebox (only then: narrow tables keep their size).
+    """
     if not t.rows:
         return f"% {tex_escape(t.title)}: no rows\n"
-    head = " & ".join(tex_escape(h) for h in t.headers)
-    body = "\n".join(" & ".join(tex_escape(c) for c in r) + r" \\" for r in t.rows)
-    note = f"\n\\par\\footnotesize {tex_escape(t.note)}" if t.note else ""
+    headers, rows = _merge_ci(t.headers, t.rows)
+    # More than 10 columns do not fit a page at a readable size: the columns after the first three (what a
+    # row is) go into two tabulars, each repeating those three, stacked in the one float.
+    keys = 3 if len(headers) > 10 else len(headers)
+    rest = list(range(keys, len(headers)))
+    parts = [list(range(keys))] if not rest else [list(range(keys)) + rest[:(len(rest) + 1) // 2],
+                                                 list(range(keys)) + rest[(len(rest) + 1) // 2:]]
+    note = f"\n\\par\\smallskip\\raggedright\\footnotesize {tex_text(t.note)}\\par" if t.note else ""
     return (f"\\begin{{table}}[htbp]\n\\centering\\scriptsize\\setlength{{\\tabcolsep}}{{3pt}}\n"
-            f"\\caption{{{tex_escape(t.title)}}}\\label{{tab:{t.key.replace('_', '-')}}}\n"
-            f"\\begin{{tabular}}{{{'l' * len(t.headers)}}}\n\\toprule\n{head} \\\\\n\\midrule\n{body}\n"
-            f"\\bottomrule\n\\end{{tabular}}{note}\n\\end{{table}}\n")
+            f"\\caption{{{tex_text(t.title)}}}\\label{{tab:{t.key.replace('_', '-')}}}\n"
+            + "\\par\\medskip\n".join(_tabular([headers[j] for j in cols], [[r[j] for j in cols] for r in rows])
+                                       for cols in parts)
+            + f"{note}\n\\end{{table}}\n")
+
+
+def _tabular(headers: list[str], rows: list[list[str]]) -> str:
+    """One booktabs tabular, scaled down to the text width only if it is wider (graphicx's \\resizebox)."""
+    head = " & ".join(tex_text(h) for h in headers)
+    body = "\n".join(" & ".join(tex_text(c) for c in r) + r" \\" for r in rows)
+    return (f"\\resizebox{{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}}{{!}}{{%\n"
+            f"\\begin{{tabular}}{{{_column_spec(rows, len(headers))}}}\n\\toprule\n{head} \\\\\n\\midrule\n{body}\n"
+            f"\\bottomrule\n\\end{{tabular}}}}\n")
+
+
+def tex_figure(stem: str, caption: str) -> str:
+    """A figure float for figures/<stem>.pdf (pdflatex picks the PDF; the PNG is for report.md)."""
+    return (f"\\begin{{figure}}[htbp]\n\\centering\n"
+            f"\\includegraphics[width=\\linewidth,height=0.75\\textheight,keepaspectratio]{{figures/{stem}}}\n"
+            f"\\caption{{{tex_text(caption)}}}\\label{{fig:{stem.replace('_', '-')}}}\n\\end{{figure}}\n")
+
+
+# The packages report.tex needs, stated in its first lines; tests/test_latex.py compiles it with exactly these.
+TEX_PREAMBLE = r"\usepackage{booktabs}\usepackage{graphicx}"
 
 
 SECTIONS = [  # (heading, table keys, figure stem prefixes)
@@ -269,8 +364,28 @@ SECTIONS = [  # (heading, table keys, figure stem prefixes)
 ]
 
 
-def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Guideline], figs: list[Any]) -> str:
-    """The whole report.md."""
+def code_versions_lines(trials: Any) -> list[str]:
+    """The report's "Code versions" lines: trials per code version (search.code_version), and a warning
+    when the study mixes versions (its numbers then come from different code)."""
+    col = trials.column("code_version").to_pylist() if "code_version" in trials.schema.names else []
+    counts: dict[str, int] = {}
+    for v in col:
+        key = v or "unrecorded (written before code versions were recorded)"
+        counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return []
+    out = ["**Code versions**", ""] + [f"- `{v}`: {n} trial(s)" for v, n in sorted(counts.items())] + [""]
+    if len(counts) > 1:
+        out += [f"> **Warning: mixed code versions.** These {sum(counts.values())} trials were produced by "
+                f"{len(counts)} code versions; a change in the trainer or the probes between them makes their "
+                "numbers incomparable. Rerun the sweep (it retrains trials of other code by default) or "
+                "restrict the study to one version.", ""]
+    return out
+
+
+def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Guideline], figs: list[Any],
+                    profile_text: str = "") -> str:
+    """The whole report.md; `profile_text` (from select_profile) goes into the setup."""
     by = {t.key: t for t in tables}
     fixed = [f"{k}={v}" for k in EXPERIMENT_FIELDS if k in full.trials.schema.names
              and len(vals := set(full.trials.column(k).to_pylist())) == 1 for v in vals]
@@ -278,8 +393,10 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
            f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {', '.join(full.paths)}.", "",
            "## Setup", "", f"Spaces: {', '.join(full.spaces)}; {full.trials.num_rows} trials, "
            f"{full.layers.num_rows} BN-layer rows. Fits use trials with status ok. Intervals are "
-           f"{a.level:.0%}, two-sided.", "", f"Fixed settings: {', '.join(fixed) or 'none'}.", "",
-           md_table(by["status"]), md_table(by["configs"])]
+           f"{a.level:.0%}, two-sided.", ""]
+    out += [profile_text, ""] if profile_text else []
+    out += [f"Fixed settings: {', '.join(fixed) or 'none'}.", "", md_table(by["status"]), md_table(by["configs"])]
+    out += code_versions_lines(full.trials)
     if a.notes:
         out += ["**What this study lacks, and what loading repaired**", ""] + [f"- {n}" for n in a.notes] + [""]
     out += ["## Guidelines (generated from the data)", ""]
@@ -300,15 +417,27 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
     return "\n".join(out)
 
 
-def render_tex(a: Analysis, full: Study, tables: list[Table], gls: list[Guideline]) -> str:
-    """report.tex: the guidelines and the tables (booktabs); \\input it into a document loading booktabs."""
-    out = [f"% Generated by analysis.report for {', '.join(full.spaces)}; \\input into a document that loads",
-           "% booktabs. Figures: figures/*.pdf beside this file.", ""]
+def render_tex(a: Analysis, full: Study, tables: list[Table], gls: list[Guideline], figs: Sequence[Any] = ()) -> str:
+    """report.tex: a paper-ready fragment (guidelines, then per section its tables and figure floats).
+
+    Its first lines state the preamble it needs (TEX_PREAMBLE) and where the figures are.
+    """
+    out = [f"% Generated by analysis.report for {', '.join(full.spaces)}: \\input{{report}} into a LaTeX document.",
+           f"% Preamble: {TEX_PREAMBLE}",
+           "% Figures: figures/<name>.pdf beside this file; from another folder add \\graphicspath{{<this folder>/}}.",
+           ""]
     if gls:
-        out += ["\\begin{itemize}"] + [f"  \\item {tex_escape(g.text)}." for g in gls] + ["\\end{itemize}", ""]
+        out += ["\\begin{itemize}"] + [f"  \\item {tex_text(g.text)}." for g in gls] + ["\\end{itemize}", ""]
     else:
         out += ["% No guideline: no fit has an interval that supports a statement.", ""]
-    out += [tex_table(t) for t in tables]
+    by, in_sections = {t.key: t for t in tables}, {k for _, keys, _ in SECTIONS for k in keys}
+    out += [tex_table(t) for t in tables if t.key not in in_sections]  # the setup: status, configurations
+    for heading, keys, stems in SECTIONS:
+        out.append(f"% --- {heading}")
+        out += [tex_table(by[k]) for k in keys if k in by]
+        out += [tex_figure(f.stem, f.caption) for f in figs if any(f.stem.startswith(s) for s in stems)]
+    placed_figs = {f.stem for f in figs if any(f.stem.startswith(s) for _, _, st in SECTIONS for s in st)}
+    out += [tex_figure(f.stem, f.caption) for f in figs if f.stem not in placed_figs]
     return "\n".join(out)
 
 
@@ -390,13 +519,20 @@ def select_profile(study: Study, profile: str | None = None) -> tuple[Study, str
 
 
 def write_report(spaces: str | Sequence[str], root: str = "results", out: str | None = None,
-                 tracking_uri: str | None = None, *, n_boot: int = 1000, seed: int = 0, figures: bool = True) -> str:
+                 tracking_uri: str | None = None, *, n_boot: int = 1000, seed: int = 0, figures: bool = True,
+                 profile: str | None = None, log: Callable[[str], None] | None = None) -> str:
     """Load, analyse and write report.md, report.tex and figures/; returns the output folder.
 
+    `profile` picks the trials (see `select_profile`; None: each space's latest sweep); `log` gets the
+    sentence saying which profile was reported (it is in report.md's setup too).
+
     Raises:
-        ValueError: the study is empty, unknown or unreadable (nothing is written then).
+        ValueError: the study is empty, unknown or unreadable, or has no trials of `profile` (nothing is
+            written then).
     """
-    study = load_study(spaces, root=root, tracking_uri=tracking_uri)
+    study, profile_text = select_profile(load_study(spaces, root=root, tracking_uri=tracking_uri), profile)
+    if log is not None:
+        log(profile_text)
     a = analyse(study, n_boot=n_boot, seed=seed)
     gls, tables = guidelines(a), build_tables(a, study)
     abl = ablation_table(study, root, level=a.level)
@@ -410,9 +546,9 @@ def write_report(spaces: str | Sequence[str], root: str = "results", out: str | 
         figs = write_figures(a, os.path.join(out, "figures"), seed=seed)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(render_markdown(a, study, tables, gls, figs))
+        fh.write(render_markdown(a, study, tables, gls, figs, profile_text=profile_text))
     with open(os.path.join(out, "report.tex"), "w", encoding="utf-8") as fh:
-        fh.write(render_tex(a, study, tables, gls))
+        fh.write(render_tex(a, study, tables, gls, figs))
     return out
 
 
@@ -439,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.n_boot < 100:
             raise ValueError(f"--n-boot must be >= 100, got {args.n_boot}")
         out = write_report(args.space, args.root, args.out, args.tracking_uri, n_boot=args.n_boot, seed=args.seed,
-                           figures=not args.no_figures)
+                           figures=not args.no_figures, profile=args.profile, log=print)
     except (ValueError, OSError) as exc:
         if args.debug:
             raise

@@ -69,7 +69,9 @@ def _runs(cwd: Path, space: str = SPACE) -> list:
         return []
     client = _client(cwd)
     exp = client.get_experiment_by_name(space)
-    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    # Trial runs only: each sweep also has a parent run (run_kind = sweep) holding its summary.
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return [r for r in runs if r.data.tags.get("run_kind") != "sweep"]
 
 
 def _dataset(root: Path, name: str, space: str = SPACE):

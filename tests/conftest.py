@@ -6,6 +6,8 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# The report a sweep attaches to its MLflow parent run costs ~8 s of CPU: only the tests of it ask for it.
+os.environ.setdefault("DBN_SWEEP_REPORT", "off")
 
 import pytest  # noqa: E402
 

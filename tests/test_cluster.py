@@ -181,7 +181,9 @@ def finished_runs(tmp: Path) -> list[Any]:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smoke")
-    return client.search_runs([exp.experiment_id], max_results=1000)
+    # Trial runs only: each sweep also has a parent run (run_kind = sweep) holding its summary.
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("run_kind") != "sweep"]
 
 
 def parquet_hashes(tmp: Path) -> list[str]:

@@ -111,7 +111,9 @@ def _runs(cwd: Path) -> list:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smoke")
-    return client.search_runs([exp.experiment_id], max_results=100)
+    # Trial runs only: each sweep also has a parent run (run_kind = sweep) holding its summary.
+    return [r for r in client.search_runs([exp.experiment_id], max_results=100)
+            if r.data.tags.get("run_kind") != "sweep"]
 
 
 @pytest.mark.slow

@@ -1,13 +1,19 @@
-"""MLflow tracking: one run per trial, written by one writer (the driver).
+"""MLflow tracking: one parent run per sweep, one child run per trial, written by one writer (the driver).
 
 MLflow is the source of truth; `rebuild_parquet` regenerates the Parquet
 datasets from it. The driver calls `Tracker` from a Ray Tune callback, so a
 sqlite store never sees concurrent writers.
+
+What the MLflow UI shows follows its conventions: the experiment (one per space)
+has a description; each sweep is a parent run (`run_kind=sweep`) holding the
+command line, the sweep summary and the report; each trial is its child
+(`mlflow.parentRunId`) with MLflow's `mlflow.user` / `mlflow.source.*` tags, its
+config as params, per-epoch series (step = epoch), each summary metric once, and
+a previewable per-layer view (PNG and table) beside `layers.parquet`.
 """
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 import tempfile
@@ -15,16 +21,28 @@ import time
 from typing import Any, Iterable
 
 from search.config import TrialConfig, parse_value
+from search.code_version import code_columns_from_tags, code_version
 from search.results import LayerShift, TrialResult
 from search.schema import layer_rows, trial_row
-from search.store import ResultStore
+from search.store import ResultStore, read_parts
 
-__all__ = ["Tracker", "rebuild_parquet", "package_versions", "DONE_STATUSES"]
+__all__ = ["Tracker", "rebuild_parquet", "package_versions", "run_name", "DONE_STATUSES", "KIND_TAG"]
 
 # A run with one of these statuses is a result: a rerun reuses it instead of training again.
 DONE_STATUSES = ("ok", "diverged", "stopped")
 _LAYERS_ARTIFACT = "layers.parquet"
-_EPOCH_NAMES = {"throughput": "epoch_throughput"}
+KIND_TAG = "run_kind"  # "sweep" on a sweep's parent run, "trial" on each trial's run
+# MLflow names that differ from TrialResult's: a metric called `params` reads like MLflow's own params.
+_METRIC_NAMES = {"params": "num_params"}
+# Summary keys the epoch series already determine: not logged as metrics of their own (they would
+# duplicate `throughput` / `epoch_time_s` of the series); rebuild_parquet derives them from the series.
+_FROM_SERIES = ("throughput", "train_time_s", "epochs_completed")
+_EXPERIMENT_NOTE = (
+    "Dropout x BatchNorm variance-shift ablation, space `{space}` (python -m search.run --space {space}). "
+    "Each sweep is a parent run (run_kind = sweep: command line, summary, report); each trial is a child run "
+    "(run_kind = trial) with its config as params, per-epoch series (step = epoch), summary metrics, and "
+    "artifacts shift_by_layer.png, layers.json (table view) and layers.parquet. "
+    "Filter with tags.run_kind = 'trial' to compare trials across sweeps.")
 
 
 def package_versions() -> dict[str, str]:
@@ -41,9 +59,31 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _quiet_migrations() -> None:
+    """Keep MLflow's and alembic's INFO lines about creating/migrating the store off stderr (warnings stay)."""
+    import logging
+
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.db_migrations"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _source_tags() -> dict[str, str]:
+    """MLflow's own provenance tags: who ran it and from which entry point ("Created by", "Source" in the UI)."""
+    import getpass
+
+    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER (some containers)
+        user = str(os.getuid())
+    return {MLFLOW_USER: user, MLFLOW_SOURCE_NAME: "search.run", MLFLOW_SOURCE_TYPE: "LOCAL"}
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
+    _quiet_migrations()
     if tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri[len("sqlite:///"):])
     try:
@@ -101,14 +141,23 @@ class Tracker:
     def __init__(self, tracking_uri: str, space: str, profile: str, root: str) -> None:
         self.tracking_uri, self.space, self.profile = tracking_uri, space, profile
         self.client = _client(tracking_uri)
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
         exp = self.client.get_experiment_by_name(space)
+        note = _EXPERIMENT_NOTE.format(space=space)
         if exp is None:
             self.experiment_id = self.client.create_experiment(
-                space, artifact_location=_artifact_location(tracking_uri))
+                space, artifact_location=_artifact_location(tracking_uri), tags={MLFLOW_RUN_NOTE: note})
         else:
             self.experiment_id = exp.experiment_id
+            if MLFLOW_RUN_NOTE not in exp.tags:  # a store from before descriptions; a user's own note stays
+                self.client.set_experiment_tag(self.experiment_id, MLFLOW_RUN_NOTE, note)
         self.store = ResultStore(root, space)
         self.versions = package_versions()
+        self.parent_id: str | None = None  # this sweep's parent run (open_sweep)
+        self._artifact_uri: dict[str, str] = {}  # run_id -> artifact URI, from create_run (saves a get_run)
+        self._previews: Any = None  # one background thread drawing the per-trial PNG and table (see _log_layers)
+        self.preview_errors: list[str] = []
 
     # ------------------------------------------------------------- queries
     def runs(self, status: str | None = None) -> list[Any]:
@@ -127,8 +176,11 @@ class Tracker:
         return done
 
     def close_stale(self) -> int:
-        """Mark runs left RUNNING by a killed driver as KILLED; returns how many."""
-        stale = self.runs("RUNNING")
+        """Mark trial runs left RUNNING by a killed driver as KILLED; returns how many.
+
+        A sweep's parent run left RUNNING is `open_sweep`'s to close or resume.
+        """
+        stale = [r for r in self.runs("RUNNING") if r.data.tags.get(KIND_TAG) != "sweep"]
         # A killed driver may have written a stale run's Parquet rows just before dying.
         self.store.drop_runs({r.info.run_id for r in stale})
         for r in stale:
@@ -137,45 +189,91 @@ class Tracker:
         return len(stale)
 
     # ------------------------------------------------------------- writing
-    def start(self, cfg: TrialConfig, *, trial_id: str = "", algo: str = "") -> str:
+    def open_sweep(self, *, algo: str, command: str, params: dict[str, Any] | None = None,
+                   resume: bool = False) -> str:
+        """Create this sweep's parent run, or with `resume` reopen the latest one of this profile and algo.
+
+        Every trial run `start` creates afterwards is its child. A parent left RUNNING by a killed
+        driver is reopened by `resume`, otherwise marked KILLED. Returns the parent's run id.
+        """
         from mlflow.entities import Param, RunTag
 
-        tags = {"space": self.space, "profile": self.profile, "config_hash": cfg.config_hash,
-                "status": "running", "trial_id": trial_id, "algo": algo,
-                **{f"version.{k}": v for k, v in self.versions.items()}}
-        name = (f"{cfg.backbone}-d{cfg.depth}-w{cfg.width:g}-{cfg.dropout_placement}-{cfg.dropout_type}"
-                f"-{cfg.dropout_rate:g}-s{cfg.seed}")
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
-        params = [Param(k, str(v)) for k, v in cfg.to_dict().items()]
-        self.client.log_batch(run.info.run_id, params=params, tags=[RunTag("mlflow.runName", name)])
-        return run.info.run_id
+        flt = f"tags.{KIND_TAG} = 'sweep' and tags.profile = '{self.profile}' and tags.algo = '{algo}'"
+        mine = sorted(_search_all(self.client, self.experiment_id, None, flt), key=lambda r: -r.info.start_time)
+        if resume and mine:
+            self.parent_id = mine[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+            self.client.log_batch(self.parent_id, tags=[RunTag("status", "running"), RunTag("resumed_by", command)])
+            mine = mine[1:]
+        for r in mine:
+            if r.info.status == "RUNNING":
+                self.client.set_tag(r.info.run_id, "status", "killed")
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+        if self.parent_id is None:
+            tags = {KIND_TAG: "sweep", "space": self.space, "profile": self.profile, "algo": algo, "status": "running",
+                    "command": command, **_source_tags(), **code_version().tags(),
+                    **{f"version.{k}": v for k, v in self.versions.items()}}
+            run = self.client.create_run(self.experiment_id, tags=tags,
+                                         run_name=f"sweep-{self.space}-{self.profile}-{algo}-{time.strftime('%m%d-%H%M%S')}")
+            self.parent_id = run.info.run_id
+            self._artifact_uri[self.parent_id] = run.info.artifact_uri
+            if params:
+                self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return self.parent_id
 
-    def log_epochs(self, run_id: str, history: Iterable[dict[str, float]]) -> None:
-        """Per-epoch metrics in one batch (step = epoch)."""
-        from mlflow.entities import Metric
+    def close_sweep(self, status: str, metrics: dict[str, float], files: Iterable[str] = (),
+                    folder: str | None = None) -> None:
+        """End the parent run: `status` done | killed | failed, counts as metrics, `files` and `folder` as artifacts."""
+        from mlflow.entities import Metric, RunTag
 
+        if self.parent_id is None:
+            return
         now = int(time.time() * 1000)
-        # The trial-level `throughput` is a summary metric; the per-epoch figure gets its own name.
-        metrics = [Metric(_EPOCH_NAMES.get(k, k), float(v), now, int(h["epoch"])) for h in history
-                   for k, v in h.items() if k != "epoch" and _finite(v)]
-        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                                       if _finite(v)], tags=[RunTag("status", status)])
+        for f in files:
+            self.client.log_artifact(self.parent_id, f)
+        if folder and os.path.isdir(folder):
+            self.client.log_artifacts(self.parent_id, folder, artifact_path=os.path.basename(folder.rstrip("/")))
+        self.client.set_terminated(self.parent_id, status={"done": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+
+    def start(self, cfg: TrialConfig, *, trial_id: str = "", algo: str = "") -> str:
+        """Create a trial's run (the sweep's child when a parent is open), named by `run_name`; returns its id."""
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags = {KIND_TAG: "trial", "space": self.space, "profile": self.profile, "config_hash": cfg.config_hash,
+                "status": "running", "trial_id": trial_id, "algo": algo, **_source_tags(),
+                **{f"version.{k}": v for k, v in self.versions.items()}, **code_version().tags()}
+        if self.parent_id:
+            tags[MLFLOW_PARENT_RUN_ID] = self.parent_id
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
+        self._artifact_uri[run.info.run_id] = run.info.artifact_uri
+        # Only the fields that mean something: unset speed knobs (None) would show as the string "None".
+        params = [Param(k, str(v)) for k, v in cfg.to_dict().items() if v is not None]
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
 
     def finish(self, run_id: str, cfg: TrialConfig, result: TrialResult,
                extra_tags: dict[str, str] | None = None) -> None:
-        """Log summary metrics and the per-layer artifact, end the run, and write the Parquet rows."""
+        """Log metrics and the per-layer artifacts, end the run, and write the Parquet rows.
+
+        Metrics: the epoch series (step = epoch) and each summary value once (step 0) that the
+        series does not already hold; `params` is logged as `num_params`.
+        """
         from mlflow.entities import Metric, RunTag
 
-        self.log_epochs(run_id, result.history)
         now = int(time.time() * 1000)
-        # Keys the epoch series already carry (train_loss, test_acc, ...) are not logged twice.
-        in_series = set(result.history[-1]) if result.history else set()
-        metrics = [Metric(k, float(v), now, result.epochs_completed) for k, v in result.summary().items()
-                   if _finite(v) and (k not in in_series or k in _EPOCH_NAMES)]
+        metrics = [Metric(k, float(v), now, int(h["epoch"])) for h in result.history
+                   for k, v in h.items() if k != "epoch" and _finite(v)]
+        in_series = {m.key for m in metrics}
+        metrics += [Metric(_METRIC_NAMES.get(k, k), float(v), now, 0) for k, v in result.summary().items()
+                    if _finite(v) and k not in in_series and not (k in _FROM_SERIES and in_series)]
         tags = [RunTag("status", result.status)] + [RunTag(k, str(v)) for k, v in (extra_tags or {}).items()]
         if result.error:
             tags.append(RunTag("error", result.error[:5000]))
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        for i in range(0, max(len(metrics), 1), 1000):  # MLflow's batch limit; one call for a usual trial
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
         if result.layers:
             self._log_layers(run_id, cfg, result.layers)
         finished_at = dt.datetime.now(dt.timezone.utc)
@@ -187,6 +285,7 @@ class Tracker:
         self.client.set_terminated(run_id, status="FINISHED" if result.status != "failed" else "FAILED")
 
     def _log_layers(self, run_id: str, cfg: TrialConfig, layers: list[LayerShift]) -> None:
+        """layers.parquet (the record), shift_by_layer.png and layers.json (what the UI previews)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -195,13 +294,52 @@ class Tracker:
         table = pa.Table.from_pylist(layer_rows(cfg, layers, run_id=run_id, space=self.space),
                                      schema=LAYERS_SCHEMA)
         with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, _LAYERS_ARTIFACT)
-            pq.write_table(table, path)
-            self.client.log_artifact(run_id, path)
+            pq.write_table(table, os.path.join(d, _LAYERS_ARTIFACT))
+            self._log_folder(run_id, d)
+        # The previews are views of the record above, not the record: drawn off the Tune loop (matplotlib
+        # and log_table cost about as much as all the rest of a trial's writes), so no slot waits on them.
+        if self._previews is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-previews")
+        self._previews.submit(self._log_previews, run_id, run_name(cfg), list(layers))
+
+    def _log_folder(self, run_id: str, folder: str) -> None:
+        uri = self._artifact_uri.get(run_id)
+        if uri:  # one copy of the folder, no run lookup (a trial's run is ours since start)
+            from mlflow.artifacts import get_artifact_repository
+
+            get_artifact_repository(uri).log_artifacts(folder)
+        else:
+            self.client.log_artifacts(run_id, folder)
+
+    def _log_previews(self, run_id: str, title: str, layers: list[LayerShift]) -> None:
+        from search.sweep.artifacts import LAYERS_PNG, LAYERS_TABLE, layers_table, write_layers_png
+
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                write_layers_png(os.path.join(d, LAYERS_PNG), layers, title)
+                self._log_folder(run_id, d)
+            self.client.log_table(run_id, layers_table(layers), LAYERS_TABLE)
+        except Exception as e:  # noqa: BLE001 - a missing preview loses no result; flush() reports it
+            self.preview_errors.append(f"{title}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+    def flush(self) -> list[str]:
+        """Wait for the per-trial previews still being drawn; returns one line per preview that failed."""
+        if self._previews is not None:
+            self._previews.shutdown(wait=True)
+            self._previews = None
+        return self.preview_errors
 
 
-def _search_all(client: Any, experiment_id: str, status: str | None) -> list[Any]:
-    flt = f"attributes.status = '{status}'" if status else ""
+def run_name(cfg: TrialConfig) -> str:
+    """A trial's MLflow run name, the name the live display shows: backbone-depth-width-placement-type-rate-seed."""
+    return (f"{cfg.backbone}-d{cfg.depth}-w{cfg.width:g}-{cfg.dropout_placement}-{cfg.dropout_type}"
+            f"-{cfg.dropout_rate:g}-s{cfg.seed}")
+
+
+def _search_all(client: Any, experiment_id: str, status: str | None, extra: str = "") -> list[Any]:
+    flt = " and ".join(([f"attributes.status = '{status}'"] if status else []) + ([extra] if extra else []))
     out, token = [], None
     while True:
         page = client.search_runs([experiment_id], filter_string=flt, max_results=1000, page_token=token)
@@ -213,6 +351,23 @@ def _search_all(client: Any, experiment_id: str, status: str | None) -> list[Any
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _from_series(client: Any, run: Any) -> dict[str, float]:
+    """The summary values `finish` leaves to the epoch series: train time, throughput, epochs completed.
+
+    A run logged before that (with its own `throughput` summary metric and no `epoch_time_s`) keeps its values.
+    """
+    if "epoch_time_s" not in run.data.metrics or "train_time_s" in run.data.metrics:
+        return {}
+    by_step: dict[str, dict[int, float]] = {}
+    for key in ("epoch_time_s", "throughput"):
+        by_step[key] = {h.step: h.value for h in client.get_metric_history(run.info.run_id, key)}
+    dts = by_step["epoch_time_s"]
+    seconds = sum(dts.values())
+    images = sum(dts[s] * by_step["throughput"].get(s, math.nan) for s in dts)
+    return {"train_time_s": seconds, "epochs_completed": float(len(dts)),
+            "throughput": images / seconds if seconds > 0 else math.nan}
 
 
 def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]:
@@ -228,7 +383,7 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
 
     import mlflow
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.fs as pafs
 
     from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
 
@@ -243,25 +398,23 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
         if "config_hash" not in tags:
             continue
         cfg = TrialConfig.from_dict({k: parse_value(k, types[k], v) for k, v in params.items() if k in types})
-        m = run.data.metrics
+        m = {**run.data.metrics, **_from_series(client, run)}
+        m.update({k: m[name] for k, name in _METRIC_NAMES.items() if name in m})
         result = TrialResult(status=tags.get("status", "failed"), error=tags.get("error"), device=tags.get("device", ""),
                              **{k: m[k] for k in TrialResult.SUMMARY_KEYS if k in m})
         result.params, result.epochs_completed = int(result.params), int(result.epochs_completed)
         end = dt.datetime.fromtimestamp((run.info.end_time or run.info.start_time) / 1000, dt.timezone.utc)
         trial_rows.append(trial_row(cfg, result, run_id=run.info.run_id, space=space,
-                                    profile=tags.get("profile", ""), finished_at=end))
+                                    profile=tags.get("profile", ""), finished_at=end,
+                                    code=code_columns_from_tags(tags)))
         names = [a.path for a in client.list_artifacts(run.info.run_id)]
         if _LAYERS_ARTIFACT in names:
             with tempfile.TemporaryDirectory() as d:
                 local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=_LAYERS_ARTIFACT,
                                                             dst_path=d, tracking_uri=tracking_uri)
-                layer_tables.append(pq.read_table(local).cast(LAYERS_SCHEMA))
+                # read_parts: an artifact from before a column was added still conforms (nulls)
+                layer_tables.append(read_parts(pafs.LocalFileSystem(), [(local, 0.0)], LAYERS_SCHEMA))
     trials = pa.Table.from_pylist(trial_rows, schema=TRIALS_SCHEMA)
     layers = pa.concat_tables(layer_tables) if layer_tables else LAYERS_SCHEMA.empty_table()
     ResultStore(root, space).replace_all(trials, layers)
     return trials.num_rows, layers.num_rows
-
-
-def result_from_json(blob: str) -> TrialResult:
-    """Decode the TrialResult a Tune worker sent in its final report."""
-    return TrialResult.from_dict(json.loads(blob))

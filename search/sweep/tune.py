@@ -8,18 +8,22 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray import tune
+from ray.tune.search import Searcher
 
 from search.config import TrialConfig
 from search.results import TrialResult
+from search.sweep.errors import Interrupted, SweepFailed
 from search.sweep.tracking import Tracker
 
-__all__ = ["SweepPlan", "run_sweep", "trainable"]
+__all__ = ["SweepPlan", "SweepOutcome", "run_sweep", "trainable", "DedupSearcher"]
 
 
 @dataclass
@@ -30,7 +34,8 @@ class SweepPlan:
     profile: str
     algo: str  # grid | random | optuna
     configs: list[dict[str, Any]]  # grid/random: the trials to run (already de-duplicated)
-    samples: int = 0  # optuna: trials to ask for
+    samples: int = 0  # optuna: trials to train (proposals x seeds), duplicates not counted
+    seeds: int = 1  # optuna: each proposal is trained with seeds 0..seeds-1; the objective is their mean
     overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     scheduler: str = "fifo"  # fifo | asha
@@ -40,20 +45,28 @@ class SweepPlan:
     retries: int = 1
     storage: str = "results"
     tracking_uri: str = "sqlite:///mlflow.db"
-    finished: dict[str, str] = field(default_factory=dict)  # config_hash -> run_id already done
+    finished: dict[str, str] = field(default_factory=dict)  # config_hash -> run_id already done (reusable)
+    scores: dict[str, float] = field(default_factory=dict)  # config_hash -> test_acc of those runs
+    study_name: str = ""  # optuna: the study in <storage>/<space>/optuna.db (default space-profile)
     verbose: int = 1
 
 
-def trainable(config: dict[str, Any], reused: dict[str, float] | None = None) -> None:
+@dataclass
+class SweepOutcome:
+    """What this sweep trained: counts by status, and the first failure's reason."""
+
+    statuses: dict[str, int] = field(default_factory=dict)
+    first_error: str = ""
+    exhausted: bool = False  # optuna proposed only known configurations many times in a row
+
+
+def trainable(config: dict[str, Any]) -> None:
     """Tune function trainable: one trial; the last report carries the whole result.
 
-    `reused` maps config hashes that already finished to their test accuracy: a
-    searcher (Optuna) that proposes one of them is told its score, nothing trains.
+    Only new configurations reach it: grid/random runs get the unfinished ones, and
+    `DedupSearcher` answers Optuna's repeated proposals without starting a trial.
     """
     cfg = TrialConfig.from_dict(config["cfg"] if "cfg" in config else _strip(config))
-    if reused and cfg.config_hash in reused:
-        tune.report({"test_acc": reused[cfg.config_hash], "reused": True})
-        return
     import torch
 
     from search.trial.runner import run_trial
@@ -71,7 +84,9 @@ def trainable(config: dict[str, Any], reused: dict[str, float] | None = None) ->
 
         cfg = cfg.replace(data_dir=stage_data_dir(cfg.data_dir))  # once per node, not per trial
     t0 = time.time()
-    result = run_trial(cfg, report=lambda m: tune.report(dict(m)))
+    # The last epoch goes out with the final report below: one Tune iteration per epoch, so Optuna's
+    # intermediate values and ASHA's rungs see `epochs` steps, not one more.
+    result = run_trial(cfg, report=lambda m: tune.report(dict(m)) if m.get("epoch", 0) < cfg.epochs else None)
     last = result.history[-1] if result.history else {}
     final = {**{k: v for k, v in last.items()}, **result.summary(), "status": result.status,
              "config_hash": cfg.config_hash, "node_ip": _node_ip(), "node_id": _node_id(), "pid": os.getpid(),
@@ -103,20 +118,29 @@ def _node_ip() -> str:
 
 
 class _Abort(tune.Stopper):
-    """Stops the whole sweep once the one writer cannot write (disk full): nothing else can be recorded."""
+    """Stops the whole sweep once the one writer cannot write, or on SIGINT/SIGTERM.
+
+    A failed write (disk full, a permission error on a part file) stops at the first one:
+    every later result could not be recorded either.
+    """
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
+        self.signal: str = ""  # "SIGINT" | "SIGTERM" once one arrived
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        return self.error is not None
+        return self.error is not None or bool(self.signal)
 
 
 def _guarded(method: Any) -> Any:
-    """A full disk in a tracking hook stops the sweep instead of raising through Tune."""
+    """A failed write in a tracking hook stops the sweep instead of raising through Tune.
+
+    Tune logs and swallows callback errors and goes on training, so every later result
+    would be thrown away; stopping keeps the traceback for the driver's log.
+    """
 
     @functools.wraps(method)
     def wrapper(self: "TrackingCallback", *a: Any, **k: Any) -> Any:
@@ -125,10 +149,6 @@ def _guarded(method: Any) -> Any:
         try:
             return method(self, *a, **k)
         except Exception as e:  # noqa: BLE001
-            from search.sweep.lock import disk_full
-
-            if not disk_full(e):
-                raise
             self.abort.error = e
             return None
 
@@ -142,25 +162,51 @@ class TrackingCallback(tune.Callback):
         self.plan, self.tracker = plan, tracker
         self.abort = abort or _Abort()
         self.runs: dict[str, str] = {}  # tune trial_id -> MLflow run id
+        self.closed: set[str] = set()  # trial ids whose run is FINISHED/FAILED/KILLED
         self.history: dict[str, list[dict[str, float]]] = {}
         self.done = 0
-        self.total = len(plan.configs) or plan.samples
+        self.total = len(plan.configs) if plan.algo != "optuna" else plan.samples
         self.meta: dict[str, dict[str, Any]] = {}  # trial_id -> node/pid/time of the final report
+        self.outcome = SweepOutcome()
+        from search.sweep.progress import Progress
+
+        epochs = {c.get("epochs") for c in plan.configs} | ({plan.overrides["epochs"]} if "epochs" in plan.overrides
+                                                            else set())
+        self.progress = Progress(f"{plan.space} ({plan.profile}, {plan.algo})", self.total,
+                                 live=None if plan.verbose else False,
+                                 epochs=epochs.pop() if len(epochs) == 1 and None not in epochs else 0)
+        self._optuna_links = _OptunaLinks(plan) if plan.algo == "optuna" else None
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self.progress.tick()  # elapsed times and ETA move between events too
 
     def _cfg(self, trial: Any) -> TrialConfig:
         c = trial.config
         return TrialConfig.from_dict(c["cfg"] if "cfg" in c else _strip(c))
 
-    def _reused(self, trial: Any) -> bool:
-        return self._cfg(trial).config_hash in self.plan.finished
+    def kill_open_runs(self) -> int:
+        """Close the runs of trials an interrupt stopped as KILLED (status tag `killed`); returns how many."""
+        n = 0
+        for trial_id, run_id in self.runs.items():
+            if trial_id not in self.closed:
+                self.tracker.client.set_tag(run_id, "status", "killed")
+                self.tracker.client.set_terminated(run_id, status="KILLED")
+                self.closed.add(trial_id)
+                n += 1
+        return n
 
     @_guarded
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if self._reused(trial):  # its finished run stays the record; no new run
+        if self.abort.signal:
             return
         if trial.trial_id not in self.runs:  # a retried trial keeps its run
             self.runs[trial.trial_id] = self.tracker.start(self._cfg(trial), trial_id=trial.trial_id,
                                                            algo=self.plan.algo)
+            if self._optuna_links is not None:
+                self._optuna_links.link(self._cfg(trial), self.runs[trial.trial_id])
+        from search.sweep.tracking import run_name
+
+        self.progress.started(trial.trial_id, run_name(self._cfg(trial)))
         self.history[trial.trial_id] = []
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -168,15 +214,14 @@ class TrackingCallback(tune.Callback):
             self.history.setdefault(trial.trial_id, []).append(
                 {k: float(result[k]) for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
                                                 "lr", "epoch_time_s", "throughput") if k in result})
+            self.progress.epoch(trial.trial_id, int(result["epoch"]), result.get("test_acc"))
 
     @_guarded
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         cfg = self._cfg(trial)
-        if self._reused(trial):
-            self.done += 1
-            print(f"[{self.done}/{self.total}] {cfg.config_hash}: already finished, result reused", flush=True)
-            return
+        if self.abort.signal and "trial_result" not in last:
+            return  # stopped by the interrupt, not a result: closed as KILLED by the driver
         if "trial_result" in last:
             result = TrialResult.from_dict(json.loads(last["trial_result"]))
             self.meta[trial.trial_id] = {k: last.get(k) for k in ("node_ip", "node_id", "pid", "started_at",
@@ -190,33 +235,39 @@ class TrackingCallback(tune.Callback):
                                                    "torch_threads")}
         tags["device"] = result.device
         self.tracker.finish(self._run(trial, cfg), cfg, result, extra_tags=tags)
-        self._line(cfg, result)
+        self.closed.add(trial.trial_id)
+        self._line(cfg, result, trial.trial_id)
 
     @_guarded
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.abort.signal:
+            return  # a worker that died of the same Ctrl-C: interrupted, not failed
         cfg = self._cfg(trial)
         err = _error_line(trial)
         hist = self.history.get(trial.trial_id, [])
         result = TrialResult(status="failed", error=err, history=hist, epochs_completed=len(hist))
         self.tracker.finish(self._run(trial, cfg), cfg, result)
-        self._line(cfg, result)
+        self.closed.add(trial.trial_id)
+        self._line(cfg, result, trial.trial_id)
 
     def _run(self, trial: Any, cfg: TrialConfig) -> str:
         if trial.trial_id not in self.runs:
             self.runs[trial.trial_id] = self.tracker.start(cfg, trial_id=trial.trial_id, algo=self.plan.algo)
         return self.runs[trial.trial_id]
 
-    def _line(self, cfg: TrialConfig, r: TrialResult) -> None:
+    def _line(self, cfg: TrialConfig, r: TrialResult, trial_id: str = "") -> None:
         self.done += 1
-        what = (f"{cfg.backbone} d={cfg.depth} w={cfg.width:g} {cfg.dropout_placement}"
-                + ("" if cfg.dropout_placement == "none" else f"/{cfg.dropout_type}@{cfg.dropout_rate:g}")
-                + f" seed={cfg.seed}")
+        self.outcome.statuses[r.status] = self.outcome.statuses.get(r.status, 0) + 1
+        if r.status == "failed" and not self.outcome.first_error:
+            self.outcome.first_error = r.error or "trial raised"
+        from search.sweep.tracking import run_name
+
         if r.status == "failed":
             msg = f"FAILED: {r.error}"
         else:
             msg = (f"{r.status}  acc {r.test_acc:.3f} -> {r.test_acc_reest:.3f} after BN re-est.  "
                    f"shift mean {r.mean_shift:.3f} max {r.max_shift:.3f}  {r.wall_time_s:.0f}s")
-        print(f"[{self.done}/{self.total}] {what}: {msg}", flush=True)
+        self.progress.finished(trial_id, r.status, f"{run_name(cfg)}: {msg}")
 
 
 def _error_line(trial: Any) -> str:
@@ -239,10 +290,147 @@ class DefineByRun:
     def __call__(self, trial: Any) -> dict[str, Any]:
         from spaces import get_space
 
-        return {**get_space(self.space).suggest(trial, self.profile), **self.overrides}
+        config = {**get_space(self.space).suggest(trial, self.profile), **self.overrides}
+        # optuna-dashboard shows user attributes per trial: the proposal's config hash (seed as proposed)
+        # and, set by the tracking callback once its run exists, the MLflow run id (_OptunaLinks).
+        trial.set_user_attr("config_hash", TrialConfig.from_dict(config).config_hash)
+        return config
 
 
-def _search_alg(plan: SweepPlan, metric: str, mode: str) -> Any:
+class _OptunaLinks:
+    """Writes each Optuna trial's MLflow run id(s) into its user attributes, through Optuna's storage API.
+
+    A Tune trial is matched to the RUNNING Optuna trial whose parameters it carries (seeds
+    expanded from one proposal share it: `mlflow_run_ids` lists them all).
+    """
+
+    def __init__(self, plan: SweepPlan) -> None:
+        self.url = f"sqlite:///{optuna_db_path(plan.storage, plan.space)}"
+        self.study_name = plan.study_name or f"{plan.space}-{plan.profile}"
+        self._storage: Any = None
+
+    def link(self, cfg: TrialConfig, run_id: str) -> None:
+        import optuna
+
+        if self._storage is None:
+            self._storage = optuna.storages.RDBStorage(self.url)
+        study_id = self._storage.get_study_id_from_name(self.study_name)
+        fields = cfg.to_dict()
+        for t in self._storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if all(_same(fields.get(k), v) for k, v in t.params.items()):
+                ids = list(t.user_attrs.get("mlflow_run_ids", [])) + [run_id]
+                trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                self._storage.set_trial_user_attr(trial_id, "mlflow_run_ids", ids)
+                self._storage.set_trial_user_attr(trial_id, "mlflow_run_id", ids[0])
+                return
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def optuna_db_path(storage: str, space: str) -> str:
+    """Where a sweep's Optuna study lives: <storage>/<space>/optuna.db (a local file even for a remote storage)."""
+    return os.path.join(_local_root(storage), space, "optuna.db")
+
+
+class DedupSearcher(Searcher):
+    """Wraps a searcher (Optuna) so that no configuration is trained twice, and seeds are averaged.
+
+    Each proposal of the inner searcher is expanded into its seeded configurations
+    (seeds 0..N-1, or the proposal as is when N = 1). One whose config_hash (seed included)
+    finished before, or is running in this sweep, gets no Tune trial: its score is reported
+    back to the inner searcher (at once, or when the running one completes). The inner searcher
+    is told the mean test accuracy over a proposal's seeds; a proposal with a failed seed is
+    told FAIL. So Tune's trial count is exactly what trains: the progress counter is true.
+
+    After `max_repeats` proposals in a row that bring nothing new (a small space the searcher
+    has exhausted), suggest() returns FINISHED and the sweep ends early.
+    """
+
+    def __init__(self, inner: Searcher, *, metric: str, mode: str, seeds: int = 1,
+                 known: dict[str, float] | None = None, max_repeats: int = 100) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.inner, self.seeds, self.max_repeats = inner, max(1, seeds), max_repeats
+        self.known: dict[str, float] = dict(known or {})  # config_hash -> score (nan: failed / no score)
+        self.running: dict[str, str] = {}  # config_hash -> Tune trial id training it
+        self.trial_hash: dict[str, str] = {}  # Tune trial id -> config_hash
+        self.queue: list[tuple[str, dict[str, Any]]] = []  # seeded configs waiting for a Tune trial
+        self.proposals: dict[str, list[str]] = {}  # inner trial id -> its seeded config hashes
+        self.waiting: dict[str, set[str]] = {}  # config_hash -> inner trial ids waiting for its score
+        self.repeats = 0  # proposals answered without training (duplicates)
+        self.exhausted = False
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        import uuid
+
+        streak = 0
+        while not self.queue:
+            if streak >= self.max_repeats:
+                self.exhausted = True
+                return Searcher.FINISHED
+            pid = f"proposal-{uuid.uuid4().hex[:12]}"
+            params = self.inner.suggest(pid)
+            if params is None or params == Searcher.FINISHED:
+                return params
+            hashes, queued = [], {h for h, _ in self.queue}
+            for seed in range(self.seeds):
+                cfg = {**params, **({"seed": seed} if self.seeds > 1 else {})}
+                h = TrialConfig.from_dict(cfg).config_hash
+                hashes.append(h)
+                if h not in self.known and h not in self.running and h not in queued:
+                    self.queue.append((h, cfg))
+                    queued.add(h)
+            self.proposals[pid] = hashes
+            for h in hashes:
+                self.waiting.setdefault(h, set()).add(pid)
+            if not self.queue:
+                streak += 1
+                self.repeats += 1
+            self._maybe_tell(pid)
+        h, cfg = self.queue.pop(0)
+        self.running[h], self.trial_hash[trial_id] = trial_id, h
+        return cfg
+
+    def _maybe_tell(self, pid: str) -> None:
+        hashes = self.proposals.get(pid)
+        if hashes is None or any(h not in self.known for h in hashes):
+            return
+        scores = [self.known[h] for h in hashes]
+        del self.proposals[pid]
+        for h in hashes:
+            self.waiting.get(h, set()).discard(pid)
+        if all(math.isfinite(v) for v in scores):
+            self.inner.on_trial_complete(pid, {self.metric: sum(scores) / len(scores)})
+        else:
+            self.inner.on_trial_complete(pid, None, error=True)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None  # the objective is the mean over seeds, known only at the end
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        h = self.trial_hash.pop(trial_id, None)
+        if h is None:
+            return
+        self.running.pop(h, None)
+        v = (result or {}).get(self.metric)
+        self.known[h] = float(v) if not error and isinstance(v, (int, float)) else float("nan")
+        for pid in list(self.waiting.pop(h, ())):
+            self._maybe_tell(pid)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.inner.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.inner.restore(checkpoint_path)
+
+
+def _search_alg(plan: SweepPlan, metric: str, mode: str) -> DedupSearcher | None:
     if plan.algo != "optuna":
         return None
     import optuna
@@ -253,9 +441,16 @@ def _search_alg(plan: SweepPlan, metric: str, mode: str) -> Any:
     store = os.path.join(_local_root(plan.storage), plan.space)
     os.makedirs(store, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(store, 'optuna.db')}")
-    return OptunaSearch(space=define_by_run, metric=metric, mode=mode, storage=storage,
-                        study_name=f"{plan.space}-{plan.profile}",
-                        sampler=optuna.samplers.TPESampler(seed=plan.seed))
+    # Created here, then loaded by OptunaSearch: the stored metric name is what optuna-dashboard shows
+    # for the objective (instead of "Objective 0").
+    study_name = plan.study_name or f"{plan.space}-{plan.profile}"
+    optuna.create_study(storage=storage, study_name=study_name, direction=f"{mode}imize",
+                        load_if_exists=True).set_metric_names([metric])
+    inner = OptunaSearch(space=define_by_run, metric=metric, mode=mode, storage=storage,
+                         study_name=study_name,
+                         sampler=optuna.samplers.TPESampler(seed=plan.seed))
+    known = {h: plan.scores.get(h, float("nan")) for h in plan.finished}
+    return DedupSearcher(inner, metric=metric, mode=mode, seeds=plan.seeds, known=known)
 
 
 def _local_root(storage: str) -> str:
@@ -265,37 +460,23 @@ def _local_root(storage: str) -> str:
     return os.path.abspath(storage.replace("file://", ""))
 
 
-def _reused_scores(plan: SweepPlan, tracker: Tracker) -> dict[str, float]:
-    """config_hash -> test accuracy of the trials that already finished (for Optuna's proposals)."""
-    if plan.algo != "optuna" or not plan.finished:
-        return {}
-    t = tracker.store.read("trials")
-    acc = dict(zip(t.column("config_hash").to_pylist(), t.column("test_acc").to_pylist()))
-    return {h: float(acc.get(h, float("nan"))) for h in plan.finished}
+def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
+    """Run the planned trials with Ray Tune.
 
+    Returns:
+        What this sweep trained (statuses, the first failure).
 
-def _reporter(plan: SweepPlan) -> Any:
-    """A compact live table: the axes that vary and the headline metrics, every 20 s."""
-    from ray.tune import CLIReporter
-
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter honours column choices
-    prefix = "" if plan.algo == "optuna" else "cfg/"
-    params = {f"{prefix}{k}": short for k, short in (
-        ("backbone", "backbone"), ("width", "width"), ("dropout_placement", "placement"),
-        ("dropout_type", "type"), ("dropout_rate", "rate"), ("seed", "seed"))}
-    metrics = {"epoch": "epoch", "train_loss": "train loss", "test_acc": "test acc", "throughput": "img/s"}
-    return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=20,
-                       max_progress_rows=30, sort_by_metric=False)
-
-
-def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
-    """Run the planned trials with Ray Tune; returns Tune's ResultGrid."""
+    Raises:
+        Interrupted: SIGINT/SIGTERM arrived; the running trials' runs are closed as KILLED.
+        OSError: ENOSPC, the disk filled up while recording results.
+        SweepFailed: another error while recording results (the sweep stopped at the first).
+    """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     metric, mode = "test_acc", "max"
     abort = _Abort()
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
-    fn = tune.with_resources(tune.with_parameters(trainable, reused=_reused_scores(plan, tracker)), resources)
+    fn = tune.with_resources(trainable, resources)
     if plan.algo == "optuna":
         param_space: dict[str, Any] = {}
         num_samples = plan.samples
@@ -304,23 +485,67 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> Any:
         num_samples = 1
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2)
                  if plan.scheduler == "asha" else FIFOScheduler())
+    search_alg = _search_alg(plan, metric, mode)
     tune_config = tune.TuneConfig(
         metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
-        search_alg=_search_alg(plan, metric, mode), max_concurrent_trials=plan.max_concurrent or None,
+        search_alg=search_alg, max_concurrent_trials=plan.max_concurrent or None,
         reuse_actors=True)
     storage = plan.storage if "://" in plan.storage else os.path.abspath(plan.storage)
+    callback = TrackingCallback(plan, tracker, abort)
     run_config = tune.RunConfig(
-        progress_reporter=_reporter(plan),
         name=f"{plan.space}-{plan.profile}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=f"{storage.rstrip('/')}/{plan.space}/ray",
-        callbacks=[TrackingCallback(plan, tracker, abort)], stop=abort,
+        callbacks=[callback], stop=abort,
         failure_config=tune.FailureConfig(max_failures=plan.retries),
-        verbose=plan.verbose, log_to_file=True)
+        # Tune's own status table stays off: search.sweep.progress draws the display (plan.verbose: live block).
+        verbose=0, log_to_file=True)
     tuner = tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    grid = tuner.fit()
+    with _stop_on_signals(abort):
+        try:
+            tuner.fit()
+        finally:
+            callback.progress.close()
+    callback.outcome.exhausted = bool(search_alg and search_alg.exhausted)
+    if abort.signal:
+        killed = callback.kill_open_runs()
+        raise Interrupted(abort.signal, f"{callback.done} trial(s) finished and kept, {killed} running trial(s) "
+                          "closed as KILLED")
     if abort.error is not None:
-        first = (str(abort.error).strip().splitlines() or [""])[0][:300]
-        raise OSError(errno.ENOSPC, f"the disk is full while recording results ({first}); free space, then rerun "
-                      "with --resume")
-    return grid
+        from search.sweep.lock import disk_full
 
+        first = (str(abort.error).strip().splitlines() or [""])[0][:300]
+        if disk_full(abort.error):
+            raise OSError(errno.ENOSPC, f"the disk is full while recording results ({first}); free space, then "
+                          "rerun with --resume") from abort.error
+        raise SweepFailed(f"recording a result failed, so the sweep stopped at the first failed write "
+                          f"({type(abort.error).__name__}: {first})") from abort.error
+    return callback.outcome
+
+
+class _stop_on_signals:
+    """SIGINT and SIGTERM stop the tuner through the stopper instead of killing the driver mid-write.
+
+    Tune's own SIGINT handler ends the loop but returns as if the sweep were done, and a
+    SIGTERM reached Ray's C++ handler (a core dump, exit 134). A second signal of either
+    kind raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self, abort: _Abort) -> None:
+        self.abort = abort
+        self.previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.abort.signal:
+            raise KeyboardInterrupt
+        self.abort.signal = signal.Signals(signum).name
+        print(f"\n{self.abort.signal}: stopping the sweep (send it again to abort at once)", flush=True)
+
+    def __enter__(self) -> "_stop_on_signals":
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # otherwise Tune replaces ours inside fit()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,193 @@
+"""What the MLflow UI shows, read back with the stock MlflowClient (no Ray: the Tracker as the driver calls it).
+
+One parent run per sweep, every trial its child, MLflow's own provenance tags, an experiment
+description, metrics without duplicates (series by epoch, summaries once), and the per-trial
+previews (PNG, log_table JSON) beside layers.parquet; --resume continues under the same parent.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+from search.config import TrialConfig  # noqa: E402
+from search.results import LayerShift, TrialResult  # noqa: E402
+from search.sweep.tracking import Tracker, rebuild_parquet  # noqa: E402
+
+EPOCHS = 3
+
+
+def _result(seed: int) -> TrialResult:
+    layers = [LayerShift(name=f"b{i}.bn", index=i, rel_depth=i / 4, channels=16, fan_in=144, fed_by_dropout=i % 2 == 1,
+                         moving_var=1.0, real_var=1.0 + 0.2 * i, shift=1.0 + 0.2 * i, shift_channelwise=1.1)
+              for i in range(5)]
+    history = [dict(epoch=e, train_loss=1.0 / e, train_acc=0.3 * e, test_loss=1.2 / e, test_acc=0.25 * e + seed / 100,
+                    lr=0.1 / e, epoch_time_s=2.0 + e, throughput=500.0 * e) for e in range(1, EPOCHS + 1)]
+    images = sum(h["throughput"] * h["epoch_time_s"] for h in history)
+    seconds = sum(h["epoch_time_s"] for h in history)
+    return TrialResult(test_acc=history[-1]["test_acc"], test_loss=history[-1]["test_loss"], test_acc_reest=0.8,
+                       test_loss_reest=0.5, train_loss=history[-1]["train_loss"], train_acc=history[-1]["train_acc"],
+                       mean_shift=1.4, max_shift=1.8, mean_shift_fed=1.5, mean_shift_reest=1.02,
+                       throughput=images / seconds, wall_time_s=seconds + 1, train_time_s=seconds, probe_time_s=0.45,
+                       params=12345, epochs_completed=EPOCHS, history=history, layers=layers)
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    """A sweep of two trials under one parent, as the driver records it; returns (client, tracker, children)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "smoke", "quick", str(tmp_path / "results"))
+    parent = tracker.open_sweep(algo="grid", command="python -m search.run --space smoke", params={"space": "smoke"})
+    kids = []
+    for seed in (0, 1):
+        cfg = TrialConfig(seed=seed, epochs=EPOCHS)
+        run_id = tracker.start(cfg, trial_id=f"t{seed}", algo="grid")
+        tracker.finish(run_id, cfg, _result(seed))
+        kids.append(run_id)
+    assert tracker.flush() == []
+    tracker.close_sweep("done", {"trials_ok": 2}, files=[])
+    return MlflowClient(tracking_uri=uri), tracker, parent, kids
+
+
+def test_one_parent_per_sweep_with_every_trial_its_child(store) -> None:
+    client, tracker, parent, kids = store
+    exp = client.get_experiment_by_name("smoke")
+    note = exp.tags["mlflow.note.content"]  # the experiment's description in the UI
+    assert "parent run" in note and "child run" in note and "`smoke`" in note
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
+    assert [p.info.run_id for p in parents] == [parent]
+    p = parents[0]
+    assert p.info.status == "FINISHED" and p.data.tags["command"].startswith("python -m search.run")
+    assert p.data.metrics["trials_ok"] == 2 and p.data.params["space"] == "smoke"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert sorted(r.info.run_id for r in children) == sorted(kids)
+    for r in [p, *children]:
+        tags = r.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.name"] == "search.run"
+        assert tags["mlflow.source.type"] == "LOCAL"
+        from search.code_version import code_version
+
+        if code_version().commit:  # from a git checkout: MLflow's own commit tag ("Source" in the UI)
+            assert tags["mlflow.source.git.commit"] == code_version().commit
+
+
+def test_metrics_without_duplicates(store) -> None:
+    client, _, _, kids = store
+    run = client.get_run(kids[0])
+    m = run.data.metrics
+    assert "num_params" in m and m["num_params"] == 12345
+    for gone in ("params", "epoch_throughput", "train_time_s", "epochs_completed"):
+        assert gone not in m, gone
+    histories = {k: tuple((h.step, h.value) for h in client.get_metric_history(kids[0], k)) for k in m}
+    assert len(set(histories.values())) == len(histories), "two metrics carry the same values"
+    for k in ("train_loss", "test_acc", "lr", "epoch_time_s", "throughput"):  # series: one point per epoch
+        assert [s for s, _ in histories[k]] == list(range(1, EPOCHS + 1)), k
+    for k in ("test_acc_reest", "mean_shift", "max_shift", "wall_time_s", "num_params"):  # summaries: once
+        assert len(histories[k]) == 1 and histories[k][0][0] == 0, k
+    assert "None" not in run.data.params.values()  # unset speed knobs are not logged as the string "None"
+
+
+def test_per_trial_previews_beside_the_parquet(store, tmp_path: Path) -> None:
+    from PIL import Image
+
+    client, tracker, _, kids = store
+    run_id = kids[0]
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["layers.json", "layers.parquet",
+                                                                      "shift_by_layer.png"]
+    png = client.download_artifacts(run_id, "shift_by_layer.png", str(tmp_path))
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] >= 300
+    # The table view: registered as a logged table, and read back by MLflow's own loader.
+    assert '"layers.json"' in client.get_run(run_id).data.tags["mlflow.loggedArtifacts"]
+    import mlflow
+
+    prev = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.tracking_uri)  # load_table searches through the fluent API's store
+    try:
+        df = client.load_table(tracker.experiment_id, "layers.json", run_ids=[run_id], extra_columns=["run_id"])
+    finally:
+        mlflow.set_tracking_uri(prev)
+    assert list(df["index"]) == [0, 1, 2, 3, 4] and list(df["fed_by_dropout"]) == [False, True, False, True, False]
+    assert df["shift"].tolist() == pytest.approx([1.0, 1.2, 1.4, 1.6, 1.8])
+
+
+def test_rebuild_recovers_what_the_series_holds(store, tmp_path: Path) -> None:
+    """train_time_s, throughput and epochs_completed are not metrics of their own: rebuild derives them."""
+    import pyarrow.compute as pc
+
+    client, tracker, _, kids = store
+    before = tracker.store.read("trials").sort_by("run_id")
+    n_trials, n_layers = rebuild_parquet("smoke", tracker.tracking_uri, str(tmp_path / "rebuilt"))
+    assert (n_trials, n_layers) == (2, 10)  # the parent run is not a trial
+    from search.store import ResultStore
+
+    after = ResultStore(str(tmp_path / "rebuilt"), "smoke").read("trials").sort_by("run_id")
+    for col in ("train_time_s", "throughput", "epochs_completed", "params", "test_acc", "test_acc_reest"):
+        assert after.column(col).to_pylist() == pytest.approx(before.column(col).to_pylist()), col
+    assert pc.all(pc.equal(after.column("epochs_completed"), EPOCHS)).as_py()
+
+
+def test_resume_continues_under_the_same_parent(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "smoke", "quick", str(tmp_path / "results"))
+    parent = first.open_sweep(algo="grid", command="python -m search.run --space smoke")
+    # The driver is killed here: the parent stays RUNNING. --resume reopens it; its new trials are its children.
+    again = Tracker(uri, "smoke", "quick", str(tmp_path / "results"))
+    assert again.open_sweep(algo="grid", command="python -m search.run --space smoke --resume", resume=True) == parent
+    cfg = TrialConfig(seed=5)
+    run_id = again.start(cfg, algo="grid")
+    again.finish(run_id, cfg, TrialResult(test_acc=0.5, epochs_completed=1))
+    again.flush()
+    again.close_sweep("done", {})
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(parent).info.status == "FINISHED"
+    # A sweep without --resume starts a parent of its own; another algo never shares one.
+    fresh = Tracker(uri, "smoke", "quick", str(tmp_path / "results"))
+    assert fresh.open_sweep(algo="grid", command="x") != parent
+    other = Tracker(uri, "smoke", "quick", str(tmp_path / "results"))
+    assert other.open_sweep(algo="optuna", command="x", resume=True) not in (parent, fresh.parent_id)
+    # close_stale closes trial runs only: the parents are open_sweep's to handle.
+    assert other.close_stale() == 0
+
+
+def test_progress_lines_when_not_a_tty() -> None:
+    from search.sweep.progress import Progress
+
+    out = io.StringIO()
+    p = Progress("smoke (quick, grid)", 2, stream=out)
+    assert p.live is False  # a StringIO is not a terminal: no redraws, no escape codes
+    p.started("a", "cifar_wrn-d10-w1-pre_bn-bernoulli-0.5-s0")
+    p.epoch("a", 1, 0.5)
+    p.finished("a", "ok", "cifar_wrn-d10-w1-pre_bn-bernoulli-0.5-s0: ok")
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[1/2] cifar_wrn-d10-w1-pre_bn-bernoulli-0.5-s0: ok  (ETA ")
+    assert "\x1b" not in out.getvalue()
+
+
+def test_progress_redraws_in_place_on_a_tty() -> None:
+    from search.sweep.progress import Progress
+
+    out = io.StringIO()
+    p = Progress("smoke (quick, grid)", 3, stream=out, live=True, epochs=4, min_interval=0.0)
+    p.started("a", "run-a")
+    p.started("b", "run-b")
+    p.epoch("b", 2, 0.61)
+    block = p.lines()
+    assert block[0].startswith("smoke (quick, grid) [") and "0/3 done, 2 running, 1 pending" in block[0]
+    assert block[1].startswith("  run-a  epoch 0/4") and block[2].startswith("  run-b  epoch 2/4  test acc 0.610")
+    p.finished("a", "ok", "run-a: ok")
+    p.close()
+    text = out.getvalue()
+    # Each redraw first moves the cursor up over the previous block and clears it (ESC[nF ESC[J).
+    assert "\x1b[3F\x1b[J" in text and "[1/3] run-a: ok\n" in text
+    assert text.endswith("\x1b[J") or text.endswith("\n")
