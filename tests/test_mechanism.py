@@ -196,7 +196,6 @@ SMALL = {"cifar_wrn": dict(depth=10, width=0.5), "cifar_preresnet": dict(depth=8
          "cifar_resnext": dict(depth=11, width=0.125), "cifar_densenet_bc": dict(depth=10, width=0.5)}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("placement", ["pre_bn", "pre_conv"])
 def test_columns_finite_for_every_fed_layer_of_a_real_trial(family: str, placement: str) -> None:
