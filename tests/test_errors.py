@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from _cifar import write_cifar10
+from _idx import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "errors.md"
@@ -38,7 +39,7 @@ CASES = [
     # search.run: arguments
     Case("no-space", "search.run", "", ("--space is required", "--list")),
     Case("unknown-profile", "search.run", "--space wrn_widths --profile fast",
-         ("--profile 'fast'", "space 'wrn_widths'", "allowed: quick, paper"), debug=True),
+         ("--profile 'fast'", "space 'wrn_widths'", "allowed: quick, fashion, paper"), debug=True),
     Case("seeds-zero", "search.run", f"{S} --seeds 0", ("--seeds 0", ">= 1")),
     Case("cpus-per-trial-zero", "search.run", f"{S} --cpus-per-trial 0", ("--cpus-per-trial", "> 0")),
     Case("unknown-scheduler", "search.run", f"{S} --scheduler hyperband",
@@ -79,6 +80,12 @@ CASES = [
     Case("cifar-file-corrupt", "search.run",
          f"{S} --set dataset=cifar10 --set image_size=32 --set in_chans=3 --data-dir {{cifar_corrupt}}",
          ("data_batch_3", "not a readable CIFAR batch")),
+    Case("idx-dir-empty", "search.run", f"{S} --set dataset=fashion_mnist --set image_size=16 --data-dir {{empty_dir}}",
+         ("dataset 'fashion_mnist'", "missing train-images-idx3-ubyte", "apt-get install dataset-fashion-mnist")),
+    Case("mnist-needs-data-dir", "search.run", f"{S} --set dataset=mnist --set image_size=16",
+         ("dataset 'mnist' needs field 'data_dir'", "ossci-datasets.s3.amazonaws.com/mnist")),
+    Case("idx-file-corrupt", "search.run", f"{S} --set dataset=fashion_mnist --set image_size=16 --data-dir {{idx_corrupt}}",
+         ("train-labels-idx1-ubyte", "not a readable idx file", "magic number")),
     Case("data-dir-uri-missing", "search.run", f"{S} --data-dir file:///nonexistent/dbn-data",
          ("--data-dir 'file:///nonexistent/dbn-data'", "does not exist")),
     # search.run: services
@@ -100,6 +107,8 @@ CASES = [
     Case("report-wrong-column-type", "analysis.report", "--space smoke --root {parquet_wrong_type}",
          ("part-0.parquet", "column 'test_acc' has type string, expected double")),
     Case("report-n-boot", "analysis.report", "--space smoke --n-boot 10", ("--n-boot must be >= 100",)),
+    Case("report-unknown-profile", "analysis.report", "--space smoke --root {smoke_store} --profile fashion",
+         ("--profile 'fashion'", "no trials of that profile in smoke", "profiles there: smoke: quick")),
 ]
 
 
@@ -136,7 +145,35 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "parquet_corrupt": _parquet_root(base / "pq_corrupt", "corrupt"),
         "parquet_foreign": _parquet_root(base / "pq_foreign", "foreign"),
         "parquet_wrong_type": _parquet_root(base / "pq_type", "type"),
+        "idx_corrupt": _idx_corrupt(base / "idx"),
+        "smoke_store": _profile_store(base / "store"),
     }
+
+
+def _profile_store(root: Path) -> Path:
+    """A results root whose space smoke holds one trial, of profile quick (other columns left null)."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
+
+    known = dict(run_id="r0", config_hash="h0", space="smoke", profile="quick", status="ok",
+                 finished_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    for name in ("trials", "layers"):
+        (root / "smoke" / name).mkdir(parents=True)
+    pq.write_table(pa.table({f.name: pa.array([known.get(f.name)], f.type) for f in TRIALS_SCHEMA},
+                            schema=TRIALS_SCHEMA), root / "smoke" / "trials" / "part-0.parquet")
+    pq.write_table(LAYERS_SCHEMA.empty_table(), root / "smoke" / "layers" / "part-0.parquet")
+    return root
+
+
+def _idx_corrupt(folder: Path) -> Path:
+    """Fashion-MNIST's four idx files with an images file where the training labels belong."""
+    write_idx(folder, gz=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes((folder / "t10k-images-idx3-ubyte").read_bytes())
+    return folder
 
 
 def _tree(path: Path) -> list[tuple[str, int]]:
