@@ -32,6 +32,7 @@ class Case:
     args: str  # shell words; {placeholders} name fixtures made outside the working directory
     expect: tuple[str, ...]  # substrings of the one stderr line (field, value, allowed values)
     debug: bool = False  # also check that --debug shows the traceback
+    env: tuple[tuple[str, str], ...] = ()  # environment of the case (e.g. no GPU visible)
 
 
 S = "--space smoke"
@@ -107,6 +108,44 @@ CASES = [
     Case("report-wrong-column-type", "analysis.report", "--space smoke --root {parquet_wrong_type}",
          ("part-0.parquet", "column 'test_acc' has type string, expected double")),
     Case("report-n-boot", "analysis.report", "--space smoke --n-boot 10", ("--n-boot must be >= 100",)),
+    # non-finite and out-of-range numbers, in any field (issue 14)
+    Case("set-lr-inf", "search.run", f"{S} --set lr=inf", ("field 'lr' = inf", "not a finite number",
+                                                           "allowed: 0 to 1000000"), debug=True),
+    Case("set-lr-nan", "search.run", f"{S} --set lr=nan", ("field 'lr' = nan", "not a finite number")),
+    Case("set-rate-nan", "search.run", f"{S} --set dropout_rate=nan",
+         ("field 'dropout_rate' = nan", "not a finite number", "[0, 1)")),
+    Case("set-seed-out-of-range", "search.run", f"{S} --set seed=-1",
+         ("field 'seed' = -1", "out of range", "0 to 4294967295")),
+    Case("set-epochs-huge", "search.run", f"{S} --set epochs=100000000000000000000",
+         ("field 'epochs' = 100000000000000000000", "out of range", "1 to 100000")),
+    Case("trial-lr-inf", "search.trial.runner", "--lr inf", ("field 'lr' = inf", "not a finite number")),
+    Case("trial-json-folder-missing", "search.trial.runner", "--json {empty_dir}/no/such/result.json",
+         ("--json", "does not exist")),
+    # settings that would be silently ignored
+    Case("seeds-with-set-seed", "search.run", f"{S} --seeds 2 --set seed=5",
+         ("--seeds 2 trains seeds 0..1", "--set seed=5", "ignored")),
+    Case("samples-with-grid", "search.run", f"{S} --samples 3", ("--samples 3", "--algo random or optuna")),
+    Case("search-seed-with-grid", "search.run", f"{S} --search-seed 1", ("--search-seed 1", "grid")),
+    # reuse policy
+    Case("reuse-unknown", "search.run", f"{S} --reuse sometimes",
+         ("--reuse 'sometimes'", "allowed: same-code, any, none")),
+    Case("force-and-reuse-any", "search.run", f"{S} --force --reuse any", ("--force means --reuse none",)),
+    Case("resume-and-reuse-none", "search.run", f"{S} --resume --reuse none",
+         ("--resume and --reuse none exclude each other",)),
+    # requests that can never be met, refused before anything is written
+    Case("cpus-per-trial-above-cluster", "search.run", f"{S} --cpus-per-trial 3 --num-cpus 2",
+         ("--cpus-per-trial 3 can never be met", "2 CPU(s)"), debug=True),
+    Case("gpus-on-machine-without-gpu", "search.run", f"{S} --gpus-per-trial 1",
+         ("--gpus-per-trial 1 can never be met", "0 GPU(s)"), env=(("CUDA_VISIBLE_DEVICES", ""),)),
+    Case("device-cuda-without-gpu", "search.run", f"{S} --set device=cuda",
+         ("field 'device' = 'cuda'", "no GPU"), env=(("CUDA_VISIBLE_DEVICES", ""),)),
+    Case("address-auto-without-cluster", "search.run", f"{S} --address auto",
+         ("--address 'auto'", "no Ray cluster reachable"), env=(("RAY_ADDRESS", "127.0.0.1:1"),)),
+    # tracking stores that keep nothing, or that MLflow 3 no longer opens
+    Case("tracking-in-memory", "search.run", f"{S} --tracking-uri sqlite:///:memory:",
+         ("--tracking-uri 'sqlite:///:memory:'", "in-memory", "keeps nothing")),
+    Case("tracking-file-store", "search.run", f"{S} --tracking-uri file:{{empty_dir}}/mlruns",
+         ("MLflow 3 no longer supports file stores", "sqlite:///")),
     Case("report-unknown-profile", "analysis.report", "--space smoke --root {smoke_store} --profile fashion",
          ("--profile 'fashion'", "no trials of that profile in smoke", "profiles there: smoke: quick")),
 ]
@@ -189,13 +228,15 @@ def _late(*_a: object, **_k: object) -> None:
 
 
 def _run(cwd: Path, module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch,
-         capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+         capsys: pytest.CaptureFixture[str], env: tuple[tuple[str, str], ...] = ()) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `module`.main(argv) run in `cwd`."""
     import search.sweep.driver
     import search.trial.runner
 
     for k in [k for k in os.environ if k.startswith("DBN_")]:
         monkeypatch.delenv(k)
+    for k, v in env:
+        monkeypatch.setenv(k, v)
     monkeypatch.setattr(search.sweep.driver, "drive", _late)
     monkeypatch.setattr(search.trial.runner, "run_trial", _late)
     monkeypatch.chdir(cwd)
@@ -220,7 +261,7 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(case: Case, inputs: di
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     watched = {k: _tree(v) if v.is_dir() else v.stat().st_mtime_ns for k, v in inputs.items()}
-    rc, out, err = _run(cwd, case.module, _argv(case, inputs), monkeypatch, capsys)
+    rc, out, err = _run(cwd, case.module, _argv(case, inputs), monkeypatch, capsys, case.env)
     assert rc == 2, (rc, out[-1500:], err[-1500:])
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err[-2000:]}"
@@ -244,7 +285,7 @@ def test_debug_flag_shows_the_traceback(case: Case, inputs: dict[str, Path], tmp
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     with pytest.raises(Exception) as info:  # noqa: PT011 - any error type, as long as it is the one described
-        _run(cwd, case.module, _argv(case, inputs) + ["--debug"], monkeypatch, capsys)
+        _run(cwd, case.module, _argv(case, inputs) + ["--debug"], monkeypatch, capsys, case.env)
     assert not isinstance(info.value, LateCheck)
     assert case.expect[0] in str(info.value), str(info.value)
 
@@ -275,3 +316,50 @@ def test_every_documented_error_is_tested() -> None:
         assert m, f"row {row[0]!r}: the test column must cite test_errors.py[id] or test_run_cli.py (`args`)"
         assert m.group(1) in run_cli, f"{m.group(1)!r} is not in tests/test_run_cli.py"
     assert ids <= documented, f"cases missing from docs/errors.md: {sorted(ids - documented)}"
+
+
+# --------------------------------------------------------------------------- exit codes of a sweep that ran
+# 2 means bad input found before anything ran; what goes wrong later has its own code (search/sweep/cli.py).
+_ONE = ["--space", "smoke", "--set", "dropout_placement=none", "--set", "dropout_type=bernoulli", "--set",
+        "dropout_rate=0", "--set", "epochs=1", "--set", "train_samples=64", "--num-cpus", "2", "--quiet"]
+
+
+def _driver_lines(log: str) -> list[str]:
+    # Tune's and MLflow's loggers may print what they caught; the driver's own lines start with "error: ".
+    return [ln for ln in log.splitlines() if ln.startswith("error: ")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_where_every_trial_failed_exits_1(tmp_path: Path) -> None:
+    from _sweeps import _dataset, _env, _runs, _sweep
+
+    rc, log = _sweep(tmp_path, _ONE + ["--retries", "0"],
+                     env=_env(DBN_FAULTS="raise:dropout_placement=none", DBN_SWEEP_REPORT="off"))
+    assert rc == 1, (rc, log[-3000:])
+    lines = _driver_lines(log)
+    assert len(lines) == 1 and lines[0].startswith("error: every trial of this sweep failed (1 failed; first: ")
+    assert "injected fault" in lines[0], lines[0]
+    runs = [r for r in _runs(tmp_path) if "config_hash" in r.data.tags]
+    assert [r.info.status for r in runs] == ["FAILED"]  # recorded, not lost
+    assert _dataset(tmp_path / "results", "trials").column("status").to_pylist() == ["failed"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failed_write_during_the_sweep_stops_it_with_exit_3_and_a_log(tmp_path: Path) -> None:
+    """A results folder that cannot be written (here: a file where the trials folder belongs) is not bad
+    input: the sweep stops at the first failed write, exit 3, one line naming the log with the traceback."""
+    from _sweeps import KILL_ARGS, N_KILL_TRIALS, _env, _runs, _sweep
+
+    (tmp_path / "results" / "smoke").mkdir(parents=True)
+    (tmp_path / "results" / "smoke" / "trials").write_text("not a folder\n")
+    rc, log = _sweep(tmp_path, KILL_ARGS, env=_env(DBN_SWEEP_REPORT="off"))
+    assert rc == 3, (rc, log[-3000:])
+    lines = _driver_lines(log)
+    assert len(lines) == 1, log[-3000:]
+    m = re.search(r"full traceback in (\S+);", lines[0])
+    assert m and "the sweep failed while running" in lines[0] and "--resume" in lines[0], lines[0]
+    assert "Traceback (most recent call last)" in Path(m.group(1)).read_text()
+    trials = [r for r in _runs(tmp_path) if "config_hash" in r.data.tags]
+    assert len(trials) < N_KILL_TRIALS, "the sweep went on training after the first failed write"

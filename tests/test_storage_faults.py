@@ -163,9 +163,10 @@ def disk_fills(tmp_path_factory: pytest.TempPathFactory):
 def test_disk_full_mid_sweep_is_one_clear_line(disk_fills: DiskFull) -> None:
     d = disk_fills
     # MLflow's and Tune's loggers may print what they caught on the way; the driver's last word must be
-    # one line saying what happened and what to do, with the usage-error exit code.
+    # one line saying what happened and what to do, with the code of a failure during the sweep (3; 2 is
+    # bad input found before anything ran).
     last = [ln for ln in d.err.strip().splitlines() if ln.strip()][-1]
-    assert d.rc == 2 and last.startswith("error: "), f"rc {d.rc}, last line of stderr: {last!r}"
+    assert d.rc == 3 and last.startswith("error: "), f"rc {d.rc}, last line of stderr: {last!r}"
     assert ("No space left" in last or "disk is full" in last) and "--resume" in last, last
 
 

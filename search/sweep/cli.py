@@ -4,6 +4,11 @@ Everything the user typed is validated before anything is written or any
 trial starts; a mistake is one line on stderr and exit code 2. Heavy imports
 (torch, ray, mlflow) happen only after that, so `--list`, `--help` and
 `--dry-run` answer at once.
+
+Exit codes (docs/errors.md): 0 done; 1 the sweep ran but every trial it trained failed;
+2 bad input, refused before anything ran; 3 a failure during the sweep (one line, and the
+full traceback in the log file it names); 130 / 143 interrupted by SIGINT / SIGTERM
+(rerun with --resume).
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ __all__ = ["main", "build_configs", "resolve_seeds"]
 
 ALGOS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
+REUSE = ("same-code", "any", "none")
+EXIT_OK, EXIT_ALL_FAILED, EXIT_USAGE, EXIT_SWEEP_FAILED = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports it
 
 
 class UsageError(ValueError):
@@ -39,11 +47,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="--ablate: a baseline value over the space's declared baseline")
     p.add_argument("--profile", default="quick", help="quick (2-core CPU, digits) | paper (CIFAR, GPUs)")
     p.add_argument("--algo", default="grid", help="grid | random | optuna")
-    p.add_argument("--samples", type=int, default=None, help="trials for random/optuna (default: grid size)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="random: configurations drawn; optuna: configurations proposed and trained, each with "
+                        "--seeds seeds (default: grid size); not for grid")
     p.add_argument("--scheduler", default="fifo", help="fifo | asha (early-stops weak trials)")
     p.add_argument("--seeds", type=int, default=None,
-                   help="repeat every configuration with seeds 0..N-1 (default: the profile's seeds, see --list)")
-    p.add_argument("--search-seed", type=int, default=0, help="seed of the random/optuna sampler")
+                   help="repeat every configuration with seeds 0..N-1 (optuna: the objective is their mean; "
+                        "default: the profile's seeds, see --list)")
+    p.add_argument("--search-seed", type=int, default=None, help="seed of the random/optuna sampler (default 0)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", default="0", help="fraction of a GPU per trial (0.25 packs 4 per GPU)")
     p.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (0: as resources allow)")
@@ -56,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=1, help="retries of a trial that raises")
     p.add_argument("--dry-run", action="store_true", help="print the trial table and count; run nothing")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (closes its stale runs)")
-    p.add_argument("--force", action="store_true", help="train configurations that already finished again")
+    p.add_argument("--reuse", default=None,
+                   help="which finished trials count as done: same-code (default: only those produced by this "
+                        "code version), any (whatever code produced them), none (train everything again)")
+    p.add_argument("--force", action="store_true", help="same as --reuse none")
     p.add_argument("--quiet", action="store_true", help="no Ray progress table")
     p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return p
@@ -80,10 +94,14 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
     if args.data_dir:
         # A URI stays as typed: each node stages it to local disk (search/staging.py).
         overrides["data_dir"] = args.data_dir if "://" in args.data_dir else os.path.abspath(args.data_dir)
+    if args.seeds > 1 and "seed" in overrides:
+        raise UsageError(f"--seeds {args.seeds} trains seeds 0..{args.seeds - 1}, so --set seed={overrides['seed']} "
+                         "would be ignored; drop one of them")
+    search_seed = args.search_seed or 0
     if args.algo == "optuna":
-        base = [space.sample(random.Random(args.search_seed), args.profile)]  # validates overrides once
+        base = [space.sample(random.Random(search_seed), args.profile)]  # validates overrides once
     elif args.algo == "random":
-        rng = random.Random(args.search_seed)
+        rng = random.Random(search_seed)
         base = [space.sample(rng, args.profile) for _ in range(args.samples or space.size(args.profile))]
     else:
         base = space.grid(args.profile)
@@ -95,6 +113,14 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
                 seen.add(cfg.config_hash)
                 configs.append(cfg.to_dict())
     return configs, overrides
+
+
+def reachable_configs(args: argparse.Namespace, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every grid point of the space with the overrides: each backbone, width, placement, kind and
+    dataset any algorithm can reach (categorical axes), for preflight to build and check."""
+    from spaces import get_space
+
+    return [TrialConfig.from_dict({**d, **overrides}).to_dict() for d in get_space(args.space).grid(args.profile)]
 
 
 def resolve_seeds(args: argparse.Namespace) -> int:
@@ -161,9 +187,24 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
     if args.resume and args.force:
         raise UsageError("--resume and --force exclude each other: --resume keeps finished trials, --force retrains them")
+    if args.reuse is not None:
+        _choice("reuse", args.reuse, REUSE)
+        if args.force and args.reuse != "none":
+            raise UsageError(f"--force means --reuse none, which contradicts --reuse {args.reuse}; drop one of them")
+        if args.resume and args.reuse == "none":
+            raise UsageError("--resume and --reuse none exclude each other: --resume keeps finished trials")
+    args.reuse = "none" if args.force else (args.reuse or "same-code")
+    if args.algo == "grid":
+        if args.samples is not None:
+            raise UsageError(f"--samples {args.samples} is for --algo random or optuna; grid search trains every "
+                             "grid point (see --dry-run)")
+        if args.search_seed is not None:
+            raise UsageError(f"--search-seed {args.search_seed} is for --algo random or optuna; grid search draws "
+                             "nothing")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `python -m search.run`; returns the exit code (see the module docstring)."""
     args = _parser().parse_args(argv)
     try:
         from search.plugins import load_cli_plugins
@@ -172,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         load_cli_plugins(args, check=not (args.list or args.dry_run))
         if args.list:
             _list_spaces()
-            return 0
+            return EXIT_OK
         if not args.space:
             raise UsageError("--space is required (see --list)")
         _validate(args)
@@ -187,20 +228,25 @@ def main(argv: list[str] | None = None) -> int:
             configs, overrides = build_configs(args)
         if args.dry_run and ablation is not None:
             print_plan(ablation)
-            return 0
+            return EXIT_OK
         if args.dry_run:
             if args.algo == "optuna":
-                print(f"optuna: {args.samples or 'grid-size'} trials sampled by TPE from space {args.space!r}; "
-                      "e.g. the first:")
+                print(f"optuna: {args.samples or 'grid-size'} configurations proposed by TPE from space "
+                      f"{args.space!r}, each with {args.seeds} seed(s); e.g. the first:")
             _print_table(configs)
             print(f"{len(configs)} trials ({args.space}, profile {args.profile}, algo {args.algo})")
-            return 0
-        from search.sweep.preflight import check_address, check_storage, check_tracking, check_trials
+            return EXIT_OK
+        from search.sweep.preflight import (check_address, check_resources, check_storage, check_tracking,
+                                            check_trials)
 
         check_storage(args.storage)
         check_tracking(args.tracking_uri)
         check_address(args.address)
-        check_trials(configs)
+        check_resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, num_cpus=args.num_cpus,
+                        address=args.address, configs=configs)
+        # Preflight every family and dataset the space can reach, not only the trials drawn so far:
+        # Optuna proposes its later configurations during the sweep.
+        check_trials(configs + ([] if args.algo == "grid" else reachable_configs(args, overrides)))
         if args.data_dir and "://" in args.data_dir:
             from search.sweep.staging import check_data_uri
 
@@ -209,27 +255,53 @@ def main(argv: list[str] | None = None) -> int:
             from search.sweep.ablate import write_plan
 
             write_plan(args.storage, args.space, args.profile, ablation)
-        from search.sweep.driver import drive
-
-        return drive(args, configs, overrides, gpus)
     except (ConfigError, UsageError, ValueError, FileNotFoundError, ConnectionError, PermissionError,
             OSError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - only a full disk is turned into one line
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted before the sweep started: nothing was trained", file=sys.stderr)
+        return EXIT_SIGINT
+    return _drive(args, configs, overrides, gpus)
+
+
+def _drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
+           gpus: float | str) -> int:
+    """The sweep itself: a failure here is not the user's input (exit 3, traceback in a log file)."""
+    from search.sweep import driver
+    from search.sweep.errors import Interrupted, Refused
+
+    try:
+        return driver.drive(args, configs, overrides, gpus)
+    except Refused as e:  # found before anything ran (another sweep holds the lock, a cluster too small)
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Interrupted as e:
+        print(f"interrupted by {e.name}: {e.detail}; rerun with --resume to complete the sweep", file=sys.stderr)
+        return EXIT_SIGTERM if e.name == "SIGTERM" else EXIT_SIGINT
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT: finished trials are saved; rerun with --resume to complete the sweep",
+              file=sys.stderr)
+        return EXIT_SIGINT
+    except Exception as e:  # noqa: BLE001 - any failure during the sweep: one line, the traceback in a log
+        if args.debug:
+            raise
+        from search.sweep.errors import write_crash_log
         from search.sweep.lock import disk_full
 
-        if args.debug or not disk_full(e):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"error: the disk is full ({first}): free space on --storage {args.storage!r} / --tracking-uri "
-              f"{args.tracking_uri!r}, then rerun with --resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished trials are saved; rerun with --resume to complete the sweep", file=sys.stderr)
-        return 130
+        log = write_crash_log(args.storage, args.space, e)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if disk_full(e):
+            print(f"error: the disk is full ({first}): free space on --storage {args.storage!r} / --tracking-uri "
+                  f"{args.tracking_uri!r}, then rerun with --resume (log: {log})", file=sys.stderr)
+        else:
+            print(f"error: the sweep failed while running ({type(e).__name__}: {first}); finished trials are kept; "
+                  f"full traceback in {log}; rerun with --resume once fixed", file=sys.stderr)
+        return EXIT_SWEEP_FAILED
 
 
 if __name__ == "__main__":

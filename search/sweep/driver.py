@@ -8,10 +8,11 @@ import time
 from typing import Any
 
 from search.config import TrialConfig
+from search.sweep.errors import Refused
 from search.sweep.lock import SweepLock
 from search.sweep.tracking import Tracker
 
-__all__ = ["drive", "init_ray"]
+__all__ = ["drive", "init_ray", "reusable_runs"]
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -62,43 +63,148 @@ def resolve_auto_gpus(configs: list[dict[str, Any]]) -> float:
 
 def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
           gpus: float | str) -> int:
-    """Run the sweep the arguments describe; returns the exit code."""
+    """Run the sweep the arguments describe; returns the exit code (0, or 1 if every trial it trained failed).
+
+    Raises:
+        Refused: found before anything ran (the lock is held, the cluster can never fit a trial).
+        Interrupted: SIGINT/SIGTERM during the sweep.
+        Exception: any other failure during the sweep (search.run logs it, exit 3).
+    """
+    from search.sweep.progress import quiet_libraries
+
+    quiet_libraries()  # routine library notices off stderr; warnings and errors stay
+    if args.address:
+        # Joining a cluster is the one check that needs Ray: done before anything is written.
+        init_ray(args.address, args.num_cpus)
+        _check_cluster(args, configs, gpus)
+    lock = SweepLock(args.storage, args.space, args.tracking_uri)
+    try:
+        lock.__enter__()
+    except OSError as e:
+        raise Refused(str(e)) from None
+    try:
+        return _drive_locked(args, configs, overrides, gpus)
+    finally:
+        lock.__exit__()
+
+
+def _check_cluster(args: argparse.Namespace, configs: list[dict[str, Any]], gpus: float | str) -> None:
+    import ray
+
+    from search.sweep.preflight import check_resources
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    largest = {"CPU": max((n.get("CPU", 0.0) for n in nodes), default=0.0),
+               "GPU": max((n.get("GPU", 0.0) for n in nodes), default=0.0)}
+    try:
+        check_resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, num_cpus=None,
+                        address=args.address, configs=configs, cluster=largest)
+    except ValueError as e:
+        raise Refused(f"{e} (an autoscaling cluster adds nodes only of the types its config declares)") from None
+
+
+def reusable_runs(tracker: Tracker, reuse: str, version: str, algo: str | None = None,
+                  profile: str | None = None) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
+    """Finished runs a sweep may reuse under `reuse` (same-code | any | none).
+
+    Returns:
+        (config_hash -> run_id reusable, config_hash -> its test_acc, config_hash -> code version of the
+        finished runs that were *not* reusable because other code produced them).
+    """
+    from search.sweep.tracking import DONE_STATUSES
+
+    if reuse == "none":
+        return {}, {}, {}
+    done, scores, other = {}, {}, {}
+    for r in tracker.runs("FINISHED"):
+        tags = r.data.tags
+        h = tags.get("config_hash")
+        if not h or tags.get("status") not in DONE_STATUSES:
+            continue
+        if (algo is not None and tags.get("algo") != algo) or (profile is not None and tags.get("profile") != profile):
+            continue
+        code = tags.get("code_version", "")
+        if reuse == "same-code" and code != version:
+            other.setdefault(h, code or "unrecorded")
+            continue
+        done[h] = r.info.run_id
+        acc = r.data.metrics.get("test_acc")
+        scores[h] = float(acc) if isinstance(acc, (int, float)) else float("nan")
+    return done, scores, {h: v for h, v in other.items() if h not in done}
+
+
+def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
+                  gpus: float | str) -> int:
+    from search.code_version import code_version
     from search.sweep.tune import SweepPlan, run_sweep
 
     t0 = time.time()
-    with SweepLock(args.storage, args.space, args.tracking_uri):
-        tracker = Tracker(args.tracking_uri, args.space, args.profile, args.storage)
-        stale = tracker.close_stale()
-        tracker.store.remove_temporaries()
-        if stale:
-            print(f"closed {stale} run(s) left RUNNING by an interrupted sweep (marked KILLED); "
-                  "they will run again", flush=True)
-        finished = {} if args.force else tracker.finished()
-        todo = [c for c in configs if TrialConfig.from_dict(c).config_hash not in finished]
-        reused = len(configs) - len(todo)
-        # Optuna's budget counts only its own earlier samples of this profile, not grid runs of the space.
-        sampled = {} if args.force or args.algo != "optuna" else tracker.finished("optuna", args.profile)
-        samples = max(0, (args.samples or _grid_size(args)) - len(sampled)) if args.algo == "optuna" else 0
-        if reused and args.algo != "optuna":
-            print(f"{reused} of {len(configs)} trials already finished in {args.tracking_uri}: reused "
-                  "(--force to train them again)", flush=True)
-        if todo if args.algo != "optuna" else samples:
-            init_ray(args.address, args.num_cpus)
-            if gpus == "auto":
-                gpus = resolve_auto_gpus(todo or configs)
-                print(f"--gpus-per-trial auto: {gpus:.3g} GPU per trial (measured peak memory of one step)")
-            plan = SweepPlan(space=args.space, profile=args.profile, algo=args.algo, configs=todo,
-                             samples=samples, overrides=overrides, seed=args.search_seed, scheduler=args.scheduler,
-                             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
-                             max_concurrent=args.max_concurrent, retries=args.retries, storage=args.storage,
-                             tracking_uri=args.tracking_uri, finished=finished, verbose=0 if args.quiet else 1)
-            n = samples if args.algo == "optuna" else len(todo)
-            print(f"sweep {args.space!r} (profile {args.profile}, {args.algo}): {n} trial(s) to run, "
-                  f"{args.cpus_per_trial:g} CPU + {gpus:g} GPU each", flush=True)
-            run_sweep(plan, tracker)
-        tracker.store.compact()
-        hashes = {TrialConfig.from_dict(c).config_hash for c in configs}
-        _summary(tracker, hashes if args.algo != "optuna" else None, args, time.time() - t0)
+    version = code_version().label
+    tracker = Tracker(args.tracking_uri, args.space, args.profile, args.storage)
+    stale = tracker.close_stale()
+    tracker.store.remove_temporaries()
+    if stale:
+        print(f"closed {stale} run(s) left RUNNING by an interrupted sweep (marked KILLED); "
+              "they will run again", flush=True)
+    finished, scores, other_code = reusable_runs(tracker, args.reuse, version)
+    hashes = [TrialConfig.from_dict(c).config_hash for c in configs]
+    todo = [c for c, h in zip(configs, hashes) if h not in finished]
+    reused = len(configs) - len(todo)
+    stale_code = sorted({other_code[h] for h in hashes if h in other_code}) if args.algo != "optuna" else []
+    if stale_code:
+        n = sum(h in other_code for h in hashes)
+        print(f"{n} of {len(configs)} trials finished under other code ({', '.join(stale_code)}); this code is "
+              f"{version}: trained again (--reuse any to reuse them)", flush=True)
+    samples = 0
+    if args.algo == "optuna":
+        # Optuna's budget, in trials, counts only its own earlier trials of this profile that are reusable.
+        sampled, _, _ = reusable_runs(tracker, args.reuse, version, "optuna", args.profile)
+        samples = max(0, (args.samples or _grid_size(args)) * args.seeds - len(sampled))
+    elif reused:
+        print(f"{reused} of {len(configs)} trials already finished in {args.tracking_uri}: reused "
+              f"(code {version if args.reuse == 'same-code' else 'any'}; --reuse none to train them again)",
+              flush=True)
+    outcome = None
+    if todo if args.algo != "optuna" else samples:
+        init_ray(args.address, args.num_cpus)
+        if gpus == "auto":
+            gpus = resolve_auto_gpus(todo or configs)
+            print(f"--gpus-per-trial auto: {gpus:.3g} GPU per trial (measured peak memory of one step)")
+        # Same-code reuse keeps one Optuna study per code version: TPE is not steered by old numbers.
+        study = f"{args.space}-{args.profile}" + (f"-{version}" if args.reuse == "same-code" else "")
+        plan = SweepPlan(space=args.space, profile=args.profile, algo=args.algo, configs=todo,
+                         samples=samples, seeds=args.seeds, overrides=overrides, seed=args.search_seed or 0,
+                         scheduler=args.scheduler, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
+                         max_concurrent=args.max_concurrent, retries=args.retries, storage=args.storage,
+                         tracking_uri=args.tracking_uri, finished=finished, scores=scores, study_name=study,
+                         verbose=0 if args.quiet else 1)
+        n = samples if args.algo == "optuna" else len(todo)
+        print(f"sweep {args.space!r} (profile {args.profile}, {args.algo}, code {version}): {n} trial(s) to run, "
+              f"{args.cpus_per_trial:g} CPU + {gpus:g} GPU each", flush=True)
+        # One MLflow parent run per sweep; every trial run below is its child (--resume: the same parent).
+        tracker.open_sweep(algo=args.algo, command=_command_line(), params=_sweep_params(args, n, gpus),
+                           resume=args.resume)
+        try:
+            outcome = run_sweep(plan, tracker)
+        except BaseException:
+            tracker.flush()
+            tracker.close_sweep("killed", {})
+            raise
+        for line in tracker.flush():  # the per-trial previews drawn in the background
+            print(f"warning: MLflow preview not logged: {line}", flush=True)
+        if outcome.exhausted:
+            print(f"optuna proposed only configurations already trained, many times in a row: the space is "
+                  f"exhausted after {sum(outcome.statuses.values())} new trial(s)", flush=True)
+    tracker.store.compact()
+    summary = _captured(_summary, tracker, set(hashes) if args.algo != "optuna" else None, args, time.time() - t0)
+    if tracker.parent_id:
+        _close_parent(tracker, args, outcome, summary)
+    if outcome is not None and outcome.statuses and set(outcome.statuses) == {"failed"}:
+        import sys
+
+        print(f"error: every trial of this sweep failed ({outcome.statuses['failed']} failed; first: "
+              f"{outcome.first_error[:300]}); their runs are FAILED in {args.tracking_uri}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -116,9 +222,7 @@ def _summary(tracker: Tracker, hashes: set[str] | None, args: argparse.Namespace
     """Best and worst configurations of this sweep, and where everything is."""
     import pyarrow.compute as pc
 
-    from search.store import dedup
-
-    t = dedup(tracker.store.read("trials"), "trials")
+    t = tracker.store.read_deduped()[0]
     if hashes is not None and t.num_rows:
         t = t.filter(pc.is_in(t.column("config_hash"), value_set=_arr(sorted(hashes))))
     rows = t.to_pylist()
@@ -142,6 +246,71 @@ def _summary(tracker: Tracker, hashes: set[str] | None, args: argparse.Namespace
     print(f"\nresults:  {store.path('trials')}  and  {store.path('layers')}  (Parquet)")
     print(f"tracking: {args.tracking_uri}   view: mlflow ui --backend-store-uri {args.tracking_uri}")
     print(f"report:   python -m analysis.report --space {args.space}")
+    if args.algo == "optuna":
+        from search.sweep.tune import optuna_db_path
+
+        db = optuna_db_path(args.storage, args.space)
+        print(f"optuna:   {db}   view: optuna-dashboard sqlite:///{db}")
+
+
+def _command_line() -> str:
+    """The command as typed (for the parent run), e.g. `python -m search.run --space smoke --quiet`."""
+    import shlex
+    import sys
+
+    return " ".join(["python -m search.run"] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def _sweep_params(args: argparse.Namespace, trials: int, gpus: float) -> dict[str, Any]:
+    """The parent run's params: what defines the sweep (not a trial's config: those are the children's)."""
+    keys = ("space", "profile", "algo", "samples", "seeds", "search_seed", "scheduler", "cpus_per_trial",
+            "max_concurrent", "retries", "storage")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return {**out, "gpus_per_trial": gpus, "trials_to_run": trials, "set": " ".join(args.set) or "-"}
+
+
+def _captured(fn: Any, *a: Any) -> str:
+    """Run `fn`, printing what it prints, and return that text too."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn(*a)
+    print(buf.getvalue(), end="", flush=True)
+    return buf.getvalue()
+
+
+def _close_parent(tracker: Tracker, args: argparse.Namespace, outcome: Any, summary: str) -> None:
+    """End the sweep's parent run with summary.txt, the report (report.md, report.tex, figures) and counts."""
+    import tempfile
+
+    statuses = dict(outcome.statuses) if outcome is not None else {}
+    metrics = {f"trials_{s}": float(n) for s, n in statuses.items()}
+    ok = tracker.store.read_deduped()[0] if statuses.get("ok") else None
+    if ok is not None and ok.num_rows:
+        import pyarrow.compute as pc
+
+        acc = pc.max(pc.filter(ok.column("test_acc"), pc.equal(ok.column("status"), "ok"))).as_py()
+        if acc is not None:
+            metrics["best_test_acc"] = float(acc)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "summary.txt")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(summary.lstrip("\n"))
+        report = None
+        # DBN_SWEEP_REPORT: full (default) | tables (no figures: ~1 s instead of ~8 s of CPU) | off
+        how = os.environ.get("DBN_SWEEP_REPORT", "full")
+        if how in ("full", "tables") and ("://" not in args.storage or args.storage.startswith("file://")):
+            try:  # the study's report as it stands after this sweep (all of the space's trials)
+                from analysis.report import write_report
+
+                report = write_report(args.space, args.storage.replace("file://", ""), os.path.join(d, "report"),
+                                      figures=how == "full")
+            except Exception as e:  # noqa: BLE001 - the sweep's results stand without a report
+                print(f"note: no report attached to the sweep's MLflow run ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''})", flush=True)
+        tracker.close_sweep("done", metrics, files=[path], folder=report)
 
 
 def _arr(values: list[str]) -> Any:

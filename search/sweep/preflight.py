@@ -10,7 +10,7 @@ import shutil
 import urllib.error
 import urllib.request
 
-__all__ = ["check_storage", "check_tracking", "check_address", "check_trials"]
+__all__ = ["check_storage", "check_tracking", "check_address", "check_trials", "check_resources", "local_gpus"]
 
 MIN_FREE_BYTES = 200 * 2**20  # below this a sweep cannot even write its first results
 
@@ -51,11 +51,23 @@ def check_storage(storage: str, flag: str = "--storage", shown: str | None = Non
                       f"(need at least {need / 2**20:.0f} MiB)")
 
 
+_TRACKING_ALLOWED = "sqlite:///PATH, http(s)://HOST:PORT"
+
+
 def check_tracking(uri: str) -> None:
-    """Raise ConnectionError/OSError naming --tracking-uri if the store cannot be used."""
+    """Raise ConnectionError/OSError/ValueError naming --tracking-uri unless it is a persistent store MLflow supports.
+
+    In-memory sqlite (`sqlite://`, `sqlite:///:memory:`) keeps nothing across processes, so every
+    rerun would train everything again; MLflow 3 no longer opens file stores (`file:PATH`, a bare path).
+    """
+    if uri in ("sqlite://", "sqlite:///", "sqlite:///:memory:") or uri.startswith("sqlite:///:memory:"):
+        raise ValueError(f"--tracking-uri {uri!r} is an in-memory database that keeps nothing after the sweep "
+                         f"(every rerun would train everything again); give a file (allowed: {_TRACKING_ALLOWED})")
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///"):]
         check_storage(os.path.dirname(os.path.abspath(db)) or ".", flag="--tracking-uri", shown=uri)
+        if os.path.isdir(db):
+            raise OSError(f"--tracking-uri {uri!r}: {db!r} is a directory, not a database file")
         if os.path.exists(db) and not os.access(db, os.W_OK):
             raise PermissionError(f"--tracking-uri {uri!r}: {db!r} is not writable")
         return
@@ -67,24 +79,89 @@ def check_tracking(uri: str) -> None:
                                   "start the server or check the address") from None
         return
     if uri.startswith("file:") or "://" not in uri:
-        check_storage(uri.replace("file://", ""), flag="--tracking-uri", shown=uri)
-        return
-    raise ValueError(f"--tracking-uri {uri!r}: unsupported scheme (allowed: sqlite:///PATH, http(s)://HOST:PORT, "
-                     "file:PATH)")
+        raise ValueError(f"--tracking-uri {uri!r}: MLflow 3 no longer supports file stores (a folder of runs); "
+                         f"use sqlite:///mlflow.db or a tracking server (allowed: {_TRACKING_ALLOWED})")
+    raise ValueError(f"--tracking-uri {uri!r}: unsupported scheme (allowed: {_TRACKING_ALLOWED})")
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
-    """Raise ConnectionError naming --address unless something answers at host:port (Ray's GCS)."""
-    if not address or address == "auto" or "://" in address:
+    """Raise ConnectionError naming --address unless a Ray cluster answers there, in seconds.
+
+    `auto` is resolved as Ray resolves it (RAY_ADDRESS, then the cluster `ray start` recorded
+    on this machine) without connecting, so "no cluster" is said before anything is written.
+    """
+    if not address or "://" in address:
         return
+    shown = address
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment
+
+            address = get_ray_address_from_environment("auto", None)
+        except Exception as e:  # noqa: BLE001 - Ray's own lookup failing is the same answer: no cluster
+            raise ConnectionError(f"--address 'auto': no running Ray cluster found ({str(e).splitlines()[0][:200]}); "
+                                  "start one with `ray start --head` or give host:port") from None
+        if not address or address == "auto":
+            raise ConnectionError("--address 'auto': no running Ray cluster found on this machine (RAY_ADDRESS unset, "
+                                  "no cluster started by `ray start`); start one with `ray start --head` or give "
+                                  "host:port")
     import socket
 
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError) as e:
-        raise ConnectionError(f"--address {address!r}: no Ray cluster reachable there ({e}); start one with "
+        via = f" (resolved to {address})" if shown != address else ""
+        raise ConnectionError(f"--address {shown!r}{via}: no Ray cluster reachable there ({e}); start one with "
                               "`ray start --head` or check host:port") from None
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray would see on this machine (honours CUDA_VISIBLE_DEVICES), without importing torch."""
+    try:
+        from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager as m
+
+        n = int(m.get_current_node_num_accelerators() or 0)
+        visible = m.get_current_process_visible_accelerator_ids()
+    except Exception:  # noqa: BLE001 - no driver, no NVML: no GPU
+        return 0
+    return min(n, len(visible)) if visible is not None else n
+
+
+def check_resources(*, cpus_per_trial: float, gpus_per_trial: float | str, num_cpus: int | None,
+                    address: str | None, configs: list[dict], cluster: dict[str, float] | None = None) -> None:
+    """Refuse a per-trial request no node can ever meet, and CUDA on a machine without a GPU.
+
+    On a local Ray the resources are known before it starts (`--num-cpus` or every core, the
+    GPUs of this machine); on a cluster `cluster` is the largest node's resources (checked once
+    connected, before anything is written). Without this, Tune waits forever for a node that
+    never comes, holding the sweep lock.
+
+    Raises:
+        ValueError: one line naming the flag, the value and what the cluster has.
+    """
+    if cluster is None and address:
+        cluster = None  # checked against the real cluster after connecting
+    have_cpus = cluster.get("CPU", 0.0) if cluster is not None else float(num_cpus or os.cpu_count() or 1)
+    have_gpus = cluster.get("GPU", 0.0) if cluster is not None else (float(local_gpus()) if not address else None)
+    where = "the largest node of the cluster" if cluster is not None else "this machine's local Ray"
+    if (cluster is not None or not address) and cpus_per_trial > have_cpus:
+        raise ValueError(f"--cpus-per-trial {cpus_per_trial:g} can never be met: {where} has {have_cpus:g} CPU(s) "
+                         "(allowed: at most that; --num-cpus sets a local Ray's CPUs)")
+    gpus = gpus_per_trial
+    if have_gpus is not None and gpus != "auto" and float(gpus) > have_gpus:
+        raise ValueError(f"--gpus-per-trial {float(gpus):g} can never be met: {where} has {have_gpus:g} GPU(s)")
+    if have_gpus is not None and gpus == "auto" and have_gpus < 1:
+        raise ValueError(f"--gpus-per-trial auto: {where} has no GPU to measure on; give a number instead")
+    wants_cuda = sorted({c.get("device") for c in configs} & {"cuda"})
+    if wants_cuda:
+        if have_gpus is not None and have_gpus < 1:
+            raise ValueError(f"field 'device' = 'cuda': {where} has no GPU (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use device=auto or cpu, or run "
+                             "on a GPU machine")
+        if gpus != "auto" and float(gpus) <= 0:
+            raise ValueError("field 'device' = 'cuda' needs --gpus-per-trial > 0 (or auto): Ray hides every GPU "
+                             "from a trial that reserves none, so each trial would fail")
 
 
 def check_trials(configs: list[dict]) -> None:
