@@ -13,7 +13,7 @@ A plugin is a Python file (`--plugin ./my_plugin.py`) or an importable module
 - optionally runs the contract of every dropout kind and backbone it registered
   (search/contracts.py), so a broken kind fails before a sweep starts;
 - exports itself to Ray workers through the runtime environment (`runtime_env()`): the
-  source of a single-file plugin travels inside an environment variable and is executed
+  source of a single-file plugin travels inside an environment variable and is imported
   by `setup_worker` (Ray's `worker_process_setup_hook`) in every worker process, on one
   machine or on a cluster; a package plugin travels as a Ray `py_modules` entry.
 
@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -232,11 +233,28 @@ def _check(plugin: Plugin) -> None:
 
 
 def _exec_source(name: str, path: str, source: str) -> None:
-    mod_spec = importlib.util.spec_from_loader(name, loader=None, origin=path)
+    """Import `source` as module `name` through importlib's own file loader.
+
+    A Ray worker may not have the file (or may hold another copy): the driver's source then goes into a
+    private temporary file first, so what runs is exactly what the identity hashed.
+    """
+    load_from = path
+    if not os.path.isfile(path) or _read(path) != source:
+        folder = tempfile.mkdtemp(prefix="dbn-plugin-")
+        load_from = os.path.join(folder, f"{name}.py")
+        with open(load_from, "w", encoding="utf-8") as fh:
+            fh.write(source)
+    mod_spec = importlib.util.spec_from_file_location(name, load_from)
+    if mod_spec is None or mod_spec.loader is None:
+        raise PluginError(f"--plugin {path!r}: importlib cannot load it as a Python file")
     module = importlib.util.module_from_spec(mod_spec)
-    module.__file__ = path
-    sys.modules[name] = module  # before exec: dataclasses and pickling look the module up by name
-    exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102 - the user's own plugin, by request
+    sys.modules[name] = module  # before running it: dataclasses and pickling look the module up by name
+    mod_spec.loader.exec_module(module)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
 
 
 def _undo(name: str, before: Mapping[str, set[str]]) -> None:

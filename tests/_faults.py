@@ -33,7 +33,7 @@ def fault_pythonpath(root: str) -> str:
 def wrap_run_trial(module: Any) -> None:
     """Replace `module.run_trial` by one that first applies the matching DBN_FAULTS rule.
 
-    The 'nan' fault trains at lr=1e12, so the loss diverges (status 'diverged'); the trial
+    The 'nan' fault trains at lr=1e6 (the largest lr TrialConfig allows), so the loss diverges (status 'diverged'); the trial
     is still recorded under the configuration the sweep asked for.
     """
     real = module.run_trial
@@ -43,7 +43,7 @@ def wrap_run_trial(module: Any) -> None:
 
         cfg = cfg if isinstance(cfg, TrialConfig) else TrialConfig.from_dict(cfg)
         if maybe_inject(cfg) == "nan":
-            cfg = cfg.replace(lr=1e12)
+            cfg = cfg.replace(lr=1e6)
         return real(cfg, report)
 
     module.run_trial = run_trial

@@ -74,14 +74,16 @@ def planted_study(*, widths=(1.0, 2.0, 4.0, 8.0), placements=("none", "pre_bn", 
         max_shift=max_shift, mean_shift_fed=mean_fed, mean_shift_reest=np.ones(n), throughput=1000.0 * np.ones(n),
         wall_time_s=np.ones(n), train_time_s=np.ones(n), probe_time_s=0.1 * np.ones(n),
         params=(1000 * width).astype(np.int64), epochs_completed=np.full(n, base["epochs"]), ran_on=["cpu"] * n)
-    trials = pa.table({f.name: pa.array(cols[f.name] if f.name in cols else [base[f.name]] * n, f.type)
+    # Columns a planted study does not plant (mechanism, noise floor, code version) are null, as in old rows.
+    trials = pa.table({f.name: pa.array(cols[f.name] if f.name in cols else [base.get(f.name)] * n, f.type)
                        for f in TRIALS_SCHEMA}, schema=TRIALS_SCHEMA)
     lcols = dict(name=[f"bn{i}" for i in range(n_layers)] * n, index=idx,
                  rel_depth=idx / max(n_layers - 1, 1), channels=channels, fan_in=fan_in, fed_by_dropout=fed,
                  moving_var=moving, real_var=moving / shift, shift=shift, shift_channelwise=shift * 1.05,
                  real_mean=np.full(idx.size, 0.1), cos2=np.full(idx.size, 0.3))
     layers = pa.table({f.name: pa.array(lcols[f.name], f.type) if f.name in lcols
-                       else trials.column(f.name).take(pa.array(trial)) for f in LAYERS_SCHEMA}, schema=LAYERS_SCHEMA)
+                       else trials.column(f.name).take(pa.array(trial)) if f.name in trials.column_names
+                       else pa.nulls(idx.size, f.type) for f in LAYERS_SCHEMA}, schema=LAYERS_SCHEMA)
     return trials, layers
 
 

@@ -44,7 +44,8 @@ def test_hash_stable_across_processes() -> None:
     (dict(backbone="resnet18", depth=16), r"field 'depth' = 16 is only for the registered families"),
     (dict(width=0), r"field 'width' must be > 0"),
     (dict(epochs="3"), r"field 'epochs' expects int, got '3'"),
-    (dict(dataset="mnist"), r"field 'dataset' = 'mnist' is not allowed \(allowed: digits, synthetic, cifar10"),
+    (dict(dataset="fmnist"), r"field 'dataset' = 'fmnist' is not allowed \(allowed: digits, synthetic, cifar10, "
+                             r"cifar100, imagefolder, fashion_mnist, mnist\)"),
 ])
 def test_bad_values_name_field_value_and_allowed(kwargs: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):

@@ -32,7 +32,9 @@ def runs(cwd: Path, space: str) -> list:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     exp = client.get_experiment_by_name(space)
-    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    # Trial runs only: each sweep also has a parent run (run_kind = sweep) holding its summary.
+    rs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return [r for r in rs if r.data.tags.get("run_kind") != "sweep"]
 
 
 def table(cwd: Path, space: str, name: str):
@@ -62,14 +64,30 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke: tuple[Path, subprocess.
     assert r.data.params["train_samples"] == "128" and r.data.tags["space"] == "smoke"
     assert r.data.tags["profile"] == "quick" and len(r.data.tags["config_hash"]) == 16
     assert r.data.tags["version.torch"] and r.data.tags["version.timm"]
-    for key in ("test_acc", "test_acc_reest", "mean_shift", "max_shift", "throughput", "params"):
+    for key in ("test_acc", "test_acc_reest", "mean_shift", "max_shift", "throughput", "num_params"):
         assert key in r.data.metrics
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
-    assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["layers.parquet"]
+    assert sorted(a.path for a in client.list_artifacts(r.info.run_id)) == ["layers.json", "layers.parquet",
+                                                                           "shift_by_layer.png"]
     assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 1  # one epoch
+    # One parent run for the sweep; every trial is its child; Tune counted one iteration per epoch.
+    exp = client.get_experiment_by_name("smoke")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.run_kind = 'sweep'")
+    assert {x.data.tags["mlflow.parentRunId"] for x in rs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_ok"] == 10
+    assert parent.data.tags["command"].startswith("python -m search.run --space smoke")
+    assert "summary.txt" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    import json
+
+    for result_json in (cwd / "results" / "smoke" / "ray").glob("*/trainable_*/result.json"):
+        last = json.loads(result_json.read_text().strip().splitlines()[-1])
+        assert last["training_iteration"] == last["epoch"] == 1  # the final report is the last epoch's
     assert "sweep 'smoke' done" in out.stdout and "best" in out.stdout and "results/smoke/trials" in out.stdout
+    # Nothing went wrong, so stderr carries no library notices (store migrations, Ray's auth notice).
+    for noise in ("Creating initial MLflow database tables", "alembic", "Token authentication is enabled"):
+        assert noise not in out.stderr, out.stderr[-2000:]
 
 
 def test_smoke_sweep_writes_parquet_datasets(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -109,11 +127,20 @@ def test_random_and_optuna_paths(tmp_path: Path) -> None:
     assert len(rs) == 3 and {r.data.tags["algo"] for r in rs} == {"optuna"}
     import optuna
 
-    study = optuna.load_study(study_name="uout_beta-quick",
-                              storage=f"sqlite:///{tmp_path / 'results' / 'uout_beta' / 'optuna.db'}")
+    storage = f"sqlite:///{tmp_path / 'results' / 'uout_beta' / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)  # one study (its name carries the code version)
+    study = optuna.load_study(study_name=name, storage=storage)
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
     for t in study.trials:  # the define-by-run space honours the placement condition
         assert t.params["dropout_placement"] in ("pre_bn", "pre_conv")
+    # optuna-dashboard's view: the objective's name, and each trial's config hash and MLflow run.
+    assert study.metric_names == ["test_acc"]
+    by_id = {r.info.run_id: r for r in rs}
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            run = by_id[t.user_attrs["mlflow_run_id"]]
+            assert run.data.tags["config_hash"] == t.user_attrs["config_hash"]
+    assert f"optuna-dashboard sqlite:///{tmp_path / 'results' / 'uout_beta' / 'optuna.db'}" in out.stdout
 
 
 def test_report_from_the_real_smoke_sweep(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:

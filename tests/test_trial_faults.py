@@ -134,7 +134,7 @@ def test_trial_process_killed_every_attempt_is_failed_with_reason(concurrent: Co
 
 @pytest.mark.timeout(900)
 def test_nan_loss_is_recorded_as_diverged(concurrent: Concurrent) -> None:
-    """DBN_FAULTS=nan trains at lr=1e12: the model's outputs become NaN; that is a result, status 'diverged'."""
+    """DBN_FAULTS=nan trains at lr=1e6: the model's outputs become NaN; that is a result, status 'diverged'."""
     r = concurrent.run("pre_conv", "gaussian")
     m = r.data.metrics
     assert r.info.status == "FINISHED", "a diverged trial is a result, not a failure"
