@@ -172,7 +172,8 @@ def test_concurrent_trials_lose_no_metrics(concurrent: Concurrent) -> None:
         assert not missing, (r.info.run_id, missing)
         if r.data.params["dropout_placement"] in ("pre_bn", "pre_conv"):
             assert "mean_shift_fed" in r.data.metrics
-        assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["layers.parquet"]
+        assert sorted(a.path for a in client.list_artifacts(r.info.run_id)) == ["layers.json", "layers.parquet",
+                                                                               "shift_by_layer.png"]
     layers = _dataset(c.cwd / "results", "layers")
     measured = {r.info.run_id for r in ok}
     assert set(layers.column("run_id").to_pylist()) == measured  # failed and diverged trials have no layers
