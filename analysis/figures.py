@@ -3,7 +3,9 @@
 - shift vs BN layer index per configuration (the paper's figure), one file per dropout type;
 - shift - 1 vs feature dimension d on log axes with the fitted lines and the theory's;
 - accuracy vs width per placement with 95% t intervals over seeds;
-- BN re-estimation: accuracy before vs after per configuration, and gain vs measured shift.
+- BN re-estimation: accuracy before vs after per configuration, and gain vs measured shift;
+- the decomposition: the theory's excess variance per BN layer, injected locally vs inherited, beside the
+  frozen measurement.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def write_figures(a: Analysis, folder: str, *, max_points: int = 4000, seed: int
     """Write every figure the analysis supports into `folder`; returns what was written."""
     os.makedirs(folder, exist_ok=True)
     figs: list[Figure] = []
-    for make in (_shift_by_layer, _shift_vs_dim, _accuracy_vs_width, _reestimation):
+    for make in (_shift_by_layer, _shift_vs_dim, _accuracy_vs_width, _reestimation, _decomposition):
         for stem, caption, fig in make(a, max_points=max_points, seed=seed):
             fig.tight_layout()  # once; constrained layout would redo it for every file written
             fig.savefig(os.path.join(folder, f"{stem}.png"), dpi=100)
@@ -260,3 +262,54 @@ def _reestimation(a: Analysis, **_: object):
         ax.legend(**LEGEND)
     yield ("bn_reestimation", "BN re-estimation: accuracy before vs after per configuration (left, diagonal = no "
            "change) and the gain against the measured shift per dropout trial (right)", fig)
+
+
+def _decomposition(a: Analysis, **_: object):
+    """Per configuration (at its narrowest width): the theory's excess split into local and inherited."""
+    if not a.mechanism:
+        return
+    L = a.study.layers
+    L = L.filter(pc.is_in(L.column("dropout_placement"), value_set=pa.array(["pre_bn", "pre_conv"])))
+    L = L.filter(pc.is_finite(pc.fill_null(L.column("shift_theory"), float("nan"))))
+    if L.num_rows == 0:
+        return
+    keys = ["backbone", "dropout_type", "dropout_placement", "dropout_rate"]
+    configs = sorted({tuple(r[k] for k in keys) for r in L.select(keys).to_pylist()},
+                     key=lambda c: (c[0], PLACEMENT_ORDER.index(c[2]), c[1], c[3]))[:8]
+    ncol = min(len(configs), 2)
+    fig, axes = _grid(-(-len(configs) // ncol), ncol, w=3.6, h=2.6)
+    for ax in axes.flat[len(configs):]:
+        ax.set_visible(False)
+    for ax, cfg in zip(axes.flat, configs):
+        sub = L.filter(_match(L, dict(zip(keys, cfg))))
+        width = min(sub.column("width").to_pylist())
+        sub = sub.filter(pc.equal(sub.column("width"), width))
+        agg = sub.group_by(["index"]).aggregate([("excess_local", "mean"), ("excess_inherited", "mean"),
+                                                 ("shift_frozen", "mean"), ("fed_by_dropout", "max")]).sort_by("index")
+        idx = np.asarray(agg.column("index").to_pylist())
+        loc = np.nan_to_num(pc.fill_null(agg.column("excess_local_mean"), 0.0).to_numpy(zero_copy_only=False))
+        inh = np.nan_to_num(pc.fill_null(agg.column("excess_inherited_mean"), 0.0).to_numpy(zero_copy_only=False))
+        fro = pc.fill_null(agg.column("shift_frozen_mean"), float("nan")).to_numpy(zero_copy_only=False) - 1.0
+        ax.bar(idx, loc, color=COLORS[cfg[2]], label="injected here (local)")
+        ax.bar(idx, inh, bottom=loc, color=COLORS[cfg[2]], alpha=0.35, label="inherited from earlier dropouts")
+        ax.plot(idx, fro, "k.", ms=5, label="measured (shift_frozen - 1)")
+        ax.set_title(f"{cfg[0]} w{fmt_width(width)}, {cfg[1]} {cfg[3]:g}, {cfg[2]}", fontsize=9)
+        ax.set_xlabel("BN layer (execution order)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("excess / eval-mode variance")
+    first = axes.flat[0]
+    lo, hi = first.get_ylim()
+    first.set_ylim(lo, lo + 2.0 * (hi - lo))  # headroom: the legend sits above the bars, not on them
+    first.legend(loc="upper right", **LEGEND)
+    yield ("decomposition", "The theory's excess variance at each BN layer (shift_theory - 1), split into the part "
+           "the dropout feeding that layer injects (dark) and the part inherited from earlier dropouts down the "
+           "residual stream or concatenation (light); dots: the frozen measurement; narrowest width of each "
+           "configuration, mean over seeds", fig)
+
+
+def _match(t: pa.Table, where: dict) -> pa.Array:
+    mask = None
+    for k, v in where.items():
+        m = pc.equal(t.column(k), v)
+        mask = m if mask is None else pc.and_(mask, m)
+    return mask

@@ -18,6 +18,8 @@ from scipy import stats
 from .fit import (Correlation, CostCell, CriticalWidth, ReestRow, ShiftFit, accuracy_cost, bn_reestimation,
                   holm, shift_vs_dim)
 from .load import EXPERIMENT_FIELDS, Study, context_fields, group_codes, varying
+from .mechanism import (MechanismRow, NoiseFloor, WidthMechanism, mechanism_rows, missing_columns, noise_floor,
+                        width_mechanism)
 
 __all__ = ["FactorRow", "factor_importance", "Analysis", "analyse", "Guideline", "guidelines", "PLACEMENT_TEXT"]
 
@@ -112,17 +114,55 @@ class Analysis:
     context: list[str] = field(default_factory=list)  # context fields that vary (they label rows)
     level: float = 0.95
     tol: float = 0.005
+    # The mechanism (analysis.mechanism): theory beside measurement, the floor, width explained.
+    mechanism: list[MechanismRow] = field(default_factory=list)
+    floor: NoiseFloor | None = None
+    width_mechanism: list[WidthMechanism] = field(default_factory=list)
+    mechanism_missing: list[str] = field(default_factory=list)  # columns older results lack
+    n_flagged: int = 0  # ok trials left out of every fit: BN running statistics not converged
+    all_flagged: bool = False  # every ok trial is flagged: fits use them, but no guideline is drawn
+
+
+def _unflagged(ok: Study) -> tuple[Study, int, bool]:
+    """The ok trials whose BN statistics converged, how many were flagged, and whether all were."""
+    if "bn_unconverged" not in ok.trials.column_names or ok.trials.num_rows == 0:
+        return ok, 0, False
+    flag = pc.fill_null(ok.trials.column("bn_unconverged"), False)
+    n = int(pc.sum(pc.cast(flag, "int64")).as_py() or 0)
+    if n == 0 or n == ok.trials.num_rows:
+        return ok, n, n > 0
+    trials = ok.trials.filter(pc.invert(flag))
+    layers = ok.layers.filter(pc.is_in(ok.layers.column("run_id"), value_set=trials.column("run_id")))
+    return dataclasses.replace(ok, trials=trials, layers=layers), n, False
 
 
 def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, tol: float = 0.005,
             adjust: str = "holm") -> Analysis:
     """Run every fit on the study's ok trials; `notes` name each analysis the data could not support."""
     ok = study.ok()
+    floor = noise_floor(ok, level)
+    ok, n_flagged, all_flagged = _unflagged(ok)
     out = Analysis(ok, level=level, tol=tol, notes=list(study.notes),
-                   context=varying(ok.trials, context_fields(ok.trials)))
+                   context=varying(ok.trials, context_fields(ok.trials)), floor=floor, n_flagged=n_flagged,
+                   all_flagged=all_flagged)
     if ok.trials.num_rows == 0:
         out.notes.append("no trials with status ok: nothing fitted")
         return out
+    if all_flagged:
+        out.notes.append(f"every one of the {n_flagged} ok trials is flagged bn_unconverged (its BN running "
+                         "statistics had not converged: see the noise floor): the fits below use them, but no "
+                         "guideline is drawn; train longer")
+    elif n_flagged:
+        out.notes.append(f"{n_flagged} ok trial(s) flagged bn_unconverged (BN running statistics not converged) "
+                         "are left out of every fit and guideline: see the noise floor")
+    out.mechanism_missing = missing_columns(ok)
+    if out.mechanism_missing:
+        out.notes.append("these results predate the mechanism probe (columns missing: "
+                         f"{', '.join(out.mechanism_missing)}): theory vs measurement and the width mechanism "
+                         "are not reported; rerun the sweep to measure them")
+    else:
+        out.mechanism = mechanism_rows(ok)
+        out.width_mechanism = width_mechanism(ok, n_boot=n_boot, seed=seed, level=level)
     placements = set(ok.trials.column("dropout_placement").to_pylist())
     out.shift_fits = shift_vs_dim(ok, n_boot=n_boot, seed=seed, level=level)
     if not out.shift_fits:
@@ -155,7 +195,7 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
 class Guideline:
     """One statement the data supports, with its headline number and interval.
 
-    kind: critical_width | hurts | no_cost | shift_vs_dim | bn_reestimation | reest_vs_shift | factor.
+    kind: critical_width | hurts | no_cost | width_mechanism | shift_vs_dim | bn_reestimation | reest_vs_shift | factor.
     """
 
     text: str
@@ -193,7 +233,9 @@ def _rate(dtype: str, rate: float) -> str:
 
 def guidelines(a: Analysis) -> list[Guideline]:
     """The statements the analysis supports, in report order (accuracy, shift, re-estimation, factors)."""
-    out = _width_guidelines(a) + _shift_guidelines(a) + _reest_guidelines(a)
+    if a.all_flagged:
+        return []  # no statement rests on trials whose running statistics had not converged
+    out = _width_guidelines(a) + _mechanism_guidelines(a) + _shift_guidelines(a) + _reest_guidelines(a)
     alpha = 1 - a.level
     labels = {"test_acc": "test accuracy", "mean_shift": "the mean variance shift"}
     for resp, rows in a.factors.items():
@@ -216,10 +258,14 @@ def _width_guidelines(a: Analysis) -> list[Guideline]:
             continue  # n = 1 cells carry no interval: no statement rests on them
         if cw.width is not None and cw.hurts_below and cw.below is not None and cw.below.method != "n=1":
             b = cw.below
+            # "Not harmed" is a Holm-adjusted test over all cells; the interval shown is unadjusted. When that
+            # interval still lies below -tol the data do not show a match: say so rather than claim one.
+            open_ = c.ci_high < -a.tol
             out.append(Guideline(
-                f"{who}, accuracy matches no-dropout from width {fmt_width(cw.width)} on (cost {_pp(c.cost)} pp, "
-                f"{_ci_pp(c, a.level)}); at width {fmt_width(b.width)} it costs {_pp(b.cost)} pp "
-                f"({_ci_pp(b, a.level)})",
+                f"{who}, accuracy is no longer detectably below no-dropout from width {fmt_width(cw.width)} on "
+                f"(cost {_pp(c.cost)} pp, {_ci_pp(c, a.level)}, Holm-adjusted p = {c.p_adj:.2g} over all cells"
+                + ("; the unadjusted interval still excludes no cost: more seeds would settle it" if open_ else "")
+                + f"); at width {fmt_width(b.width)} it costs {_pp(b.cost)} pp ({_ci_pp(b, a.level)})",
                 100 * c.cost, 100 * c.ci_low, 100 * c.ci_high, "critical_width", "pp", c.n, cw.width))
         elif cw.width is None:
             out.append(Guideline(
@@ -240,6 +286,31 @@ def _width_guidelines(a: Analysis) -> list[Guideline]:
     return out
 
 
+def _mechanism_guidelines(a: Analysis) -> list[Guideline]:
+    """Width through the mechanism: the measured d-dependence of the frozen shift against the theory's."""
+    out = []
+    for w in a.width_mechanism:
+        m, t, ok = w.measured, w.theory, w.explained
+        lo, hi = m.slope_ci
+        if ok is None or not (math.isfinite(lo) and math.isfinite(hi)):
+            continue  # no interval: nothing to state
+        trend = "shows no detectable dependence on" if lo <= 0 <= hi else "falls with" if hi < 0 else "rises with"
+        diff = f"theory - measured {w.diff:+.2f}, paired {a.level:.0%} CI [{w.diff_ci[0]:+.2f}, {w.diff_ci[1]:+.2f}]"
+        verdict = (f"the theory, from the measured rho and d cos^2(theta), predicts d^{t.slope:.2f} ({diff}): "
+                   "what width does here is what this mechanism predicts" if ok else
+                   f"the theory predicts d^{t.slope:.2f} ({diff}): the mechanism does not account for the width "
+                   "dependence here")
+        out.append(Guideline(
+            f"on {w.backbone} with {w.dropout_type} dropout at {_rate(w.dropout_type, w.dropout_rate)} "
+            f"{PLACEMENT_TEXT.get(w.dropout_placement, w.dropout_placement)}, the excess variance BN sees "
+            f"(shift_frozen - 1) {trend} the feature dimension d: d^{m.slope:.2f} ({a.level:.0%} CI "
+            f"[{lo:.2f}, {hi:.2f}], widths {', '.join(fmt_width(x) for x in w.widths)}, {m.n} BN layers in "
+            f"{m.n_trials} trials); {verdict} (median rho = {w.rho:.2f}, d cos^2(theta) = {w.d_cos2[0]:.1f} at "
+            f"width {fmt_width(w.widths[0])} and {w.d_cos2[1]:.1f} at width {fmt_width(w.widths[-1])})",
+            m.slope, lo, hi, "width_mechanism", "exponent", m.n))
+    return out
+
+
 def _shift_guidelines(a: Analysis) -> list[Guideline]:
     out = []
     for f in a.shift_fits:
@@ -247,7 +318,8 @@ def _shift_guidelines(a: Analysis) -> list[Guideline]:
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
             continue
         trend = "falls" if hi < 0 else "rises"
-        theory = f"; theory: d^{f.theory_slope:.2f}" if math.isfinite(f.theory_slope) else ""
+        # The rho = 0 closed form's slope only where the measured mechanism is absent (older results).
+        theory = f"; theory: d^{f.theory_slope:.2f}" if math.isfinite(f.theory_slope) and not a.mechanism else ""
         out.append(Guideline(
             f"with {f.dropout_type} dropout at {_rate(f.dropout_type, f.dropout_rate)} "
             f"{PLACEMENT_TEXT.get(f.dropout_placement, f.dropout_placement)}, "

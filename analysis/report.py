@@ -59,8 +59,7 @@ PAPER_REFERENCE: list[dict[str, Any]] = [
          match=dict(backbone="cifar_preresnet"), metric="dcos2"),
     dict(what="d cos^2(theta), DenseNet", paper="2.6-3.8", match=dict(backbone="cifar_densenet_bc"), metric="dcos2"),
     dict(what="d cos^2(theta), ResNeXt", paper="14.7", match=dict(backbone="cifar_resnext"), metric="dcos2"),
-    dict(what="d cos^2(theta), WRN-28-10", paper="44-53", match=dict(backbone="cifar_wrn", depth=28, width=10.0),
-         metric="dcos2"),
+    dict(what="d cos^2(theta), WRN-28-10", paper="44-53", match=dict(backbone="cifar_wrn"), metric="dcos2"),
 ]
 
 
@@ -106,12 +105,18 @@ def build_tables(a: Analysis, full: Study) -> list[Table]:
                    "(counted in the notes). Theory: analysis.theory.predict_layer_shift with c = real_mean, "
                    "v = real_var, cos^2 measured (1 where not probed), rho = 0 (with rho = 0 the closed form does not "
                    "depend on d, so its slope is ~0: the measured slope is what rho > 0 would have to explain).")
+    if a.mechanism or a.width_mechanism:
+        # The rho = 0 closed form is superseded by the measured mechanism (its own tables below).
+        t.headers = t.headers[:-2]
+        t.note = ("BN layers fed by dropout with a known fan-in d; layers with shift <= 1 dropped from the log fit "
+                  "(counted in the notes). The theory's prediction, from measured rho and d cos^2(theta), is in "
+                  "the mechanism tables (theory vs measurement; width through the mechanism).")
     dropped = sum(f.n_dropped for f in a.shift_fits)
     for f in a.shift_fits:
         t.rows.append([f.dropout_type, f.dropout_placement, f"{f.dropout_rate:g}", str(f.n), str(f.n_trials),
                        _f(f.slope), _ci(*f.slope_ci, nd=2, sign=False), _f(f.intercept),
                        _ci(*f.intercept_ci, nd=2, sign=False), _f(f.r2), f.resample, _f(f.shift_mean, 3),
-                       _f(f.theory_mean, 3), _f(f.theory_slope)])
+                       _f(f.theory_mean, 3), _f(f.theory_slope)][:len(t.headers)])
     if dropped:
         t.note += f" {dropped} layers had shift <= 1."
     t.note += "".join(f" {f.dropout_type}/{f.dropout_placement}/{f.dropout_rate:g}: {f.note}." for f in a.shift_fits
@@ -165,7 +170,71 @@ def build_tables(a: Analysis, full: Study) -> list[Table]:
         t.rows = [[r.factor, str(r.levels), str(r.df), f"{r.share:.1%}", f"{r.eta2:.1%}", _f(r.f, 1), _p(r.p_adj)]
                   for r in rows]
         tabs.append(t)
+    tabs += mechanism_tables(a)
     tabs.append(_paper_table(a))
+    return tabs
+
+
+def mechanism_tables(a: Analysis) -> list[Table]:
+    """The noise floor; the paper's shift, the frozen measurement and the theory side by side; width explained."""
+    from .mechanism import TARGET
+
+    tabs = []
+    fl = a.floor
+    t = Table("noise_floor", "The noise floor: BN's running statistics without dropout noise",
+              ["quantity", "value", f"{a.level:.0%} CI", "trials"])
+    if fl is not None:
+        t.rows = [["mean shift, no dropout", _f(fl.none_shift[0], 3), _ci(*fl.none_shift[1:], nd=3, sign=False),
+                   str(fl.n_none)],
+                  ["... after BN re-estimation", _f(fl.none_shift_reest, 3), NA, str(fl.n_none)],
+                  ["shift_floor, every trial", _f(fl.floor[0], 3), _ci(*fl.floor[1:], nd=3, sign=False),
+                   str(fl.n_trials)],
+                  [f"flagged (shift_floor > {fl.limit:g})", str(len(fl.flagged)), NA, str(fl.n_trials)]]
+        t.note = ("mean shift: over the BN layers of placement-none trials (after re-estimation: their median); "
+                  "shift_floor: a trial's mean shift at the BN layers no dropout noise reaches. A shift above 1 "
+                  "with no dropout is not dropout's: the running statistics had not settled. Flagged trials "
+                  "(bn_unconverged) are left out of every fit and guideline"
+                  + (" (here all are flagged, so no guideline is drawn)" if a.all_flagged else "") + "."
+                  + (f" Flagged: {', '.join(fl.flagged[:12])}{' ...' if len(fl.flagged) > 12 else ''}."
+                     if fl.flagged else ""))
+    tabs.append(t)
+    miss = f"columns missing: {', '.join(a.mechanism_missing)} (results written before the mechanism probe)"
+    t = Table("mechanism", "Theory vs measurement at the BN layers dropout feeds: the paper's shift (running "
+              "statistics), the frozen measurement and the theory side by side",
+              ["backbone", "type", "placement", "rate / beta", "layers", "trials", "shift (paper)", "shift_frozen",
+               "shift_theory", "|theory - frozen| / frozen", "90th pct", f"<= {TARGET:.0%}", "local share",
+               "d cos^2(theta)", "rho"],
+              note=miss if a.mechanism_missing else
+              "Medians over dropout-fed BN layers. shift_frozen: BN input variance with dropout on and BN frozen "
+              "over its eval-mode variance, measured; shift_theory: its prediction from eval-mode quantities only "
+              "(docs/theory.md). local share: the part of the theory's excess injected by the dropout feeding the "
+              "layer; the rest is inherited from earlier dropouts down the residual stream.")
+    for r in a.mechanism:
+        t.rows.append([r.backbone, r.dropout_type, r.dropout_placement, f"{r.dropout_rate:g}", str(r.n_layers),
+                       str(r.n_trials), _f(r.shift, 3), _f(r.shift_frozen, 3), _f(r.shift_theory, 3),
+                       f"{100 * r.rel_err:.1f}%", f"{100 * r.rel_err_p90:.1f}%", "yes" if r.within_target else "no",
+                       f"{100 * r.local_share:.0f}%" if math.isfinite(r.local_share) else NA, _f(r.d_cos2, 2),
+                       _f(r.rho, 3)])
+    tabs.append(t)
+    lvl = f"{a.level:.0%} CI"
+    t = Table("width_mechanism", "Width through the mechanism: log(shift - 1) = a + b log d for shift_frozen "
+              "(measured) and shift_theory (predicted) over the same layers",
+              ["backbone", "type", "placement", "rate / beta", "widths", "layers", "trials", "b measured",
+               f"b measured {lvl}", "b theory", f"b theory {lvl}", "b theory - measured", f"paired {lvl}",
+               "theory agrees", "rho", "d cos^2(theta) narrow -> wide"],
+              note=miss if a.mechanism_missing else
+              "Slopes: bootstrap over trials. theory - measured: over the layers where both excesses are > 0, a "
+              "paired bootstrap over trials; theory agrees: that interval holds 0, i.e. the width dependence is "
+              "what the measured rho and d cos^2(theta) predict.")
+    for w in a.width_mechanism:
+        m, th = w.measured, w.theory
+        t.rows.append([w.backbone, w.dropout_type, w.dropout_placement, f"{w.dropout_rate:g}",
+                       ", ".join(fmt_width(x) for x in w.widths), str(m.n), str(m.n_trials), _f(m.slope),
+                       _ci(*m.slope_ci, nd=2, sign=False), _f(th.slope), _ci(*th.slope_ci, nd=2, sign=False),
+                       _f(w.diff, 2, sign=True), _ci(*w.diff_ci, nd=2),
+                       {True: "yes", False: "no", None: NA}[w.explained], _f(w.rho, 3),
+                       f"{_f(w.d_cos2[0], 1)} -> {_f(w.d_cos2[1], 1)}"])
+    tabs.append(t)
     return tabs
 
 
@@ -214,10 +283,7 @@ def _ours(study: Study, match: dict[str, Any], metric: str) -> str:
         mask = m if mask is None else pc.and_(mask, m)
     sub = table.filter(mask)
     if metric == "dcos2":
-        sub = sub.filter(pc.and_(pc.fill_null(sub.column("fed_by_dropout"), False), pc.is_finite(sub.column("cos2"))))
-        x = (sub.column("fan_in").to_numpy(zero_copy_only=False).astype(float) * sub.column("cos2").to_numpy())
-        x = x[np.isfinite(x)]
-        return f"{x.mean():.1f} (n = {x.size} layers)" if x.size else "not in this study"
+        return _ours_dcos2(sub)
     if sub.num_rows == 0:
         return "not in this study"
     acc, reest = sub.column("test_acc").to_numpy(), sub.column("test_acc_reest").to_numpy()
@@ -231,11 +297,35 @@ def _ours(study: Study, match: dict[str, Any], metric: str) -> str:
     return f"{100 * (1 - np.nanmean(acc)):.2f}{n}"
 
 
+def _ours_dcos2(layers: pa.Table) -> str:
+    """d cos^2(theta) of the weight layers feeding dropout-fed BNs, per network of ours (depth, width, data).
+
+    The probe's `d_cos2` (mean over output units of (sum w)^2 / ||w||^2, the paper's averaging) where recorded;
+    older results: fan_in x cos2.
+    """
+    fed = layers.filter(pc.fill_null(layers.column("fed_by_dropout"), False))
+    if fed.num_rows == 0:
+        return "not in this study"
+    dc = pc.fill_null(fed.column("d_cos2"), math.nan).to_numpy(zero_copy_only=False).astype(float)
+    old = (pc.fill_null(fed.column("fan_in"), 0).to_numpy(zero_copy_only=False).astype(float)
+           * pc.fill_null(fed.column("cos2"), math.nan).to_numpy(zero_copy_only=False))
+    x = np.where(np.isfinite(dc), dc, old)
+    nets: dict[tuple, list[float]] = {}
+    nets_of = zip(*(fed.column(k).to_pylist() for k in ("depth", "width", "dataset")))
+    for (depth, width, data), v in zip(nets_of, x):
+        if math.isfinite(v):
+            nets.setdefault((depth, width, data), []).append(v)
+    if not nets:
+        return "not in this study"
+    return "; ".join(f"{np.mean(v):.1f} (ours: depth {dp}, width {fmt_width(w)}, {data}; {len(v)} layers)"
+                     for (dp, w, data), v in sorted(nets.items(), key=lambda kv: tuple(str(k) for k in kv[0])))
+
+
 # ----------------------------------------------------------------- rendering
 def md_table(t: Table) -> str:
     """A Markdown table with its title above and its note below."""
     if not t.rows:
-        return f"**{t.title}**: no rows.\n"
+        return f"**{t.title}**: no rows." + (f" *{t.note}*" if t.note else "") + "\n"
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     out = [f"**{t.title}**", "", "| " + " | ".join(map(esc, t.headers)) + " |",
            "|" + "|".join("---" for _ in t.headers) + "|"]
@@ -358,6 +448,8 @@ SECTIONS = [  # (heading, table keys, figure stem prefixes)
     ("Variance shift vs feature dimension", ["shift_fit"], ["shift_by_layer", "shift_vs_dim"]),
     ("Accuracy vs width", ["cost", "critical"], ["accuracy_vs_width"]),
     ("BN re-estimation", ["reest", "reest_pooled"], ["bn_reestimation"]),
+    ("The noise floor", ["noise_floor"], []),
+    ("The mechanism: theory vs measurement", ["mechanism", "width_mechanism"], ["decomposition"]),
     ("Factor importance", ["factors_test_acc", "factors_mean_shift"], []),
     ("One-factor-at-a-time ablation", ["ablation"], []),
     ("The paper's numbers beside ours", ["paper"], []),
@@ -399,6 +491,12 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
     out += code_versions_lines(full.trials)
     if a.notes:
         out += ["**What this study lacks, and what loading repaired**", ""] + [f"- {n}" for n in a.notes] + [""]
+    if a.floor is not None and a.floor.flagged:
+        fl = a.floor
+        out += [f"> **Warning: noise floor.** {len(fl.flagged)} of {fl.n_trials} trials have a variance shift above "
+                f"{fl.limit:g} at BN layers no dropout reaches (their running statistics had not converged); "
+                + ("every fit below uses them, and no guideline is drawn." if a.all_flagged else
+                   "they are left out of every fit and guideline.") + " See \"The noise floor\".", ""]
     out += ["## Guidelines (generated from the data)", ""]
     if gls:
         out += [f"{i}. {g.text}." for i, g in enumerate(gls, 1)] + [""]

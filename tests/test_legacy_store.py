@@ -44,7 +44,12 @@ def test_legacy_results_report(legacy: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert main(["--space", "smoke", "--out", str(legacy / "reports")]) == 0
     md = (legacy / "reports" / "smoke" / "report.md")
     md = md if md.exists() else next((legacy / "reports").rglob("report.md"))
-    assert "smoke" in md.read_text(encoding="utf-8")
+    text = md.read_text(encoding="utf-8")
+    assert "smoke" in text
+    # The old store predates the mechanism probe: its sections say which columns are missing.
+    assert "predate the mechanism probe (columns missing: c_in, v_in, d_cos2, rho, shift_frozen" in text
+    assert "## The mechanism: theory vs measurement" in text and "columns missing:" in text.split("## The mechanism")[1]
+    assert "## The noise floor" in text
 
 
 @pytest.mark.slow

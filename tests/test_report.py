@@ -70,7 +70,7 @@ def test_markdown_content(report: str) -> None:
     for stem in FIGURES:
         assert f"(figures/{stem}.png)" in md
     assert "PAPER (Li et al. 2019)" in md and "secondary summaries" in md and "8.70" in md
-    assert "accuracy matches no-dropout from width 2 on" in md
+    assert "accuracy is no longer detectably below no-dropout from width 2 on" in md
 
 
 def test_tex_is_escaped_and_balanced(report: str) -> None:
