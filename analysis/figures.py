@@ -69,8 +69,11 @@ def write_figures(a: Analysis, folder: str, *, max_points: int = 4000, seed: int
     for make in (_shift_by_layer, _shift_vs_dim, _accuracy_vs_width, _reestimation, _decomposition):
         for stem, caption, fig in make(a, max_points=max_points, seed=seed):
             fig.tight_layout()  # once; constrained layout would redo it for every file written
-            fig.savefig(os.path.join(folder, f"{stem}.png"), dpi=100)
-            fig.savefig(os.path.join(folder, f"{stem}.pdf"))
+            for ext, kw in (("png", {"dpi": 100}), ("pdf", {})):  # atomically: no half-written figure on a kill
+                final = os.path.join(folder, f"{stem}.{ext}")
+                tmp = os.path.join(folder, f".{stem}.{ext}.tmp")
+                fig.savefig(tmp, format=ext, **kw)
+                os.replace(tmp, final)
             plt.close(fig)
             figs.append(Figure(stem, caption))
     return figs

@@ -643,11 +643,18 @@ def write_report(spaces: str | Sequence[str], root: str = "results", out: str | 
 
         figs = write_figures(a, os.path.join(out, "figures"), seed=seed)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(render_markdown(a, study, tables, gls, figs, profile_text=profile_text))
-    with open(os.path.join(out, "report.tex"), "w", encoding="utf-8") as fh:
-        fh.write(render_tex(a, study, tables, gls, figs))
+    _write_atomic(os.path.join(out, "report.md"), render_markdown(a, study, tables, gls, figs,
+                                                                  profile_text=profile_text))
+    _write_atomic(os.path.join(out, "report.tex"), render_tex(a, study, tables, gls, figs))
     return out
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write beside `path`, then rename: an interrupted report never leaves a half-written file."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,14 +88,16 @@ def read_parts(fs: pafs.FileSystem, parts: list[Part], schema: pa.Schema, *, wit
     try:
         fragments = list(ds.dataset([p for p, _ in parts], format="parquet", filesystem=fs).get_fragments())
     except (OSError, pa.ArrowException) as exc:
-        raise ValueError(f"{what} dataset: a part file is not readable Parquet: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"{what} dataset: a part file is not readable Parquet: {str(exc).splitlines()[0]}; the "
+                         "space's next search.run sets it aside and rebuilds the datasets from MLflow") from None
     uniform = True
     checked: list[pa.Schema] = []  # part files of one writer share a schema: check each distinct one once
     for frag in fragments:
         try:
             got = frag.physical_schema
         except (OSError, pa.ArrowException) as exc:
-            raise ValueError(f"{frag.path}: not readable Parquet ({str(exc).splitlines()[0]})") from None
+            raise ValueError(f"{frag.path}: not readable Parquet ({str(exc).splitlines()[0]}); the space's next "
+                             "search.run sets it aside and rebuilds the datasets from MLflow") from None
         if any(got.equals(c) for c in checked):
             continue
         checked.append(got)
@@ -274,6 +276,25 @@ class ResultStore:
                         os.remove(os.path.join(folder, f))
                         n += 1
         return n
+
+    def set_aside_damaged(self) -> list[tuple[str, str]]:
+        """Move part files that are not readable Parquet (e.g. truncated) to `<space>/damaged/`.
+
+        Only their footers are read. Returns (old path, new path) per file moved; the caller rebuilds
+        the datasets from MLflow, which holds every finished trial. Only while holding the sweep lock.
+        """
+        moved = []
+        for name in ("trials", "layers"):
+            for p, _ in list_parts(self.fs, self.path(name)):
+                try:
+                    with self.fs.open_input_file(p) as fh:
+                        pq.read_metadata(fh)
+                except (OSError, pa.ArrowException):
+                    self.fs.create_dir(f"{self.base}/damaged", recursive=True)
+                    dest = f"{self.base}/damaged/{name}-{p.rsplit('/', 1)[-1]}"
+                    self.fs.move(p, dest)
+                    moved.append((p, dest))
+        return moved
 
     def compact(self) -> None:
         """Fold all part files of each dataset into one, de-duplicated by `dedup`."""

@@ -56,6 +56,9 @@ def test_files_and_images(report: str) -> None:
             assert im.size[0] > 100 and im.size[1] > 100
         with open(pdf, "rb") as fh:
             assert fh.read(5) == b"%PDF-"
+    # Written atomically (beside the target, then renamed): no temporary file is left behind.
+    left = [f for _, _, files in os.walk(report) for f in files if f.endswith(".tmp")]
+    assert not left, left
 
 
 def test_markdown_content(report: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from _procs import reap
-from _sweeps import (KILL_ARGS, N_KILL_TRIALS, PY, SPACE, _env, _finish, _sweep, _runs, _dataset, _one_error_line,
+from _sweeps import (BN_LAYERS, KILL_ARGS, N_KILL_TRIALS, PY, SPACE, _env, _finish, _sweep, _runs, _dataset, _one_error_line,
                      _tree)
 
 pytestmark = [pytest.mark.slow]
@@ -180,3 +180,26 @@ def test_resume_after_freeing_space_completes_the_sweep(disk_fills: DiskFull) ->
     assert len(ok) == len(set(ok)) == N_KILL_TRIALS
     trials = _dataset(d.cwd / "results", "trials")
     assert sorted(trials.column("config_hash").to_pylist()) == sorted(ok)
+
+
+def test_damaged_part_file_is_set_aside_and_rebuilt_from_mlflow(tmp_path: Path) -> None:
+    """A truncated part file (the compacted one: every row of the space) would make every later read fail.
+    The next sweep moves it to <space>/damaged/, rebuilds the datasets from MLflow, says so in one line,
+    and trains nothing again."""
+    rc, log = _sweep(tmp_path, KILL_ARGS)
+    assert rc == 0, log[-2000:]
+    before = _dataset(tmp_path / "results", "trials")
+    assert before.num_rows == N_KILL_TRIALS
+    (part,) = sorted((tmp_path / "results" / SPACE / "trials").glob("*.parquet"))
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])  # truncated: no footer
+    runs_before = {r.info.run_id for r in _runs(tmp_path)}
+    rc, log = _sweep(tmp_path, KILL_ARGS, log="second.log")
+    assert rc == 0, log[-2000:]
+    lines = [ln for ln in log.splitlines() if "damaged part file" in ln]
+    assert len(lines) == 1 and "set aside in" in lines[0] and f"rebuilt from MLflow ({N_KILL_TRIALS} trial rows)" in lines[0], log
+    assert (tmp_path / "results" / SPACE / "damaged" / f"trials-{part.name}").read_bytes() == data[: len(data) // 2]
+    after = _dataset(tmp_path / "results", "trials")
+    assert sorted(after.column("run_id").to_pylist()) == sorted(before.column("run_id").to_pylist())
+    assert {r.info.run_id for r in _runs(tmp_path)} == runs_before  # nothing trained again
+    assert _dataset(tmp_path / "results", "layers").num_rows == before.num_rows * BN_LAYERS

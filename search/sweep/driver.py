@@ -143,6 +143,14 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
     tracker = Tracker(args.tracking_uri, args.space, args.profile, args.storage)
     stale = tracker.close_stale()
     tracker.store.remove_temporaries()
+    damaged = tracker.store.set_aside_damaged()
+    if damaged:
+        from search.sweep.tracking import rebuild_parquet
+
+        n_rows, _ = rebuild_parquet(args.space, args.tracking_uri, args.storage)
+        where = os.path.dirname(damaged[0][1])
+        print(f"{len(damaged)} damaged part file(s) (not readable Parquet, e.g. {damaged[0][0]}) set aside in "
+              f"{where}; {args.space}'s datasets rebuilt from MLflow ({n_rows} trial rows)", flush=True)
     if stale:
         print(f"closed {stale} run(s) left RUNNING by an interrupted sweep (marked KILLED); "
               "they will run again", flush=True)
