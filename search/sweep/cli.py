@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                         "default to the space's `ablate` and its profile's grid (search/sweep/ablate.py)")
     p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
                    help="--ablate: a baseline value over the space's declared baseline")
-    p.add_argument("--profile", default="quick", help="quick (2-core CPU, digits) | paper (CIFAR, GPUs)")
+    p.add_argument("--profile", default="quick", help="quick (2-core CPU, digits) | fashion (2-core CPU, Fashion-MNIST; wrn_widths) | paper (CIFAR, GPUs); see --list")
     p.add_argument("--algo", default="grid", help="grid | random | optuna")
     p.add_argument("--samples", type=int, default=None,
                    help="random: configurations drawn; optuna: configurations proposed and trained, each with "
@@ -251,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             from search.sweep.staging import check_data_uri
 
             check_data_uri(args.data_dir)
-        if ablation is not None:
-            from search.sweep.ablate import write_plan
-
-            write_plan(args.storage, args.space, args.profile, ablation)
+        args.ablation_plan = ablation  # written by the driver once it holds the sweep's lock
     except (ConfigError, UsageError, ValueError, FileNotFoundError, ConnectionError, PermissionError,
             OSError) as e:
         if args.debug:

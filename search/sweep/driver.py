@@ -140,6 +140,10 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
 
     t0 = time.time()
     version = code_version().label
+    if getattr(args, "ablation_plan", None) is not None:  # only now: a refused sweep writes nothing
+        from search.sweep.ablate import write_plan
+
+        write_plan(args.storage, args.space, args.profile, args.ablation_plan)
     tracker = Tracker(args.tracking_uri, args.space, args.profile, args.storage)
     stale = tracker.close_stale()
     tracker.store.remove_temporaries()
