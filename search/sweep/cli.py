@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         "default to the space's `ablate` and its profile's grid (search/sweep/ablate.py)")
     p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
                    help="--ablate: a baseline value over the space's declared baseline")
-    p.add_argument("--profile", default="quick", help="quick (2-core CPU, digits) | fashion (2-core CPU, Fashion-MNIST; wrn_widths) | paper (CIFAR, GPUs); see --list")
+    p.add_argument("--profile", default="quick",
+                   help="quick (2-core CPU, digits) | fashion (2-core CPU, Fashion-MNIST; wrn_widths) | "
+                        "paper (CIFAR, GPUs); --list shows each space's")
     p.add_argument("--algo", default="grid", help="grid | random | optuna")
     p.add_argument("--samples", type=int, default=None,
                    help="random: configurations drawn; optuna: configurations proposed and trained, each with "
