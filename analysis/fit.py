@@ -235,7 +235,8 @@ class CostCell:
 
 @dataclass
 class CriticalWidth:
-    """Smallest width from which on a configuration's cost is not significantly below zero."""
+    """Smallest width from which on a configuration's cost is neither significantly below zero (Holm) nor
+    wholly below -tol by its own interval."""
 
     context: Key
     dropout_type: str
@@ -295,22 +296,30 @@ def accuracy_cost(study: Study, *, tol: float = 0.005, level: float = 0.95, adju
         c.p_adj = float(pa_)
         c.harm = bool(c.cost <= -tol and (c.p_adj < 1 - level if math.isfinite(c.p_adj) else c.method == "n=1"))
     cells.sort(key=lambda c: (c.context, c.dropout_type, c.dropout_placement, c.dropout_rate, c.width))
-    return cells, _critical(cells)
+    return cells, _critical(cells, tol)
 
 
-def _critical(cells: list[CostCell]) -> list[CriticalWidth]:
+def _not_shown_harmless(c: CostCell, tol: float) -> bool:
+    """Harmed (Holm), or its own interval lies wholly below -tol: no width from which on dropout "does not
+    hurt" may start at such a cell. Holm guards the claim "hurts" across many cells; the critical width
+    claims the opposite, so a cell whose unadjusted interval shows a cost cannot support it."""
+    return c.harm or (math.isfinite(c.ci_high) and c.ci_high < -tol)
+
+
+def _critical(cells: list[CostCell], tol: float = 0.0) -> list[CriticalWidth]:
     series: dict[tuple, list[CostCell]] = {}
     for c in cells:  # cells are sorted by width within a configuration
         series.setdefault((c.context, c.dropout_type, c.dropout_placement, c.dropout_rate), []).append(c)
     out = []
     for key, cs in series.items():
-        first = len(cs)  # the first index from which on no cell is harmed
-        while first > 0 and not cs[first - 1].harm:
+        first = len(cs)  # the first index from which on no cell is harmed or shown costly
+        while first > 0 and not _not_shown_harmless(cs[first - 1], tol):
             first -= 1
         reached = first < len(cs)
         tail = cs[first:] if reached else cs[-1:]  # the cells the conclusion rests on
         out.append(CriticalWidth(*key, width=cs[first].width if reached else None,
-                                 widths=tuple(c.width for c in cs), hurts_below=any(c.harm for c in cs[:first]),
+                                 widths=tuple(c.width for c in cs),
+                                 hurts_below=any(_not_shown_harmless(c, tol) for c in cs[:first]),
                                  with_ci=all(c.method != "n=1" for c in tail),
                                  cell=cs[first] if reached else cs[-1], below=cs[first - 1] if first > 0 else None))
     return out

@@ -266,3 +266,20 @@ def test_load_rebuilds_missing_parquet_from_tracking(tmp_path, monkeypatch) -> N
     assert len(calls) == 1
     with pytest.raises(ValueError, match="no MLflow experiment of that name"):
         load_study("gone", root=str(tmp_path), tracking_uri="sqlite:///x.db")
+
+
+def test_critical_width_never_starts_at_a_cell_whose_interval_shows_a_cost() -> None:
+    """Holm over many cells leaves a -24 pp cost with CI [-34, -15] 'not harmed'; it still cannot be the
+    width from which on dropout does not hurt (the fashion study's pre_bn 0.5 at width 1)."""
+    from analysis.fit import CostCell, _critical
+
+    def cell(width: float, lo: float, hi: float, harm: bool = False) -> CostCell:
+        return CostCell((), "bernoulli", "pre_bn", 0.5, width, 3, (lo + hi) / 2, lo, hi, 0.01, "paired", 0.6, 0.8,
+                        p_adj=0.3, harm=harm)
+
+    (cw,) = _critical([cell(1, -0.34, -0.15), cell(2, -0.26, -0.05), cell(3, -0.02, 0.01)], tol=0.005)
+    assert cw.width == 3 and cw.hurts_below and cw.below.width == 2
+    (cw,) = _critical([cell(1, -0.34, -0.15), cell(2, -0.26, -0.05), cell(3, -0.19, -0.02)], tol=0.005)
+    assert cw.width is None  # not reached: it costs at every width tested
+    (cw,) = _critical([cell(1, -0.03, 0.01), cell(2, -0.02, 0.01)], tol=0.005)
+    assert cw.width == 1 and not cw.hurts_below  # intervals holding 0 everywhere: from the smallest width
