@@ -7,7 +7,7 @@ over all batches: for the plain pass, model.eval() and torch.no_grad()
 forwards; for the probe, the full measure_variance_shift call (hooks, the
 per-batch statistics, the final per-layer records). On CUDA each timed region
 ends with a synchronize. Prints the median of each and the median ratio
-(target <= 1.3), by wall clock and by process CPU time (the latter is the
+(target <= 1.5), by wall clock and by process CPU time (the latter is the
 fairer measure on a machine shared with other jobs; on CUDA use wall).
 
     PYTHONPATH=. .venv/bin/python benchmarks/probe_overhead.py --device cpu
@@ -25,7 +25,7 @@ from torch import nn
 
 from search.trial.probes import measure_variance_shift
 
-TARGET = 1.3
+TARGET = 1.5  # issue 13: the whole probe block, mechanism included, <= 1.5x a plain eval pass
 
 
 def small_cnn(num_classes: int = 10) -> nn.Module:
@@ -74,6 +74,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--every", type=int, default=None,
+                   help="the mechanism's batch stride (default: measure_variance_shift's own)")
+    p.add_argument("--no-mechanism", action="store_true", help="the shift probe alone")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,8 +94,10 @@ def main() -> None:
         for x, _ in batches:
             model(x)
 
+    kw = {"mechanism": not args.no_mechanism} | ({"every": args.every} if args.every else {})
+
     def probe() -> None:
-        measure_variance_shift(model, batches, device)
+        measure_variance_shift(model, batches, device, **kw)
 
     plain(), probe()  # warm-up: allocator, kernel selection, first-call costs
     plain_t, probe_t = [], []
