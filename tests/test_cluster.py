@@ -306,3 +306,48 @@ def test_killed_worker_node_loses_no_trial(tmp_path: Path, monkeypatch: pytest.M
         # The sweep went on without the worker: trials started on the head after the kill.
         assert any(float(r.data.tags["started_at"]) > killed["at"] for r in runs
                    if r.data.tags["node_id"] == head_id)
+
+
+def _cmd(cluster: Any, tmp: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "search.run", "--space", "smoke", "--set", "train_samples=64", "--set", "epochs=1",
+            "--set", "dropout_type=bernoulli", "--quiet", "--address", cluster.address, "--storage",
+            str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *args]
+
+
+def _cli(cluster: Any, tmp: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(cluster, tmp, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_request_no_node_fits_is_refused_or_waited_for_with_a_bound(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes of 1 CPU, trials of 2: refused at once by default; with --resource-wait, a wait message, then one
+    line when the bound passes (nothing trained); a node that fits, added during the wait, runs the sweep."""
+    with local_cluster(monkeypatch, workers=0, cpus=1, gpus=0) as (cluster, _):
+        out = _cli(cluster, tmp_path / "a", "--cpus-per-trial", "2")
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+        assert "--cpus-per-trial 2 can never be met" in line and "--resource-wait SECONDS" in line
+        out = _cli(cluster, tmp_path / "b", "--cpus-per-trial", "2", "--resource-wait", "6")
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        assert "waiting up to --resource-wait 6 s for the autoscaler" in out.stdout
+        (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+        assert "no trial could start within --resource-wait 6 s" in line and "nothing was trained" in line
+        assert finished_runs(tmp_path / "b") == []  # no trial run; the sweep's parent run is closed
+        # The autoscaler's part, by hand: a node that fits arrives during the wait, and the sweep completes.
+        log = tmp_path / "c.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(_cmd(cluster, tmp_path / "c", "--cpus-per-trial", "2", "--resource-wait", "150"),
+                                    cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+            deadline = time.time() + 90
+            while "waiting up to --resource-wait 150 s" not in log.read_text() and proc.poll() is None:
+                assert time.time() < deadline, log.read_text()[-2000:]
+                time.sleep(0.5)
+            cluster.add_node(num_cpus=2, num_gpus=0, node_ip_address=LOOPBACK, object_store_memory=80 * 2**20)
+            cluster.wait_for_nodes()
+            rc = proc.wait(timeout=300)
+        assert rc == 0, log.read_text()[-3000:]
+        runs = finished_runs(tmp_path / "c")
+        assert runs and {r.data.tags["status"] for r in runs} == {"ok"}

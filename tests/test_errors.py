@@ -139,6 +139,10 @@ CASES = [
          ("--gpus-per-trial 1 can never be met", "0 GPU(s)"), env=(("CUDA_VISIBLE_DEVICES", ""),)),
     Case("device-cuda-without-gpu", "search.run", f"{S} --set device=cuda",
          ("field 'device' = 'cuda'", "no GPU"), env=(("CUDA_VISIBLE_DEVICES", ""),)),
+    Case("resource-wait-without-address", "search.run", f"{S} --resource-wait 60",
+         ("--resource-wait 60 is for a cluster (--address)",)),
+    Case("resource-wait-negative", "search.run", f"{S} --resource-wait -5 --address auto",
+         ("--resource-wait -5 is not allowed", "seconds >= 0")),
     Case("address-auto-without-cluster", "search.run", f"{S} --address auto",
          ("--address 'auto'", "no Ray cluster reachable"), env=(("RAY_ADDRESS", "127.0.0.1:1"),)),
     # tracking stores that keep nothing, or that MLflow 3 no longer opens

@@ -13,6 +13,7 @@ full traceback in the log file it names); 130 / 143 interrupted by SIGINT / SIGT
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrialConfig field")
     p.add_argument("--retries", type=int, default=1, help="retries of a trial that raises")
+    p.add_argument("--resource-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="with --address: wait up to this long for an autoscaling cluster to add a node that fits "
+                        "a trial, then stop (default 0: refuse at once if no node fits)")
     p.add_argument("--dry-run", action="store_true", help="print the trial table and count; run nothing")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (closes its stale runs)")
     p.add_argument("--reuse", default=None,
@@ -196,6 +200,11 @@ def _validate(args: argparse.Namespace) -> None:
         if args.resume and args.reuse == "none":
             raise UsageError("--resume and --reuse none exclude each other: --resume keeps finished trials")
     args.reuse = "none" if args.force else (args.reuse or "same-code")
+    if not (math.isfinite(args.resource_wait) and args.resource_wait >= 0):
+        raise UsageError(f"--resource-wait {args.resource_wait:g} is not allowed (allowed: seconds >= 0)")
+    if args.resource_wait > 0 and not args.address:
+        raise UsageError(f"--resource-wait {args.resource_wait:g} is for a cluster (--address): a local Ray's "
+                         "resources are known and checked before anything runs")
     if args.algo == "grid":
         if args.samples is not None:
             raise UsageError(f"--samples {args.samples} is for --algo random or optuna; grid search trains every "

@@ -100,7 +100,12 @@ def _check_cluster(args: argparse.Namespace, configs: list[dict[str, Any]], gpus
         check_resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, num_cpus=None,
                         address=args.address, configs=configs, cluster=largest)
     except ValueError as e:
-        raise Refused(f"{e} (an autoscaling cluster adds nodes only of the types its config declares)") from None
+        wait = getattr(args, "resource_wait", 0.0) or 0.0
+        if wait <= 0:
+            raise Refused(f"{e}; on an autoscaling cluster whose node types can fit it, pass --resource-wait "
+                          "SECONDS to wait for the autoscaler") from None
+        print(f"no node of the cluster fits a trial now ({str(e).split(': ', 1)[-1]}); waiting up to "
+              f"--resource-wait {wait:g} s for the autoscaler to add one", flush=True)
 
 
 def reusable_runs(tracker: Tracker, reuse: str, version: str, algo: str | None = None,
@@ -189,7 +194,7 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
                          scheduler=args.scheduler, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
                          max_concurrent=args.max_concurrent, retries=args.retries, storage=args.storage,
                          tracking_uri=args.tracking_uri, finished=finished, scores=scores, study_name=study,
-                         verbose=0 if args.quiet else 1)
+                         verbose=0 if args.quiet else 1, resource_wait_s=getattr(args, "resource_wait", 0.0) or 0.0)
         n = samples if args.algo == "optuna" else len(todo)
         print(f"sweep {args.space!r} (profile {args.profile}, {args.algo}, code {version}): {n} trial(s) to run, "
               f"{args.cpus_per_trial:g} CPU + {gpus:g} GPU each", flush=True)
@@ -198,9 +203,9 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
                            resume=args.resume)
         try:
             outcome = run_sweep(plan, tracker)
-        except BaseException:
+        except BaseException as e:
             tracker.flush()
-            tracker.close_sweep("killed", {})
+            tracker.close_sweep("failed" if isinstance(e, Refused) else "killed", {})
             raise
         for line in tracker.flush():  # the per-trial previews drawn in the background
             print(f"warning: MLflow preview not logged: {line}", flush=True)

@@ -11,11 +11,15 @@ import tempfile
 import time
 import traceback
 
-__all__ = ["Refused", "Interrupted", "SweepFailed", "write_crash_log"]
+__all__ = ["Refused", "ResourceWait", "Interrupted", "SweepFailed", "write_crash_log"]
 
 
 class Refused(ValueError):
     """A request refused before any trial ran (e.g. another sweep holds the lock): exit 2."""
+
+
+class ResourceWait(Refused):
+    """`--resource-wait` passed on a cluster and no trial could start (no node ever fit one): exit 2."""
 
 
 class Interrupted(Exception):

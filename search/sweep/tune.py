@@ -20,7 +20,7 @@ from ray.tune.search import Searcher
 
 from search.config import TrialConfig
 from search.results import TrialResult
-from search.sweep.errors import Interrupted, SweepFailed
+from search.sweep.errors import Interrupted, ResourceWait, SweepFailed
 from search.sweep.tracking import Tracker
 
 __all__ = ["SweepPlan", "SweepOutcome", "run_sweep", "trainable", "DedupSearcher"]
@@ -49,6 +49,7 @@ class SweepPlan:
     scores: dict[str, float] = field(default_factory=dict)  # config_hash -> test_acc of those runs
     study_name: str = ""  # optuna: the study in <storage>/<space>/optuna.db (default space-profile)
     verbose: int = 1
+    resource_wait_s: float = 0.0  # > 0: stop if no trial has started after this long (an autoscaling cluster)
 
 
 @dataclass
@@ -124,15 +125,19 @@ class _Abort(tune.Stopper):
     every later result could not be recorded either.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wait_s: float = 0.0) -> None:
         self.error: BaseException | None = None
         self.signal: str = ""  # "SIGINT" | "SIGTERM" once one arrived
+        # The bound on waiting for resources: no trial started within wait_s seconds of the start.
+        self.wait_s, self.t0, self.started, self.waited_out = wait_s, time.monotonic(), False, False
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        return self.error is not None or bool(self.signal)
+        if self.wait_s > 0 and not self.started and time.monotonic() - self.t0 > self.wait_s:
+            self.waited_out = True
+        return self.error is not None or bool(self.signal) or self.waited_out
 
 
 def _guarded(method: Any) -> Any:
@@ -197,6 +202,7 @@ class TrackingCallback(tune.Callback):
 
     @_guarded
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.abort.started = True  # Tune calls this once the trial's actor holds its resources
         if self.abort.signal:
             return
         if trial.trial_id not in self.runs:  # a retried trial keeps its run
@@ -468,13 +474,14 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
 
     Raises:
         Interrupted: SIGINT/SIGTERM arrived; the running trials' runs are closed as KILLED.
+        ResourceWait: `plan.resource_wait_s` passed and no trial had started (the cluster never fit one).
         OSError: ENOSPC, the disk filled up while recording results.
         SweepFailed: another error while recording results (the sweep stopped at the first).
     """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     metric, mode = "test_acc", "max"
-    abort = _Abort()
+    abort = _Abort(plan.resource_wait_s)
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
     fn = tune.with_resources(trainable, resources)
     if plan.algo == "optuna":
@@ -510,6 +517,10 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
         killed = callback.kill_open_runs()
         raise Interrupted(abort.signal, f"{callback.done} trial(s) finished and kept, {killed} running trial(s) "
                           "closed as KILLED")
+    if abort.waited_out:
+        raise ResourceWait(f"no trial could start within --resource-wait {plan.resource_wait_s:g} s: the cluster "
+                           f"never offered {plan.cpus_per_trial:g} CPU + {plan.gpus_per_trial:g} GPU on one node "
+                           "(`ray status` shows its nodes and pending demands); nothing was trained")
     if abort.error is not None:
         from search.sweep.lock import disk_full
 
