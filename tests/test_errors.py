@@ -303,7 +303,8 @@ def _doc_rows() -> list[list[str]]:
 
 
 def test_every_documented_error_is_tested() -> None:
-    """Each row of docs/errors.md names its test: a CASES id here, or a pattern of tests/test_run_cli.py."""
+    """Each row of docs/errors.md names its test: a CASES id here, a pattern of tests/test_run_cli.py, or
+    test_FILE.py::test_name for what only a real cluster shows."""
     rows = _doc_rows()
     assert rows, f"no table in {DOC}"
     ids = {c.id for c in CASES}
@@ -316,8 +317,13 @@ def test_every_documented_error_is_tested() -> None:
             assert m.group(1) in ids, f"docs/errors.md cites an unknown case {m.group(1)!r}"
             documented.add(m.group(1))
             continue
+        m = re.fullmatch(r"`(test_\w+\.py)::(\w+)`", test)  # an error only a real cluster shows (test_cluster)
+        if m:
+            assert f"def {m.group(2)}(" in (ROOT / "tests" / m.group(1)).read_text(), f"{test} does not exist"
+            continue
         m = re.fullmatch(r"`test_run_cli\.py` \(`(.+)`\)", test)
-        assert m, f"row {row[0]!r}: the test column must cite test_errors.py[id] or test_run_cli.py (`args`)"
+        assert m, (f"row {row[0]!r}: the test column must cite test_errors.py[id], test_run_cli.py (`args`) or "
+                   "test_FILE.py::test_name")
         assert m.group(1) in run_cli, f"{m.group(1)!r} is not in tests/test_run_cli.py"
     assert ids <= documented, f"cases missing from docs/errors.md: {sorted(ids - documented)}"
 
