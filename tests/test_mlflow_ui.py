@@ -191,3 +191,26 @@ def test_progress_redraws_in_place_on_a_tty() -> None:
     # Each redraw first moves the cursor up over the previous block and clears it (ESC[nF ESC[J).
     assert "\x1b[3F\x1b[J" in text and "[1/3] run-a: ok\n" in text
     assert text.endswith("\x1b[J") or text.endswith("\n")
+
+
+def test_eta_weighs_the_trials_left_by_their_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid whose wide trials come last: the ETA after the narrow ones is at their cost's pace, not their
+    count's (the fashion study showed 'ETA 5:42' with 15 minutes of width-3 trials still to run)."""
+    from search.sweep import progress as prog
+
+    narrow, wide = dict(width=1.0, depth=10, image_size=16, epochs=3), dict(width=3.0, depth=10, image_size=16,
+                                                                             epochs=3)
+    assert prog.trial_cost(wide) == pytest.approx(3 * prog.trial_cost(narrow))
+    now = [1000.0]
+    monkeypatch.setattr(prog.time, "time", lambda: now[0])
+    costs = [prog.trial_cost(c) for c in (narrow, narrow, wide)]
+    p = prog.Progress("t", 3, stream=io.StringIO(), live=False, total_cost=sum(costs))
+    p.started("a", "a", cost=costs[0])
+    now[0] += 10.0
+    p.finished("a", "ok", "a: ok")
+    assert p.eta() == pytest.approx(10.0 * (1 + 3))  # one narrow and one wide (3 narrow) left, at 10 s each
+    q = prog.Progress("t", 3, stream=io.StringIO(), live=False)  # no costs: every trial counts the same
+    q.t0 = p.t0
+    q.started("a", "a")
+    q.finished("a", "ok", "a: ok")
+    assert q.eta() == pytest.approx(10.0 * 2)

@@ -173,13 +173,16 @@ class TrackingCallback(tune.Callback):
         self.total = len(plan.configs) if plan.algo != "optuna" else plan.samples
         self.meta: dict[str, dict[str, Any]] = {}  # trial_id -> node/pid/time of the final report
         self.outcome = SweepOutcome()
-        from search.sweep.progress import Progress
+        from search.sweep.progress import Progress, trial_cost
 
         epochs = {c.get("epochs") for c in plan.configs} | ({plan.overrides["epochs"]} if "epochs" in plan.overrides
                                                             else set())
+        # Grid and random plans know every trial: the ETA weighs what is left by its cost (wide nets last).
+        total_cost = sum(trial_cost({**c, **plan.overrides}) for c in plan.configs) if plan.algo != "optuna" else 0.0
         self.progress = Progress(f"{plan.space} ({plan.profile}, {plan.algo})", self.total,
                                  live=None if plan.verbose else False,
-                                 epochs=epochs.pop() if len(epochs) == 1 and None not in epochs else 0)
+                                 epochs=epochs.pop() if len(epochs) == 1 and None not in epochs else 0,
+                                 total_cost=total_cost)
         self._optuna_links = _OptunaLinks(plan) if plan.algo == "optuna" else None
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
@@ -210,9 +213,11 @@ class TrackingCallback(tune.Callback):
                                                            algo=self.plan.algo)
             if self._optuna_links is not None:
                 self._optuna_links.link(self._cfg(trial), self.runs[trial.trial_id])
+        from search.sweep.progress import trial_cost
         from search.sweep.tracking import run_name
 
-        self.progress.started(trial.trial_id, run_name(self._cfg(trial)))
+        self.progress.started(trial.trial_id, run_name(self._cfg(trial)),
+                              cost=trial_cost(self._cfg(trial).to_dict()) if self.progress.total_cost else 0.0)
         self.history[trial.trial_id] = []
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
