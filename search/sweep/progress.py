@@ -68,7 +68,7 @@ def trial_cost(cfg: dict) -> float:
     Linear in width, not width^2 (the FLOPs): measured on 2 CPU cores, WRN-10 trials took 8 / 17 / 30 s at
     widths 1 / 2 / 3 (Fashion-MNIST study) and 5 / 7 / 16 s at 1 / 2 / 4 (digits), as fixed costs and small
     convolutions' inefficiency weigh more on narrow nets. A field left unset counts as 1.
-    
+    """
     def num(key: str, default: float = 1.0) -> float:
         v = cfg.get(key)
         return float(v) if isinstance(v, (int, float)) and v > 0 else default
