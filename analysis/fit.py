@@ -155,6 +155,21 @@ def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: floa
     return sorted(fits, key=lambda f: (f.dropout_type, f.dropout_placement, f.dropout_rate))
 
 
+def ols_sufficient(unit: np.ndarray, m: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per resampling unit (m of them), the sums (n, x, y, x^2, xy): a bootstrap replicate of an OLS fit is a
+    weighted sum of these rows."""
+    return np.stack([np.bincount(unit, w, minlength=m) for w in (np.ones_like(x), x, y, x * x, x * y)], axis=1)
+
+
+def ols_from_sufficient(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slope, intercept) per row of summed sufficient statistics; NaN where x does not vary."""
+    s0, sx, sy, sxx, sxy = sums.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        den = s0 * sxx - sx * sx
+        b = np.where(den > 1e-12 * np.maximum(s0 * sxx, 1e-300), (s0 * sxy - sx * sy) / den, np.nan)
+        return b, (sy - b * sx) / s0
+
+
 def _fit_group(key: tuple, rows: np.ndarray, d: np.ndarray, s: np.ndarray, runs: np.ndarray,
                rng: np.random.Generator, n_boot: int, level: float) -> ShiftFit:
     up = s[rows] > 1.0
@@ -173,14 +188,10 @@ def _fit_group(key: tuple, rows: np.ndarray, d: np.ndarray, s: np.ndarray, runs:
     # Sufficient statistics per resampling unit; a bootstrap replicate is a weighted sum of them.
     unit, fit.resample = (cl, "trials") if k >= MIN_CLUSTERS else (np.arange(x.size), "layers")
     m = int(unit.max()) + 1
-    suff = np.stack([np.bincount(unit, w, minlength=m) for w in (np.ones_like(x), x, y, x * x, x * y)], axis=1)
+    suff = ols_sufficient(unit, m, x, y)
     block = max(1, 4_000_000 // m)  # replicates per block: bounds the weight matrix to ~32 MB
-    s0, sx, sy, sxx, sxy = np.vstack([rng.multinomial(m, np.full(m, 1.0 / m), size=min(block, n_boot - i)) @ suff
-                                      for i in range(0, n_boot, block)]).T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        den = s0 * sxx - sx * sx
-        b = np.where(den > 1e-12 * np.maximum(s0 * sxx, 1e-300), (s0 * sxy - sx * sy) / den, np.nan)
-        a = (sy - b * sx) / s0
+    b, a = ols_from_sufficient(np.vstack([rng.multinomial(m, np.full(m, 1.0 / m), size=min(block, n_boot - i))
+                                          @ suff for i in range(0, n_boot, block)]))
     q = [50 * (1 - level), 50 * (1 + level)]
     if np.isfinite(b).sum() >= 0.9 * n_boot:
         fit.slope_ci = tuple(float(t) for t in np.nanpercentile(b, q))  # type: ignore[assignment]

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .fit import ShiftFit, _fit_group, mean_ci
+from .fit import ShiftFit, _fit_group, mean_ci, ols_from_sufficient, ols_sufficient
 from .load import DROPOUT_KEYS, Study, group_codes
 
 __all__ = ["MECHANISM_COLUMNS", "TARGET", "MechanismRow", "NoiseFloor", "WidthMechanism", "missing_columns",
@@ -178,16 +178,10 @@ def _paired_slope_diff(x: np.ndarray, y1: np.ndarray, y2: np.ndarray, unit: np.n
                        n_boot: int, level: float) -> tuple[float, tuple[float, float]]:
     """OLS slope of y2 on x minus that of y1 on x, with a percentile bootstrap resampling `unit`s (trials)."""
     m = int(unit.max()) + 1
+    suffs = [ols_sufficient(unit, m, x, y) for y in (y1, y2)]
 
     def slopes(w: np.ndarray) -> np.ndarray:  # w: (replicates, units) multiplicities
-        out = []
-        for y in (y1, y2):
-            sums = [np.bincount(unit, v, minlength=m) for v in (np.ones_like(x), x, y, x * x, x * y)]
-            s0, sx, sy, sxx, sxy = (w @ t for t in sums)
-            den = s0 * sxx - sx * sx
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out.append(np.where(den > 1e-12 * np.maximum(s0 * sxx, 1e-300), (s0 * sxy - sx * sy) / den, np.nan))
-        return out[1] - out[0]
+        return ols_from_sufficient(w @ suffs[1])[0] - ols_from_sufficient(w @ suffs[0])[0]
 
     point = float(slopes(np.ones((1, m)))[0])
     reps = slopes(rng.multinomial(m, np.full(m, 1.0 / m), size=n_boot).astype(float))
