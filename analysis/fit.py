@@ -19,39 +19,116 @@ from scipy import stats
 from .theory import predict_layer_shift
 from .load import DROPOUT_KEYS, Study, context_fields, group_codes, varying
 
-__all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "shift_vs_dim", "accuracy_cost",
-           "bn_reestimation", "mean_ci", "holm"]
+__all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "MeanTest", "shift_vs_dim",
+           "accuracy_cost", "bn_reestimation", "mean_ci", "mean_test", "not_testable", "holm", "MIN_UNITS",
+           "accuracy_step"]
 
 MIN_CLUSTERS = 5  # fewer trials than this: bootstrap the layers instead (and say so)
 Key = tuple[tuple[str, Any], ...]  # ((field, value), ...) of the context a row belongs to
 
 
 # ------------------------------------------------------------------ statistics
-def mean_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float, int]:
-    """Mean, t-interval low/high, two-sided p (mean = 0) and n of the finite values; no CI for n < 2."""
-    x = np.asarray(x, float)[np.isfinite(x)]
-    n = x.size
+MIN_UNITS = 3  # fewer independent units than this: no t interval or p (not testable), only the point
+POWER = 0.8  # the power at which `MeanTest.mde` is stated
+
+
+@dataclass(frozen=True)
+class MeanTest:
+    """A mean over independent units (seeds, trials) with its interval, test and what it could detect.
+
+    method: 't' (Student t over the units), 'sign-flip' (every unit equal: the exact sign-flip test
+    over 2^n assignments; no interval, since a sample without spread gives no honest width), or
+    'not testable (n = k)' (fewer than MIN_UNITS units). `mde`: the smallest |mean| a two-sided
+    t test at this n and spread detects with power POWER (NaN where no spread was measured).
+    """
+
+    mean: float
+    low: float
+    high: float
+    p: float
+    n: int
+    method: str
+    mde: float = math.nan
+
+    def __iter__(self):  # (mean, low, high, p, n): what `mean_ci` always returned
+        return iter((self.mean, self.low, self.high, self.p, self.n))
+
+    @property
+    def has_ci(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
+
+def not_testable(n: int) -> str:
+    return f"not testable (n = {n})"
+
+
+def mean_test(x: np.ndarray, level: float = 0.95) -> MeanTest:
+    """Mean of the finite values, with a t interval and p (mean = 0) only where the sample carries one.
+
+    n < MIN_UNITS: the point only. Every value equal (no spread): the exact sign-flip p
+    (2^(1-n), or 1 for a zero mean) and no interval. Never p = 0 nor a zero-width interval.
+    """
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
     if n == 0:
-        return math.nan, math.nan, math.nan, math.nan, 0
+        return MeanTest(math.nan, math.nan, math.nan, math.nan, 0, not_testable(0))
     m = float(x.mean())
-    if n == 1:
-        return m, math.nan, math.nan, math.nan, 1
-    se = float(x.std(ddof=1)) / math.sqrt(n)
-    if se == 0.0:
-        return m, m, m, (1.0 if m == 0 else 0.0), n
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
-    return m, m - half, m + half, float(2 * stats.t.sf(abs(m / se), n - 1)), n
+    if n < MIN_UNITS:
+        return MeanTest(m, math.nan, math.nan, math.nan, n, not_testable(n))
+    sd = float(x.std(ddof=1))
+    if sd <= 1e-12 * max(1.0, abs(m)):
+        return MeanTest(m, math.nan, math.nan, 1.0 if m == 0 else float(2.0 ** (1 - n)), n, "sign-flip")
+    se = sd / math.sqrt(n)
+    tq = float(stats.t.ppf(0.5 + level / 2, n - 1))
+    mde = (tq + float(stats.t.ppf(POWER, n - 1))) * se
+    return MeanTest(m, m - tq * se, m + tq * se, float(2 * stats.t.sf(abs(m / se), n - 1)), n, "t", mde)
 
 
-def _welch(a: np.ndarray, b: np.ndarray, level: float) -> tuple[float, float, float, float]:
-    """Difference of means a - b with Welch's t interval and p."""
+def mean_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float, int]:
+    """Mean, t-interval low/high, two-sided p (mean = 0) and n of the finite values (`mean_test`'s rules:
+    no interval below MIN_UNITS values or without spread)."""
+    return tuple(mean_test(x, level))  # type: ignore[return-value]
+
+
+def _welch(a: np.ndarray, b: np.ndarray, level: float) -> tuple[float, float, float, float, str, float]:
+    """Difference of means a - b with Welch's t interval, p, method and detectable effect (`mean_test`'s rules)."""
+    d = float(a.mean() - b.mean())
+    if min(a.size, b.size) < MIN_UNITS:
+        return d, math.nan, math.nan, math.nan, f"welch, {not_testable(min(a.size, b.size))}", math.nan
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    d, se = float(a.mean() - b.mean()), math.sqrt(va + vb)
-    if se == 0.0:
-        return d, d, d, (1.0 if d == 0 else 0.0)
+    se = math.sqrt(va + vb)
+    if se <= 1e-12 * max(1.0, abs(d)):
+        return d, math.nan, math.nan, math.nan, "welch, not testable (no spread)", math.nan
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
-    return d, d - half, d + half, float(2 * stats.t.sf(abs(d / se), df))
+    tq = float(stats.t.ppf(0.5 + level / 2, df))
+    mde = (tq + float(stats.t.ppf(POWER, df))) * se
+    return d, d - tq * se, d + tq * se, float(2 * stats.t.sf(abs(d / se), df)), "welch", mde
+
+
+def accuracy_step(trials: pa.Table) -> tuple[float, str]:
+    """What one test image is worth in accuracy (a fraction), and where that comes from.
+
+    From the trials' `n_test` where recorded ('n_test = N'); else inferred from the accuracies, which
+    are multiples of 1/N ('inferred'); ('', NaN) when neither tells. Accuracy differences smaller than
+    this step cannot be seen, and every cost moves in multiples of it.
+    """
+    if "n_test" in trials.column_names:
+        n = pc.fill_null(pc.cast(trials.column("n_test"), pa.float64()), math.nan).to_numpy(zero_copy_only=False)
+        n = np.unique(n[np.isfinite(n) & (n > 0)])
+        if n.size:
+            return 1.0 / float(n.max()), ("n_test = " + ", ".join(f"{v:.0f}" for v in n))
+    acc = np.unique(pc.fill_null(trials.column("test_acc"), math.nan).to_numpy(zero_copy_only=False))
+    acc = acc[np.isfinite(acc)]
+    gaps = np.diff(acc)
+    gaps = gaps[gaps > 1e-9]
+    if gaps.size == 0:
+        return math.nan, ""
+    big = int(round(1.0 / gaps.min()))
+    for n_img in range(max(1, big - 2), big + 3):  # the smallest gap is one image (or near it)
+        if n_img > 0 and np.allclose(acc * n_img, np.round(acc * n_img), atol=1e-6):
+            return 1.0 / n_img, f"inferred: accuracies are multiples of 1/{n_img}"
+    return math.nan, ""
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -85,22 +162,28 @@ class ShiftFit:
     intercept_ci: tuple[float, float] = (math.nan, math.nan)
     resample: str = "trials"  # the bootstrap unit: 'trials' (clusters of layers) or 'layers'
     shift_mean: float = math.nan
-    theory_mean: float = math.nan  # mean predicted shift over the same layers
+    # The paper's closed form (analysis.theory.predict_layer_shift) over the same layers, fitted like the data:
+    # with the measured rho, d cos^2, c_in and v_in of the mechanism probe where recorded, else rho = 0 with the
+    # BN input's c and v (older results; `closed_form_inputs` says which).
+    theory_mean: float = math.nan  # mean closed-form shift over the same layers
     theory_slope: float = math.nan
     theory_intercept: float = math.nan
-    cos2_assumed: int = 0  # layers without a measured cos^2 (theory used cos^2 = 1)
+    cos2_assumed: int = 0  # layers without a measured cos^2 (the closed form used cos^2 = 1)
+    closed_form_inputs: str = ""  # 'measured' (rho, d cos^2, c_in, v_in) | 'rho = 0' | '' (not computed)
     note: str = ""
 
 
 
 def _predict(fn: Callable[..., Any], key: tuple, c: np.ndarray, v: np.ndarray, d: np.ndarray,
-             cos2: np.ndarray) -> np.ndarray:
+             cos2: np.ndarray, rho: np.ndarray | None = None) -> np.ndarray:
     """Predicted paper shift per point; arrays at once when the theory accepts them, else one by one."""
+    rho = np.zeros_like(c) if rho is None else rho
     try:
-        out = np.asarray(fn(*key, c, v, d, cos2), float)
+        out = np.asarray(fn(*key, c, v, d, cos2, rho), float)
         assert out.shape == c.shape
     except Exception:  # noqa: BLE001 - whatever the array call did wrong: call per point
-        out = np.array([_scalar(fn, key, *a) for a in zip(c.tolist(), v.tolist(), d.tolist(), cos2.tolist())])
+        out = np.array([_scalar(fn, key, *a) for a in zip(c.tolist(), v.tolist(), d.tolist(), cos2.tolist(),
+                                                          rho.tolist())])
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.maximum(out, 1.0 / out)  # paper_shift, idempotent if the theory already returns it
 
@@ -143,6 +226,14 @@ def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: floa
     runs = pc.dictionary_encode(L.column("run_id").combine_chunks()).indices.to_numpy().astype(np.int64)
     d, s = L.column("fan_in").to_numpy().astype(float), L.column("shift").to_numpy()
     c, v, cos2 = (L.column(k).to_numpy() for k in ("real_mean", "real_var", "cos2"))
+    # The closed form's inputs: the mechanism probe's measured ones where recorded (the dropout's input c_in,
+    # v_in; rho; D = d cos^2 of the feeding weights), else the BN input's c, v with rho = 0 (older results).
+    num = lambda k: (pc.fill_null(pc.cast(L.column(k), pa.float64()), math.nan).to_numpy(zero_copy_only=False)  # noqa
+                     if k in L.column_names else np.full(L.num_rows, math.nan))
+    c_in, v_in, rho_m, dc = num("c_in"), num("v_in"), num("rho"), num("d_cos2")
+    measured = np.isfinite(c_in) & np.isfinite(v_in) & np.isfinite(rho_m) & np.isfinite(dc)
+    c, v = np.where(measured, c_in, c), np.where(measured, v_in, v)
+    cos2, rho = np.where(measured, dc / d, cos2), np.where(measured, rho_m, 0.0)
     theory, rng = predict_layer_shift, np.random.default_rng(seed)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))
@@ -150,7 +241,8 @@ def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: floa
     for g, key in enumerate(keys):
         rows = order[bounds[g]:bounds[g + 1]]
         fit = _fit_group(key, rows, d, s, runs, rng, n_boot, level)
-        _add_theory(fit, theory, key, d[rows], c[rows], v[rows], cos2[rows])
+        _add_theory(fit, theory, key, d[rows], c[rows], v[rows], cos2[rows], rho[rows])
+        fit.closed_form_inputs = "measured" if measured[rows].all() else "rho = 0"
         fits.append(fit)
     return sorted(fits, key=lambda f: (f.dropout_type, f.dropout_placement, f.dropout_rate))
 
@@ -202,15 +294,16 @@ def _fit_group(key: tuple, rows: np.ndarray, d: np.ndarray, s: np.ndarray, runs:
 
 
 def _add_theory(fit: ShiftFit, theory: Callable[..., Any], key: tuple, d: np.ndarray, c: np.ndarray,
-                v: np.ndarray, cos2: np.ndarray) -> None:
-    """Theory at each distinct d (c, v, cos^2 averaged over the layers with that d), fitted like the data."""
+                v: np.ndarray, cos2: np.ndarray, rho: np.ndarray | None = None) -> None:
+    """The closed form at each distinct d (its inputs averaged over the layers with that d), fitted like the data."""
+    rho = np.zeros_like(c) if rho is None else rho
     miss = ~np.isfinite(cos2)
     fit.cos2_assumed = int(miss.sum())
     cos2 = np.where(miss, 1.0, cos2)
     dims, inv, cnt = np.unique(d, return_inverse=True, return_counts=True)
-    mean = [np.bincount(inv, a) / cnt for a in (c, v, cos2)]
+    mean = [np.bincount(inv, a) / cnt for a in (c, v, cos2, rho)]
     try:
-        pred = _predict(theory, key, mean[0], mean[1], dims, mean[2])
+        pred = _predict(theory, key, mean[0], mean[1], dims, mean[2], mean[3])
     except Exception as exc:  # noqa: BLE001 - a broken theory must not sink the fits: say so beside them
         fit.note = f"theory failed: {type(exc).__name__}: {exc}"
         return
@@ -237,11 +330,21 @@ class CostCell:
     ci_low: float
     ci_high: float
     p: float
-    method: str  # paired | welch | n=1
+    method: str  # paired t | paired sign-flip | paired, not testable (n = 2) | welch | ... | n=1
     acc: float
     acc_none: float
     p_adj: float = math.nan
-    harm: bool = False  # significantly below zero and by at least the tolerance
+    harm: bool = False  # significantly below zero and by at least the tolerance (untested cells: on the point)
+    mde: float = math.nan  # the smallest |cost| this cell's test detects with power POWER (NaN: no spread seen)
+
+    @property
+    def tested(self) -> bool:
+        """A p-value exists (else the cell is a point: n = 1, fewer than MIN_UNITS seeds, or no spread)."""
+        return math.isfinite(self.p)
+
+    @property
+    def has_ci(self) -> bool:
+        return math.isfinite(self.ci_low) and math.isfinite(self.ci_high)
 
 
 @dataclass
@@ -256,7 +359,7 @@ class CriticalWidth:
     width: float | None  # None: not reached in this study (it still hurts at the largest width)
     widths: tuple[float, ...]
     hurts_below: bool  # some smaller width is significantly hurt (so there is a transition)
-    with_ci: bool  # every cell from `width` on has n >= 2 (a CI); else decided on points
+    with_ci: bool  # every cell from `width` on has an interval; else decided on points
     cell: CostCell | None = None  # the cell at `width` (or the largest width when not reached)
     below: CostCell | None = None  # the hurt cell just below `width`
 
@@ -275,10 +378,11 @@ def accuracy_cost(study: Study, *, tol: float = 0.005, level: float = 0.95, adju
                   ) -> tuple[list[CostCell], list[CriticalWidth]]:
     """Cost of each dropout configuration vs no dropout at each width, and the critical widths.
 
-    Paired over common seeds when at least two seeds match, else Welch; one seed gives the point
-    only. A cell `harm`s when its p (Holm-adjusted over all cells with `adjust='holm'`, raw with
-    'none', which is the same as 'CI upper < 0') is below 1 - level and cost <= -tol; n = 1
-    cells are decided on the point (cost <= -tol).
+    Paired over common seeds when at least two seeds match, else Welch; fewer than MIN_UNITS seeds
+    give the point only ("not testable"), and a cost equal on every seed gets the exact sign-flip p
+    and no interval (`mean_test`). A cell `harm`s when its p (Holm-adjusted over the tested cells with
+    `adjust='holm'`, raw with 'none') is below 1 - level and cost <= -tol; untested cells are decided
+    on the point (cost <= -tol) and no guideline rests on them.
     """
     if adjust not in ("holm", "none"):
         raise ValueError(f"adjust = {adjust!r} is not allowed (allowed: holm, none)")
@@ -295,17 +399,22 @@ def accuracy_cost(study: Study, *, tol: float = 0.005, level: float = 0.95, adju
         common = sorted(set(a) & set(b))
         va, vb = np.array(list(a.values())), np.array(list(b.values()))
         if len(common) >= 2:
-            (cost, lo, hi, p, n), method = mean_ci(np.array([a[s] - b[s] for s in common]), level), "paired"
+            r = mean_test(np.array([a[s] - b[s] for s in common]), level)
+            cost, lo, hi, p, n, mde = r.mean, r.low, r.high, r.p, r.n, r.mde
+            method = f"paired {r.method}"
         elif va.size >= 2 and vb.size >= 2:
-            (cost, lo, hi, p), n, method = _welch(va, vb, level), min(va.size, vb.size), "welch"
+            cost, lo, hi, p, method, mde = _welch(va, vb, level)
+            n = min(va.size, vb.size)
         else:
-            cost, lo, hi, p, n, method = float(va.mean() - vb.mean()), math.nan, math.nan, math.nan, 1, "n=1"
+            cost, lo, hi, p, n, method, mde = (float(va.mean() - vb.mean()), math.nan, math.nan, math.nan, 1, "n=1",
+                                               math.nan)
         cells.append(CostCell(tuple(zip(ctx, k[:nc])), k[nc + 1], k[nc + 2], k[nc + 3], k[nc], n, cost, lo, hi,
-                              p, method, float(va.mean()), float(vb.mean())))
+                              p, method, float(va.mean()), float(vb.mean()), mde=mde))
     padj = holm(np.array([c.p for c in cells])) if adjust == "holm" else np.array([c.p for c in cells])
     for c, pa_ in zip(cells, padj):
         c.p_adj = float(pa_)
-        c.harm = bool(c.cost <= -tol and (c.p_adj < 1 - level if math.isfinite(c.p_adj) else c.method == "n=1"))
+        # A tested cell harms on its (Holm-adjusted) test; an untested one is decided on the point, and says so.
+        c.harm = bool(c.cost <= -tol and (c.p_adj < 1 - level if c.tested else True))
     cells.sort(key=lambda c: (c.context, c.dropout_type, c.dropout_placement, c.dropout_rate, c.width))
     return cells, _critical(cells, tol)
 
@@ -331,7 +440,7 @@ def _critical(cells: list[CostCell], tol: float = 0.0) -> list[CriticalWidth]:
         out.append(CriticalWidth(*key, width=cs[first].width if reached else None,
                                  widths=tuple(c.width for c in cs),
                                  hurts_below=any(_not_shown_harmless(c, tol) for c in cs[:first]),
-                                 with_ci=all(c.method != "n=1" for c in tail),
+                                 with_ci=all(c.has_ci for c in tail),
                                  cell=cs[first] if reached else cs[-1], below=cs[first - 1] if first > 0 else None))
     return out
 
@@ -350,6 +459,12 @@ class ReestRow:
     ci_high: float
     p: float
     p_adj: float = math.nan
+    method: str = "t"  # mean_test's: t | sign-flip | not testable (n = k)
+    mde: float = math.nan
+
+    @property
+    def has_ci(self) -> bool:
+        return math.isfinite(self.ci_low) and math.isfinite(self.ci_high)
 
 
 @dataclass
@@ -393,8 +508,9 @@ def bn_reestimation(study: Study, *, level: float = 0.95) -> tuple[list[ReestRow
 
 
 def _reest_row(label: Key, sel: np.ndarray, before: np.ndarray, after: np.ndarray, level: float) -> ReestRow:
-    m, lo, hi, p, n = mean_ci(after[sel] - before[sel], level)
-    return ReestRow(label, n, float(before[sel].mean()), float(after[sel].mean()), m, lo, hi, p)
+    r = mean_test(after[sel] - before[sel], level)
+    return ReestRow(label, r.n, float(before[sel].mean()), float(after[sel].mean()), r.mean, r.low, r.high, r.p,
+                    method=r.method, mde=r.mde)
 
 
 def _correlation(t: pa.Table, gain: np.ndarray, dropout: np.ndarray, level: float) -> Correlation | None:

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow.compute as pc
 from scipy import stats
 
-from .fit import (Correlation, CostCell, CriticalWidth, ReestRow, ShiftFit, accuracy_cost, bn_reestimation,
-                  holm, shift_vs_dim)
+from .fit import (MIN_UNITS, Correlation, CostCell, CriticalWidth, ReestRow, ShiftFit, accuracy_cost,
+                  bn_reestimation, holm, shift_vs_dim)
 from .load import EXPERIMENT_FIELDS, Study, context_fields, group_codes, varying
+from .width import WidthEffect, width_effects
 from .mechanism import (MechanismRow, NoiseFloor, WidthMechanism, mechanism_rows, missing_columns, noise_floor,
                         width_mechanism)
 
@@ -119,6 +120,8 @@ class Analysis:
     floor: NoiseFloor | None = None
     width_mechanism: list[WidthMechanism] = field(default_factory=list)
     mechanism_missing: list[str] = field(default_factory=list)  # columns older results lack
+    # Width where it is identified: the same BN position across widths, paired by seed (analysis.width).
+    width_effects: list[WidthEffect] = field(default_factory=list)
     n_flagged: int = 0  # ok trials left out of every fit: BN running statistics not converged
     all_flagged: bool = False  # every ok trial is flagged: fits use them, but no guideline is drawn
 
@@ -164,6 +167,7 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
         out.mechanism = mechanism_rows(ok)
         out.width_mechanism = width_mechanism(ok, n_boot=n_boot, seed=seed, level=level)
     placements = set(ok.trials.column("dropout_placement").to_pylist())
+    out.width_effects = width_effects(ok, level=level)
     out.shift_fits = shift_vs_dim(ok, n_boot=n_boot, seed=seed, level=level)
     if not out.shift_fits:
         out.notes.append("no BN layer fed by dropout with a known fan-in: shift vs d not fitted")
@@ -173,9 +177,11 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
         out.notes.append("only trials with placement none: accuracy cost not computed")
     else:
         out.costs, out.critical = accuracy_cost(ok, tol=tol, level=level, adjust=adjust)
-        if out.costs and all(c.method == "n=1" for c in out.costs):
-            out.notes.append("every accuracy-cost cell has one seed (n = 1): costs are points without CIs and no "
-                             "accuracy guideline is drawn; rerun the sweep with --seeds 3")
+        if out.costs and not any(c.has_ci for c in out.costs):
+            n = max(c.n for c in out.costs)
+            out.notes.append(f"no accuracy-cost cell has an interval (at most {n} seed(s) per cell, or no spread "
+                             f"between seeds; an interval needs {MIN_UNITS}): costs are points and no accuracy "
+                             f"guideline is drawn; rerun the sweep with --seeds {max(MIN_UNITS, 3)}")
         if not out.costs:
             out.notes.append("no dropout configuration shares a context and width with a no-dropout trial")
     out.reest, out.reest_pooled, out.correlation = bn_reestimation(ok, level=level)
@@ -195,7 +201,8 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
 class Guideline:
     """One statement the data supports, with its headline number and interval.
 
-    kind: critical_width | hurts | no_cost | width_mechanism | shift_vs_dim | bn_reestimation | reest_vs_shift | factor.
+    kind: critical_width | hurts | no_cost | width_effect | width_mechanism | shift_vs_dim | bn_reestimation |
+    reest_vs_shift | factor.
     """
 
     text: str
@@ -218,7 +225,12 @@ def _pp(x: float) -> str:
 
 
 def _ci_pp(c: CostCell | ReestRow, level: float) -> str:
-    return f"{level:.0%} CI [{_pp(c.ci_low)}, {_pp(c.ci_high)}]"
+    """The interval with its n and method, or why there is none."""
+    unit = "seeds" if isinstance(c, CostCell) else "trials"
+    method = c.method.replace("paired ", "paired ") if c.method else ""
+    if not c.has_ci:
+        return f"no interval: {method}, n = {c.n} {unit}"
+    return f"{level:.0%} CI [{_pp(c.ci_low)}, {_pp(c.ci_high)}], {method}, n = {c.n} {unit}"
 
 
 def _who(a: Analysis, context: tuple, dtype: str, placement: str, rate: float) -> str:
@@ -235,7 +247,8 @@ def guidelines(a: Analysis) -> list[Guideline]:
     """The statements the analysis supports, in report order (accuracy, shift, re-estimation, factors)."""
     if a.all_flagged:
         return []  # no statement rests on trials whose running statistics had not converged
-    out = _width_guidelines(a) + _mechanism_guidelines(a) + _shift_guidelines(a) + _reest_guidelines(a)
+    out = (_width_guidelines(a) + _width_effect_guidelines(a) + _mechanism_guidelines(a) + _shift_guidelines(a)
+           + _reest_guidelines(a))
     alpha = 1 - a.level
     labels = {"test_acc": "test accuracy", "mean_shift": "the mean variance shift"}
     for resp, rows in a.factors.items():
@@ -256,7 +269,7 @@ def _width_guidelines(a: Analysis) -> list[Guideline]:
         who, c = _who(a, cw.context, cw.dropout_type, cw.dropout_placement, cw.dropout_rate), cw.cell
         if c is None or not cw.with_ci:
             continue  # n = 1 cells carry no interval: no statement rests on them
-        if cw.width is not None and cw.hurts_below and cw.below is not None and cw.below.method != "n=1":
+        if cw.width is not None and cw.hurts_below and cw.below is not None and cw.below.has_ci:
             b = cw.below
             # "Not harmed" is a Holm-adjusted test over all cells; the interval shown is unadjusted. When that
             # interval still lies below -tol the data do not show a match: say so rather than claim one.
@@ -286,28 +299,64 @@ def _width_guidelines(a: Analysis) -> list[Guideline]:
     return out
 
 
-def _mechanism_guidelines(a: Analysis) -> list[Guideline]:
-    """Width through the mechanism: the measured d-dependence of the frozen shift against the theory's."""
+def _who_cfg(a: Analysis, e: WidthEffect) -> str:
+    ctx = ", ".join(f"{k}={v}" for k, v in e.context if k in a.context or k in ("backbone", "depth"))
+    return (f"on {ctx} with {e.dropout_type} dropout at {_rate(e.dropout_type, e.dropout_rate)} "
+            f"{PLACEMENT_TEXT.get(e.dropout_placement, e.dropout_placement)}")
+
+
+def _within_text(e: WidthEffect, level: float) -> str:
+    w = e.within
+    return (f"d^{w.mean:+.2f} ({level:.0%} CI [{w.low:+.2f}, {w.high:+.2f}], t over {w.n} seeds of within-position "
+            f"slopes; widths {', '.join(fmt_width(x) for x in e.widths)}, {e.n_positions} BN positions)")
+
+
+def _width_effect_guidelines(a: Analysis) -> list[Guideline]:
+    """The width effect on the paper's shift where it is identified: the same BN position, paired by seed."""
     out = []
-    for w in a.width_mechanism:
-        m, t, ok = w.measured, w.theory, w.explained
-        lo, hi = m.slope_ci
-        if ok is None or not (math.isfinite(lo) and math.isfinite(hi)):
-            continue  # no interval: nothing to state
-        trend = "shows no detectable dependence on" if lo <= 0 <= hi else "falls with" if hi < 0 else "rises with"
-        diff = f"theory - measured {w.diff:+.2f}, paired {a.level:.0%} CI [{w.diff_ci[0]:+.2f}, {w.diff_ci[1]:+.2f}]"
-        verdict = (f"the theory, from the measured rho and d cos^2(theta), predicts d^{t.slope:.2f} ({diff}): "
-                   "what width does here is what this mechanism predicts" if ok else
-                   f"the theory predicts d^{t.slope:.2f} ({diff}): the mechanism does not account for the width "
-                   "dependence here")
+    for e in a.width_effects:
+        if e.quantity != "shift" or e.verdict == "not testable":
+            continue
+        w = e.within
+        if e.verdict == "none detected":
+            power = (f"; a width effect of |exponent| >= {w.mde:.2f} would have been detected with 80% power"
+                     if math.isfinite(w.mde) else "")
+            text = (f"{_who_cfg(a, e)}, no width effect on the variance shift is detected at the same BN position: "
+                    f"the excess (shift - 1) scales as {_within_text(e, a.level)}{power}")
+        else:
+            text = (f"{_who_cfg(a, e)}, at the same BN position the excess variance shift (shift - 1) {e.verdict} "
+                    f"with width as {_within_text(e, a.level)} (d grows with the width at a fixed position)")
+        if math.isfinite(e.across.mean):
+            text += (f"; across positions at a fixed width (stage and fan-in together) it scales as "
+                     f"d^{e.across.mean:+.2f}")
+        out.append(Guideline(text, w.mean, w.low, w.high, "width_effect", "exponent", w.n))
+    return out
+
+
+def _mechanism_guidelines(a: Analysis) -> list[Guideline]:
+    """Width through the mechanism, at the same BN position: the propagated prediction's width slope against
+    the frozen measurement's, paired by seed."""
+    out = []
+    fro = {(e.context, e.dropout_type, e.dropout_placement, e.dropout_rate): e for e in a.width_effects
+           if e.quantity == "shift_frozen"}
+    for e in a.width_effects:
+        m = fro.get((e.context, e.dropout_type, e.dropout_placement, e.dropout_rate))
+        if e.quantity != "shift_theory" or m is None or e.diff is None or not m.within.has_ci:
+            continue
+        dlt = e.diff
+        exact = dlt.method == "sign-flip" and abs(dlt.mean) < 1e-9  # the same slope in every seed
+        if not (dlt.has_ci or exact):
+            continue
+        agrees = exact or dlt.low <= 0 <= dlt.high
+        ci = (f"{a.level:.0%} CI [{dlt.low:+.2f}, {dlt.high:+.2f}]" if dlt.has_ci else "the same in every seed")
+        verdict = ("the propagated prediction (the mechanism) accounts for it" if agrees else
+                   "the propagated prediction (the mechanism) does not account for it")
+        trend = {"falls": "falls with", "rises": "rises with"}.get(m.verdict, "shows no detectable dependence on")
         out.append(Guideline(
-            f"on {w.backbone} with {w.dropout_type} dropout at {_rate(w.dropout_type, w.dropout_rate)} "
-            f"{PLACEMENT_TEXT.get(w.dropout_placement, w.dropout_placement)}, the excess variance BN sees "
-            f"(shift_frozen - 1) {trend} the feature dimension d: d^{m.slope:.2f} ({a.level:.0%} CI "
-            f"[{lo:.2f}, {hi:.2f}], widths {', '.join(fmt_width(x) for x in w.widths)}, {m.n} BN layers in "
-            f"{m.n_trials} trials); {verdict} (median rho = {w.rho:.2f}, d cos^2(theta) = {w.d_cos2[0]:.1f} at "
-            f"width {fmt_width(w.widths[0])} and {w.d_cos2[1]:.1f} at width {fmt_width(w.widths[-1])})",
-            m.slope, lo, hi, "width_mechanism", "exponent", m.n))
+            f"{_who_cfg(a, e)}, the frozen measurement's excess (shift_frozen - 1) at the same BN position {trend} "
+            f"width: {_within_text(m, a.level)}; the propagated prediction gives d^{e.within.mean:+.2f} "
+            f"(prediction - measurement {dlt.mean:+.2f}, paired by seed, {ci}, n = {dlt.n}): {verdict}",
+            m.within.mean, m.within.low, m.within.high, "width_mechanism", "exponent", m.within.n))
     return out
 
 
@@ -319,13 +368,15 @@ def _shift_guidelines(a: Analysis) -> list[Guideline]:
             continue
         trend = "falls" if hi < 0 else "rises"
         # The rho = 0 closed form's slope only where the measured mechanism is absent (older results).
-        theory = f"; theory: d^{f.theory_slope:.2f}" if math.isfinite(f.theory_slope) and not a.mechanism else ""
+        theory = (f"; the paper's closed form with rho = 0 (no d dependence by construction): d^{f.theory_slope:.2f}"
+                  if math.isfinite(f.theory_slope) and not a.mechanism else "")
         out.append(Guideline(
             f"with {f.dropout_type} dropout at {_rate(f.dropout_type, f.dropout_rate)} "
             f"{PLACEMENT_TEXT.get(f.dropout_placement, f.dropout_placement)}, "
-            f"the excess variance shift (shift - 1) {trend} with the feature dimension d as d^{f.slope:.2f} "
-            f"({a.level:.0%} CI [{lo:.2f}, {hi:.2f}], bootstrap over {f.resample}; {f.n} BN layers in "
-            f"{f.n_trials} trials, R^2 = {f.r2:.2f}{theory})",
+            f"the excess variance shift (shift - 1) pooled over BN positions and widths {trend} with the fan-in d "
+            f"as d^{f.slope:.2f} ({a.level:.0%} CI [{lo:.2f}, {hi:.2f}], bootstrap over {f.resample}; {f.n} BN "
+            f"layers in {f.n_trials} trials, R^2 = {f.r2:.2f}{theory}); stage and width change d together here, "
+            "so this is not a width effect (see the within-position width effect)",
             f.slope, lo, hi, "shift_vs_dim", "exponent", f.n))
     return out
 
@@ -339,7 +390,7 @@ def _reest_guidelines(a: Analysis) -> list[Guideline]:
         verb = "raises" if r.gain > 0 else "lowers"
         out.append(Guideline(
             f"re-estimating BN statistics after training {verb} test accuracy by {_pp(r.gain)} pp for dropout "
-            f"{PLACEMENT_TEXT.get(placement, placement)} ({_ci_pp(r, a.level)}, n = {r.n} trials, "
+            f"{PLACEMENT_TEXT.get(placement, placement)} ({_ci_pp(r, a.level)}, "
             f"{100 * r.before:.1f}% -> {100 * r.after:.1f}%)",
             100 * r.gain, 100 * r.ci_low, 100 * r.ci_high, "bn_reestimation", "pp", r.n))
     c = a.correlation

@@ -18,7 +18,7 @@ from .fit import ShiftFit, _fit_group, mean_ci, ols_from_sufficient, ols_suffici
 from .load import DROPOUT_KEYS, Study, group_codes
 
 __all__ = ["MECHANISM_COLUMNS", "TARGET", "MechanismRow", "NoiseFloor", "WidthMechanism", "missing_columns",
-           "fed_layers", "mechanism_rows", "noise_floor", "width_mechanism"]
+           "fed_layers", "mechanism_rows", "noise_floor", "width_mechanism", "closed_form"]
 
 MECHANISM_COLUMNS = ("c_in", "v_in", "d_cos2", "rho", "shift_frozen", "shift_theory", "excess_local",
                      "excess_inherited")
@@ -81,6 +81,15 @@ class MechanismRow:
     local_share: float  # median of excess_local / (excess_local + excess_inherited)
     d_cos2: float
     rho: float
+    # The three predictions side by side (docs/theory.md): the paper's closed form from the measured rho, d cos^2,
+    # c_in and v_in; the exact local identity (the feeding dropout's noise alone: 1 + excess_local); the full
+    # propagation (shift_theory). Each against the frozen measurement and against the paper's metric (medians).
+    shift_closed_form: float = math.nan
+    shift_local: float = math.nan
+    err_closed_form: float = math.nan  # |closed form - frozen| / frozen
+    err_local: float = math.nan
+    err_vs_paper: tuple[float, float, float] = (math.nan, math.nan, math.nan)  # closed, local, propagation vs shift
+    dilution: float = math.nan  # median share of the closed form's excess that does not reach BN (shortcut etc.)
 
     @property
     def within_target(self) -> bool:
@@ -101,19 +110,50 @@ def mechanism_rows(study: Study) -> list[MechanismRow]:
     fro, th, s = _col(L, "shift_frozen"), _col(L, "shift_theory"), _col(L, "shift")
     loc, inh = _col(L, "excess_local"), _col(L, "excess_inherited")
     dc, rho = _col(L, "d_cos2"), _col(L, "rho")
+    cf = closed_form(L)
+    local = 1.0 + loc
     runs = np.asarray(L.column("run_id").to_pylist(), dtype=object)
     err = np.abs(th - fro) / fro
     with np.errstate(divide="ignore", invalid="ignore"):
         share = loc / (loc + np.nan_to_num(inh))
+        dilution = 1.0 - loc / (cf - 1.0)
     rows = []
     for g, key in enumerate(keys):
         m = codes == g
         e = err[m]
+        rel = lambda p, ref: _median(np.abs(p[m] - ref[m]) / ref[m])  # noqa: E731
         rows.append(MechanismRow(*key, n_layers=int(m.sum()), n_trials=len(set(runs[m])), shift=_median(s[m]),
                                  shift_frozen=_median(fro[m]), shift_theory=_median(th[m]), rel_err=_median(e),
                                  rel_err_p90=float(np.percentile(e, 90)), local_share=_median(share[m]),
-                                 d_cos2=_median(dc[m]), rho=_median(rho[m])))
+                                 d_cos2=_median(dc[m]), rho=_median(rho[m]), shift_closed_form=_median(cf[m]),
+                                 shift_local=_median(local[m]), err_closed_form=rel(cf, fro), err_local=rel(local, fro),
+                                 err_vs_paper=(rel(cf, s), rel(local, s), rel(th, s)),
+                                 dilution=_median(dilution[m])))
     return sorted(rows, key=lambda r: (r.backbone, r.dropout_type, r.dropout_placement, r.dropout_rate))
+
+
+def closed_form(L: pa.Table) -> np.ndarray:
+    """The paper's closed form per fed layer from the measured inputs: case (a) for pre_bn, case (b) for pre_conv
+    with rho, D = d cos^2 (so cos^2 = D / d), c_in and v_in of the dropout's input (NaN where any is missing or
+    the kind has no closed form)."""
+    from .theory import closed_form_kinds, predict_layer_shift
+
+    out = np.full(L.num_rows, math.nan)
+    if L.num_rows == 0:
+        return out
+    c, v, rho, dc, d = (_col(L, k) for k in ("c_in", "v_in", "rho", "d_cos2", "fan_in"))
+    codes, keys = group_codes(L, DROPOUT_KEYS)
+    kinds = closed_form_kinds()
+    for g, (kind, placement, rate) in enumerate(keys):
+        m = codes == g
+        if kind not in kinds:
+            continue
+        try:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[m] = predict_layer_shift(kind, placement, rate, c[m], v[m], d[m], dc[m] / d[m], rho[m])
+        except ValueError:
+            continue  # outside the closed form's domain: no prediction
+    return out
 
 
 # -------------------------------------------------------------- noise floor

@@ -120,7 +120,7 @@ def test_critical_width_found() -> None:
     from analysis.fit import accuracy_cost
 
     cells, critical = accuracy_cost(_study(*planted_study(cost=critical_cost(4.0), acc_noise=0.005)))
-    assert len(cells) == 3 * 4 and all(c.method == "paired" and c.n == 4 for c in cells)
+    assert len(cells) == 3 * 4 and all(c.method == "paired t" and c.n == 4 for c in cells)
     assert {c.dropout_placement: c.width for c in critical} == {"pre_bn": 4.0, "pre_conv": 4.0, "head": 4.0}
     assert all(c.hurts_below and c.with_ci for c in critical)
     small = [c for c in cells if c.width < 4]

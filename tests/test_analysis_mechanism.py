@@ -75,8 +75,8 @@ def test_width_mechanism_tells_an_explained_slope_from_an_unexplained_one(same: 
         assert (w.diff_ci[0] <= 0 <= w.diff_ci[1]) is same
     gls = [g for g in guidelines(analyse(study, n_boot=400)) if g.kind == "width_mechanism"]
     assert len(gls) == 2
-    phrase = "is what this mechanism predicts" if same else "does not account for the width dependence"
-    assert all(phrase in g.text and "rho = 0.10" in g.text for g in gls)
+    phrase = "(the mechanism) accounts for it" if same else "(the mechanism) does not account for it"
+    assert all(phrase in g.text and "at the same BN position" in g.text for g in gls), [g.text for g in gls]
 
 
 def test_flagged_trials_are_out_of_every_fit_and_all_flagged_gives_no_guideline() -> None:
@@ -104,6 +104,26 @@ def test_noise_floor_of_the_none_trials() -> None:
     assert fl.none_shift[1] < x.mean() < fl.none_shift[2] and fl.flagged == []
 
 
+def test_three_predictions_are_the_closed_form_the_local_identity_and_the_propagation() -> None:
+    from analysis.theory import predict_layer_shift
+
+    trials, layers = planted_mechanism(eps=0.03, local=0.75)
+    rows = {r.dropout_placement: r for r in mechanism_rows(_study(trials, layers))}
+    L = layers.filter(pc.fill_null(layers.column("fed_by_dropout"), False))
+    for placement, r in rows.items():
+        sub = L.filter(pc.equal(L.column("dropout_placement"), placement))
+        d = sub.column("fan_in").to_numpy().astype(float)
+        cf = predict_layer_shift("bernoulli", placement, 0.5, 0.4, 1.0, d, 3.0 / d, 0.1)  # planted c, v, D, rho
+        assert r.shift_closed_form == pytest.approx(np.median(cf), rel=1e-9)
+        loc = sub.column("excess_local").to_numpy()
+        assert r.shift_local == pytest.approx(1 + np.median(loc), rel=1e-9)
+        assert r.dilution == pytest.approx(np.median(1 - loc / (cf - 1)), rel=1e-9)
+        fro = sub.column("shift_frozen").to_numpy()
+        assert r.err_closed_form == pytest.approx(np.median(np.abs(cf - fro) / fro), rel=1e-9)
+    # Case (a) does not depend on rho or D; case (b) with rho = 0.1 and D = 3 predicts less than case (a).
+    assert rows["pre_conv"].shift_closed_form < rows["pre_bn"].shift_closed_form
+
+
 def test_report_shows_the_mechanism_and_old_results_say_what_is_missing(tmp_path) -> None:
     from analysis.report import write_report
 
@@ -111,8 +131,10 @@ def test_report_shows_the_mechanism_and_old_results_say_what_is_missing(tmp_path
     write_study(str(tmp_path / "new"), trials, layers)
     out = write_report("planted", root=str(tmp_path / "new"), out=str(tmp_path / "rep_new"), n_boot=200)
     md = open(f"{out}/report.md").read()
-    assert "## The noise floor" in md and "## The mechanism: theory vs measurement" in md
-    assert "| shift (paper) | shift_frozen | shift_theory |" in md  # the three side by side
+    assert "## The noise floor" in md and "## The mechanism: three predictions vs the measurement" in md
+    # The three predictions side by side, each named for what it is; "theory" alone names none of them.
+    assert "| frozen (measured) | closed form | local identity | propagation |" in md
+    assert "| closed form vs paper | local identity vs paper | propagation vs paper | diluted before BN |" in md
     assert "Warning: noise floor" in md and "figures/decomposition.png" in md
     assert (tmp_path / "rep_new" / "figures" / "decomposition.pdf").stat().st_size > 0
     assert "rho = 0)" not in md  # the rho = 0 closed form is gone once the mechanism is measured
