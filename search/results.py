@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 __all__ = ["LayerShift", "TrialResult", "STATUSES", "Status", "noise_floor", "FLOOR_LIMIT"]
 
@@ -82,6 +82,20 @@ class TrialResult:
     probe_time_s: float = float("nan")
     params: int = 0
     epochs_completed: int = 0
+    # D = d cos^2(theta) read from the weights (no data; docs/theory.md, "D over training"): the mean over BN
+    # layers of their feeding weight layer's mean D_j (LayerShift.d_cos2), at initialisation and after the last
+    # completed epoch. `d_cos2_*`: the dropout-fed BN layers (NaN when dropout feeds none: placements none,
+    # head); `d_cos2_all_*`: every BN layer with a feeding weight layer. Per epoch: history's `d_cos2`, `d_cos2_all`.
+    d_cos2_init: float = float("nan")
+    d_cos2_final: float = float("nan")
+    d_cos2_all_init: float = float("nan")
+    d_cos2_all_final: float = float("nan")
+    # Images each stage used (None: the stage did not run). The probes take whole batches, so n_probe is
+    # probe_samples rounded up to a batch (capped at n_train); the mechanism sees every 8th of those batches.
+    n_train: int | None = None  # training images (after the train_samples cap)
+    n_test: int | None = None  # test images evaluated: one image is 100 / n_test percentage points
+    n_probe: int | None = None  # training images the shift probes and the mechanism passed over
+    n_reest: int | None = None  # training images BN re-estimation used
     device: str = ""
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
     layers: list[LayerShift] = field(default_factory=list)
@@ -91,11 +105,36 @@ class TrialResult:
         "mean_shift", "max_shift", "mean_shift_fed", "mean_shift_reest", "shift_floor", "shift_floor_reest",
         "bn_unconverged", "throughput",
         "wall_time_s", "train_time_s", "probe_time_s", "params", "epochs_completed",
+        "d_cos2_init", "d_cos2_final", "d_cos2_all_init", "d_cos2_all_final", "n_train", "n_test", "n_probe", "n_reest",
     )
+    # Epoch keys kept whole as list columns of the trials dataset (`<key>_by_epoch`, `series`): value 0 is
+    # `<key>_init`, value e the history's after epoch e.
+    SERIES_KEYS = ("d_cos2", "d_cos2_all")
 
     def __post_init__(self) -> None:
         flag = self.bn_unconverged  # MLflow gives the flag back as 0.0 / 1.0 (NaN: never computed)
         self.bn_unconverged = bool(flag) and flag == flag
+        for k in ("n_train", "n_test", "n_probe", "n_reest"):  # MLflow gives counts back as floats
+            v = getattr(self, k)
+            setattr(self, k, int(v) if isinstance(v, (int, float)) and math.isfinite(v) else None)
+
+    def series(self, key: str) -> list[float] | None:
+        """`key`'s value at initialisation, then after each epoch (a SERIES_KEYS key); None when all NaN."""
+        values = [float(getattr(self, f"{key}_init"))] + [float(h.get(key, math.nan)) for h in self.history]
+        return values if any(v == v for v in values) else None
+
+    def restore_series(self, history_of: Callable[[str], dict[int, float]]) -> None:
+        """Put the SERIES_KEYS back into an empty `history` from per-epoch series (step = epoch: MLflow's).
+
+        `history_of(key)` gives {epoch: value}; only keys whose `_init` is recorded are asked for (a run
+        logged before D was tracked costs no query). Epochs a series lacks (NaN is never logged) stay NaN.
+        """
+        if self.history:
+            return
+        got = {k: history_of(k) for k in self.SERIES_KEYS if math.isfinite(getattr(self, f"{k}_init"))}
+        last = int(max([self.epochs_completed, *(max(s) for s in got.values() if s)]))
+        self.history = [{"epoch": float(e), **{k: float(s.get(e, math.nan)) for k, s in got.items()}}
+                        for e in range(1, last + 1)] if got else []
 
     def summary(self) -> dict[str, float]:
         """The numeric summary metrics as a flat dict."""

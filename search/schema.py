@@ -15,13 +15,18 @@ from search.config import TrialConfig
 from search.results import LayerShift, TrialResult
 
 __all__ = ["TRIALS_SCHEMA", "LAYERS_SCHEMA", "LAYER_CONFIG_COLUMNS", "OPTIONAL_TRIAL_COLUMNS", "OPTIONAL_LAYER_COLUMNS",
-           "trial_row", "layer_rows"]
+           "trial_row", "layer_rows", "series_column"]
 
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
 
 
 def _arrow_type(type_text: str) -> pa.DataType:
     return _ARROW[str(type_text).replace(" | None", "")]
+
+
+def series_column(key: str) -> str:
+    """The trials column holding the per-epoch series `key` (a TrialResult.SERIES_KEYS key): `<key>_by_epoch`."""
+    return f"{key}_by_epoch"
 
 
 ID_FIELDS = [
@@ -34,17 +39,17 @@ ID_FIELDS = [
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
 ]
 CONFIG_FIELDS = [pa.field(f.name, _arrow_type(f.type)) for f in dataclasses.fields(TrialConfig)]
-METRIC_FIELDS = [
-    pa.field(k, pa.int64() if k in ("params", "epochs_completed") else pa.bool_() if k == "bn_unconverged"
-             else pa.float64())
-    for k in TrialResult.SUMMARY_KEYS
-]
+# Types from TrialResult's annotations (float, int, bool; `int | None` for counts a stage may not have made).
+_RESULT_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrialResult)}
+METRIC_FIELDS = [pa.field(k, _arrow_type(_RESULT_TYPES[k])) for k in TrialResult.SUMMARY_KEYS]
+# Per-epoch series kept whole (TrialResult.SERIES_KEYS): value 0 at initialisation, value e after epoch e.
+SERIES_FIELDS = [pa.field(series_column(k), pa.list_(pa.float64())) for k in TrialResult.SERIES_KEYS]
 # `ran_on` is where the trial ran (e.g. cuda:0); `device` is what the config asked for.
 # The code that produced the row (search.code_version): `code_version` is the label reuse compares.
 CODE_FIELDS = [pa.field("code_version", pa.string()), pa.field("code_commit", pa.string()),
                pa.field("code_dirty", pa.bool_())]
-TRIALS_SCHEMA = pa.schema(ID_FIELDS + CONFIG_FIELDS + METRIC_FIELDS + [pa.field("ran_on", pa.string())]
-                          + CODE_FIELDS)
+TRIALS_SCHEMA = pa.schema(ID_FIELDS + CONFIG_FIELDS + METRIC_FIELDS + SERIES_FIELDS
+                          + [pa.field("ran_on", pa.string())] + CODE_FIELDS)
 
 
 # Config columns repeated on every layer row so analysis groups without a join.
@@ -69,6 +74,7 @@ def trial_row(cfg: TrialConfig, result: TrialResult, *, run_id: str, space: str,
                                status=result.status, error=result.error, finished_at=finished_at)
     row.update(cfg.to_dict())
     row.update(result.summary())
+    row.update({series_column(k): result.series(k) for k in TrialResult.SERIES_KEYS})
     row["ran_on"] = result.device
     if code is None:
         from search.code_version import code_version

@@ -64,7 +64,8 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke: tuple[Path, subprocess.
     assert r.data.params["train_samples"] == "128" and r.data.tags["space"] == "smoke"
     assert r.data.tags["profile"] == "quick" and len(r.data.tags["config_hash"]) == 16
     assert r.data.tags["version.torch"] and r.data.tags["version.timm"]
-    for key in ("test_acc", "test_acc_reest", "mean_shift", "max_shift", "throughput", "num_params"):
+    for key in ("test_acc", "test_acc_reest", "mean_shift", "max_shift", "throughput", "num_params",
+                "n_train", "n_test", "n_probe", "n_reest", "d_cos2_all_init", "d_cos2_all_final"):
         assert key in r.data.metrics
     from mlflow.tracking import MlflowClient
 
@@ -105,6 +106,12 @@ def test_smoke_sweep_writes_parquet_datasets(smoke: tuple[Path, subprocess.Compl
     assert len(list((cwd / "results" / "smoke" / "trials").glob("*.parquet"))) == 1  # compacted
     fed = [x for x in layers.to_pylist() if x["fed_by_dropout"]]
     assert fed and all(x["dropout_placement"] in ("pre_bn", "pre_conv") for x in fed)
+    # What each stage used (probe_samples None: the whole training set) and D at initialisation and after epoch 1.
+    for row in trials.to_pylist():
+        assert (row["n_train"], row["n_test"], row["n_probe"], row["n_reest"]) == (128, 359, 128, 128)
+        assert row["d_cos2_all_by_epoch"] == [row["d_cos2_all_init"], row["d_cos2_all_final"]]
+        fed_here = row["dropout_placement"] in ("pre_bn", "pre_conv")
+        assert (row["d_cos2_by_epoch"] is not None) == fed_here, row["dropout_placement"]
 
 
 def test_rerun_reuses_finished_trials(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:

@@ -46,7 +46,8 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from search.trial.dropout.module import VarianceDropout
 
-__all__ = ["NoisePropagator", "BNNoise", "trace_graph", "site_noise_var", "frozen_pass", "FROZEN_SEED"]
+__all__ = ["NoisePropagator", "BNNoise", "trace_graph", "site_noise_var", "frozen_pass", "FROZEN_SEED", "d_cos2",
+           "layer_d_cos2"]
 
 RELU_RULE = "gaussian"  # 'gaussian' (rectified-Gaussian variance) or 'mask' (first order); docs/theory.md
 FROZEN_SEED = 20190601  # the dropout draws of the frozen measurement (reproducible, independent of training)
@@ -345,3 +346,15 @@ def d_cos2(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         d = torch.where(sq > 0, w.sum(1) ** 2 / sq.clamp_min(1e-300), torch.full_like(sq, math.nan))
     return sq, d
+
+
+@torch.no_grad()
+def layer_d_cos2(weights: Iterable[torch.Tensor]) -> list[float]:
+    """Per weight tensor, the mean over its output units of D_j (`d_cos2`; units with a zero weight vector
+    skipped, NaN when all are): the probe's `d_cos2` column, read from the weights alone (no data).
+
+    One host-device transfer for all of them; nothing is captured or synchronised before it, so it runs
+    between CUDA-graph replays (search.trial.train calls it after every epoch).
+    """
+    means = [torch.nanmean(d_cos2(w)[1]) for w in weights]
+    return torch.stack(means).tolist() if means else []

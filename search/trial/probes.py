@@ -29,7 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from search.trial.dropout.module import VarianceDropout
 from search.results import LayerShift
 
-__all__ = ["measure_variance_shift", "reestimate_bn", "is_active_dropout"]
+__all__ = ["measure_variance_shift", "reestimate_bn", "is_active_dropout", "feeding_weights"]
 
 
 def is_active_dropout(module: nn.Module) -> bool:
@@ -171,6 +171,32 @@ def _feeding(weight: nn.Module | None) -> tuple[int | None, float]:
         return None, math.nan  # a transposed conv's fan-in depends on the output position
     w = weight.weight
     return int(w[0].numel()), _cos2(w)
+
+
+def _reads_d_cos2(weight: nn.Module | None) -> bool:
+    """A feeding weight layer the probe reads `d_cos2` from: a conv or linear with a weight, not transposed."""
+    return weight is not None and getattr(weight, "weight", None) is not None and \
+        not (isinstance(weight, _ConvNd) and weight.transposed)
+
+
+@torch.no_grad()
+def feeding_weights(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, bool]]:
+    """(weight layer, fed_by_dropout) for every BN layer with a feeding weight layer the probe reads `d_cos2`
+    from, in execution order: the layers of LayerShift.d_cos2, found as measure_variance_shift finds them.
+
+    One eval-mode forward of `example` (structure only: zeros of one input's shape will do); every
+    module's train/eval mode is restored and no random number is drawn. A weight layer feeding two BN
+    layers is listed twice, so a mean over the list is the mean of the BN layers' `d_cos2`.
+    """
+    trace = _Trace(model)
+    modes = _modes(model)
+    try:
+        model.eval()
+        model(example)
+    finally:
+        trace.stop()
+        _restore(modes)
+    return [(s.weight, s.fed_by_dropout) for s in (trace.sites[bn] for bn in trace.order) if _reads_d_cos2(s.weight)]
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -360,8 +386,7 @@ def _mechanism_fields(rec: LayerShift, mech: _Mechanism, bn: nn.Module, site: _S
     from search.trial.mechanism import d_cos2
 
     ev = mech.bn_eval[bn].variance()
-    if site.weight is not None and getattr(site.weight, "weight", None) is not None and \
-            not (isinstance(site.weight, _ConvNd) and site.weight.transposed):
+    if _reads_d_cos2(site.weight):
         sq, dj = d_cos2(site.weight.weight)
         rec.d_cos2 = float(dj[torch.isfinite(dj)].mean()) if bool(torch.isfinite(dj).any()) else math.nan
         if site.fed_by_dropout and site.weight in mech.w_in:

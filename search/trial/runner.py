@@ -49,7 +49,8 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
     seed_everything(cfg.seed)
     data = load_data(cfg, device)
     model = build_model(cfg, num_classes=data.num_classes).to(device)
-    result = TrialResult(params=sum(p.numel() for p in model.parameters()), device=str(device))
+    result = TrialResult(params=sum(p.numel() for p in model.parameters()), device=str(device),
+                         n_train=data.n_train)
 
     outcome = train(model, data, cfg, device, on_epoch=report)
     result.status = outcome.status
@@ -57,20 +58,27 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
     result.epochs_completed = outcome.epochs_completed
     result.train_loss, result.train_acc = outcome.train_loss, outcome.train_acc
     result.train_time_s, result.throughput = outcome.train_time_s, outcome.throughput
+    result.d_cos2_init = outcome.weights_init.get("d_cos2", math.nan)
+    result.d_cos2_all_init = outcome.weights_init.get("d_cos2_all", math.nan)
     if outcome.history:
         last = outcome.history[-1]
         result.test_loss, result.test_acc = last["test_loss"], last["test_acc"]
+        result.n_test = data.n_test  # the per-epoch evaluation's: the whole test set
+        result.d_cos2_final, result.d_cos2_all_final = last["d_cos2"], last["d_cos2_all"]
 
     if outcome.status == "ok":
         amp = cfg.amp and device.type == "cuda"
         t_probe = time.perf_counter()
-        # The paper's protocol: training data, eval mode, dropout off.
+        # The paper's protocol: training data, eval mode, dropout off (probe_samples None: all of it).
         probe_data = _first(data.train_eval, cfg.probe_samples)
         result.layers = measure_variance_shift(model, probe_data, device)
+        result.n_probe = probe_data.seen
         if not outcome.history:  # no per-epoch eval happened
             result.test_loss, result.test_acc = evaluate(model, data.test, device, amp=amp)
         reestimate_bn(model, probe_data, device)
+        result.n_reest = probe_data.seen
         result.test_loss_reest, result.test_acc_reest = evaluate(model, data.test, device, amp=amp)
+        result.n_test = data.n_test
         after = measure_variance_shift(model, probe_data, device, mechanism=False)
         result.probe_time_s = time.perf_counter() - t_probe
         _summarise_shift(result, after)
@@ -81,17 +89,20 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
 
 
 class _first:
-    """The leading batches of a loader holding at least `n` images (all of it when n is None)."""
+    """The leading batches of a loader holding at least `n` images (all of it when n is None).
+
+    `seen`: the images the last pass over it yielded (whole batches: n rounded up to a batch).
+    """
 
     def __init__(self, loader: Any, n: int | None) -> None:
-        self.loader, self.n = loader, n
+        self.loader, self.n, self.seen = loader, n, 0
 
     def __iter__(self):  # noqa: ANN204
-        seen = 0
+        self.seen = 0
         for x, y in self.loader:
-            if self.n is not None and seen >= self.n:
+            if self.n is not None and self.seen >= self.n:
                 return
-            seen += len(x)
+            self.seen += len(x)
             yield x, y
 
 
@@ -152,6 +163,10 @@ def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str
         f"fed-by-dropout mean {r.mean_shift_fed:.4f}  after re-est. {r.mean_shift_reest:.4f}",
         f"  throughput        {r.throughput:,.0f} img/s   train {r.train_time_s:.1f}s  "
         f"probes {r.probe_time_s:.1f}s  wall {r.wall_time_s:.1f}s",
+        f"  images            train {_count(r.n_train)}  test {_count(r.n_test)}  probes {_count(r.n_probe)}  "
+        f"BN re-est. {_count(r.n_reest)}",
+        f"  d cos^2 (D)       fed-by-dropout {r.d_cos2_init:.3f} -> {r.d_cos2_final:.3f}   "
+        f"all BN {r.d_cos2_all_init:.3f} -> {r.d_cos2_all_final:.3f}   (initialisation -> last epoch)",
     ]
     if layers and r.layers:
         lines.append(f"  {'idx':>3} {'layer':<34} {'ch':>5} {'d':>6} {'drop':>4} {'moving':>9} {'real':>9} "
@@ -162,6 +177,10 @@ def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str
                 f"{'yes' if x.fed_by_dropout else '':>4} {x.moving_var:>9.4g} {x.real_var:>9.4g} "
                 f"{x.shift:>7.4f} {x.shift_channelwise:>7.4f}")
     return "\n".join(lines)
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
 
 
 def main(argv: list[str] | None = None) -> int:

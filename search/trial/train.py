@@ -15,6 +15,10 @@ Choices, documented once here:
   a ragged last training batch padded by wrap-around to the batch size (same
   step count and schedule as eager; those few images count twice in images_seen
   and the epoch's train loss). On CPU the knob changes nothing.
+- D = d cos^2(theta) (docs/theory.md, "D over training") is read from the weights at
+  initialisation and after every epoch (`d_cos2`, `d_cos2_all`: means over the BN layers
+  fed by dropout / over every BN layer with a feeding weight layer): no data, a few ms,
+  outside any captured region (after the epoch's steps have synchronised).
 - A NaN/inf loss ends the trial with status 'diverged' (a result, not an error).
   The check reads the accumulated loss once every CHECK_EVERY steps and at
   epoch end, so the GPU is not synchronised every step.
@@ -35,10 +39,13 @@ from torch import nn
 from search.config import TrialConfig
 from search.trial.graphs import GraphedEval, GraphedTrainStep, static_batches, use_graphs
 
-__all__ = ["TrainOutcome", "train", "evaluate", "seed_everything", "lr_at", "CHECK_EVERY"]
+__all__ = ["TrainOutcome", "train", "evaluate", "seed_everything", "lr_at", "weight_stats", "CHECK_EVERY",
+           "EPOCH_KEYS", "WEIGHT_KEYS"]
 
 CHECK_EVERY = 32  # steps between divergence checks (each is one host-device sync)
-EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "throughput")
+EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "throughput",
+              "d_cos2", "d_cos2_all")
+WEIGHT_KEYS = ("d_cos2", "d_cos2_all")  # the epoch keys read from the weights (`weight_stats`)
 
 
 @dataclass
@@ -53,6 +60,7 @@ class TrainOutcome:
     train_time_s: float = 0.0  # training steps only; evaluation excluded
     images_seen: int = 0
     throughput: float = float("nan")  # images_seen / train_time_s
+    weights_init: dict[str, float] = field(default_factory=dict)  # WEIGHT_KEYS at initialisation (epoch 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -86,6 +94,22 @@ def _optimizer(model: nn.Module, cfg: TrialConfig, lr: torch.Tensor | None = Non
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                fused=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def weight_stats(sites: list[tuple[nn.Module, bool]]) -> dict[str, float]:
+    """WEIGHT_KEYS from the weights now: the mean of the BN layers' `d_cos2` over those fed by dropout
+    (`d_cos2`) and over all of them (`d_cos2_all`); NaN (math.nan itself) where there is none.
+
+    `sites` is search.trial.probes.feeding_weights(model, ...). One host-device transfer.
+    """
+    from search.trial.mechanism import layer_d_cos2
+
+    values = layer_d_cos2([m.weight for m, _ in sites])
+    fed = [v for v, (_, f) in zip(values, sites) if f and math.isfinite(v)]
+    every = [v for v in values if math.isfinite(v)]
+    # math.nan itself, not a fresh NaN: histories of two runs then compare equal (identity before ==).
+    return {"d_cos2": sum(fed) / len(fed) if fed else math.nan,
+            "d_cos2_all": sum(every) / len(every) if every else math.nan}
 
 
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
@@ -125,17 +149,24 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
 
     After each epoch the test set is evaluated and `on_epoch` gets a dict with
     EPOCH_KEYS as plain floats (epoch is 1-based; lr is the last step's; epoch_time_s
-    and throughput cover the training steps only).
+    and throughput cover the training steps only; d_cos2 and d_cos2_all are read from the
+    weights after the epoch, `weight_stats`). Their values at initialisation are in
+    the outcome's `weights_init`.
 
     Returns:
         TrainOutcome; status 'diverged' (no exception) when the loss turned NaN/inf.
     """
+    from search.trial.probes import feeding_weights
+
     device = torch.device(device)
     cuda = device.type == "cuda"
+    model.to(device)
+    # The weight layers feeding BN layers, found once (one eval forward of zeros, no random numbers drawn),
+    # before channels_last, compile or graph capture; D at initialisation is read from them now.
+    sites = feeding_weights(model, torch.zeros(2, data.in_chans, data.image_size, data.image_size, device=device))
     # Dropout noise is drawn from the global RNG; reseed it from (seed, 'train') so it does not
     # depend on how many numbers building the model consumed. Data order has its own generator.
     seed_everything(cfg.seed * 7919 + 1)
-    model.to(device)
     if cuda:
         torch.backends.cudnn.benchmark = True  # batch shapes are fixed, so autotuning pays off after step 1
     if cuda and cfg.channels_last:
@@ -156,7 +187,7 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         graph_step = GraphedTrainStep(net, opt, lr_t, label_smoothing=cfg.label_smoothing, amp=cfg.amp,
                                       strict=cfg.cuda_graphs == "on")
         graph_eval = GraphedEval(net, device, amp=cfg.amp)
-    out = TrainOutcome(status="ok", epochs_completed=0)
+    out = TrainOutcome(status="ok", epochs_completed=0, weights_init=weight_stats(sites))
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         if hasattr(data.train, "set_epoch"):
@@ -204,7 +235,8 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         else:
             test_loss, test_acc = evaluate(net, data.test, device, amp=cfg.amp)
         row = dict(epoch=epoch, train_loss=out.train_loss, train_acc=out.train_acc, test_loss=test_loss,
-                   test_acc=test_acc, lr=lr, epoch_time_s=dt, throughput=n / dt if dt > 0 else float("nan"))
+                   test_acc=test_acc, lr=lr, epoch_time_s=dt, throughput=n / dt if dt > 0 else float("nan"),
+                   **weight_stats(sites))  # after the epoch's steps and evaluation: outside any capture
         row = {k: float(v) for k, v in row.items()}
         out.history.append(row)
         out.epochs_completed = epoch
