@@ -403,6 +403,8 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
         result = TrialResult(status=tags.get("status", "failed"), error=tags.get("error"), device=tags.get("device", ""),
                              **{k: m[k] for k in TrialResult.SUMMARY_KEYS if k in m})
         result.params, result.epochs_completed = int(result.params), int(result.epochs_completed)
+        # The series kept whole in Parquet (d_cos2_by_epoch, ...): from the runs' epoch series
+        result.restore_series(lambda k, r=run.info.run_id: {h.step: h.value for h in client.get_metric_history(r, k)})
         end = dt.datetime.fromtimestamp((run.info.end_time or run.info.start_time) / 1000, dt.timezone.utc)
         trial_rows.append(trial_row(cfg, result, run_id=run.info.run_id, space=space,
                                     profile=tags.get("profile", ""), finished_at=end,
