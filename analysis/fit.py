@@ -8,6 +8,7 @@ accuracy, a percentile bootstrap over trials (clusters of layers) for slopes.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -119,15 +120,17 @@ def accuracy_step(trials: pa.Table) -> tuple[float, str]:
         if n.size:
             return 1.0 / float(n.max()), ("n_test = " + ", ".join(f"{v:.0f}" for v in n))
     acc = np.unique(pc.fill_null(trials.column("test_acc"), math.nan).to_numpy(zero_copy_only=False))
-    acc = acc[np.isfinite(acc)]
-    gaps = np.diff(acc)
-    gaps = gaps[gaps > 1e-9]
-    if gaps.size == 0:
+    acc = acc[np.isfinite(acc) & (acc > 0) & (acc < 1)]
+    if acc.size == 0:
         return math.nan, ""
-    big = int(round(1.0 / gaps.min()))
-    for n_img in range(max(1, big - 2), big + 3):  # the smallest gap is one image (or near it)
-        if n_img > 0 and np.allclose(acc * n_img, np.round(acc * n_img), atol=1e-6):
-            return 1.0 / n_img, f"inferred: accuracies are multiples of 1/{n_img}"
+    # Each accuracy is k/N for the test set's N: the least common denominator of the reduced fractions.
+    n_img = 1
+    for x in acc[:200].tolist():
+        n_img = math.lcm(n_img, Fraction(x).limit_denominator(100_000).denominator)
+        if n_img > 1_000_000:
+            return math.nan, ""
+    if n_img > 1 and np.allclose(acc * n_img, np.round(acc * n_img), atol=1e-6 * n_img):
+        return 1.0 / n_img, f"inferred: accuracies are multiples of 1/{n_img}"
     return math.nan, ""
 
 

@@ -48,7 +48,7 @@ def test_legacy_results_report(legacy: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "smoke" in text
     # The old store predates the mechanism probe: its sections say which columns are missing.
     assert "predate the mechanism probe (columns missing: c_in, v_in, d_cos2, rho, shift_frozen" in text
-    assert "## The mechanism: theory vs measurement" in text and "columns missing:" in text.split("## The mechanism")[1]
+    assert "## The mechanism: three predictions vs the measurement" in text and "columns missing:" in text.split("## The mechanism")[1]
     assert "## The noise floor" in text
 
 
