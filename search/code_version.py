@@ -8,19 +8,33 @@ Torch-free and cheap: two or three `git` calls once per process (cached). Run fr
 the version is `git:<commit12>` or `git:<commit12>+dirty.<diff8>` where `diff8` hashes the
 uncommitted changes to tracked files and the untracked, not-ignored `.py` files; run from an
 installed package (no checkout), `pkg:<version>`.
+
+On a cluster the code reaches the nodes without `.git` (Ray leaves it out of a `--working-dir`
+upload, ray_cluster.yaml's rsync excludes it), so a node cannot compute the checkout's version
+itself. The driver's version travels instead: `DBN_CODE_VERSION` holds it as JSON
+(`CodeVersion.to_json`), the sweep's driver sets it in Ray's runtime environment for every
+worker, and `python -m search.code_version --runtime-env` prints it for `ray job submit
+--runtime-env-json` (docs/cluster.md). When set, it is this process's code version, in
+preference to git; a value that is not one is a one-line error.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+import re
 import subprocess
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, fields
 
-__all__ = ["CodeVersion", "code_version", "compute_code_version", "code_columns_from_tags", "PROJECT_ROOT"]
+__all__ = ["CodeVersion", "code_version", "compute_code_version", "code_columns_from_tags", "parse_code_version",
+           "ENV_VAR", "PROJECT_ROOT"]
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PACKAGE = "dropout-bn-ablate"
+# The driver's code version, as JSON of a CodeVersion, for processes whose copy of the code has no .git.
+ENV_VAR = "DBN_CODE_VERSION"
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,60 @@ class CodeVersion:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def to_json(self) -> str:
+        """The value of DBN_CODE_VERSION that makes another process record this version (`parse_code_version`)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+_HEX = re.compile(r"[0-9a-f]+")
+_LABEL = re.compile(r"git:(?P<commit>[0-9a-f]{12})(\+dirty\.(?P<diff>[0-9a-f]{8}))?|pkg:[\w.+!-]+")
+
+
+def parse_code_version(raw: str) -> CodeVersion:
+    """The CodeVersion a DBN_CODE_VERSION value holds (JSON of `CodeVersion.to_dict`), checked for consistency.
+
+    Raises:
+        ValueError: one line naming the variable, the value and what is wrong with it.
+    """
+    def bad(why: str) -> ValueError:
+        shown = raw if len(raw) <= 120 else raw[:117] + "..."
+        return ValueError(f"{ENV_VAR}={shown!r} is not a code version ({why}); it carries the driver's version to "
+                          "nodes without .git: unset it, or set it to the output of `python -m search.code_version`")
+
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        raise bad("not JSON") from None
+    if not isinstance(d, dict):
+        raise bad("not a JSON object")
+    names = {f.name for f in fields(CodeVersion)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    if "label" not in d:
+        raise bad("no label")
+    for k, x in d.items():
+        want = bool if k == "dirty" else str
+        if not isinstance(x, want):
+            raise bad(f"{k} must be a {want.__name__}, got {x!r}")
+    v = CodeVersion(**d)
+    m = _LABEL.fullmatch(v.label)
+    if not m:
+        raise bad(f"label {v.label!r} is neither git:<commit12>[+dirty.<diff8>] nor pkg:<version>")
+    if v.label.startswith("pkg:"):
+        if v.commit or v.dirty or v.diff_hash:
+            raise bad("a pkg: label has no commit, dirty flag or diff hash")
+        return v
+    if len(v.commit) not in (40, 64) or not _HEX.fullmatch(v.commit) or not v.commit.startswith(m["commit"]):
+        raise bad(f"commit {v.commit!r} is not the full hex commit of label {v.label!r}")
+    if v.dirty != bool(m["diff"]):
+        raise bad(f"dirty={v.dirty} contradicts label {v.label!r}")
+    if v.dirty and not (len(v.diff_hash) == 16 and _HEX.fullmatch(v.diff_hash) and v.diff_hash.startswith(m["diff"])):
+        raise bad(f"diff_hash {v.diff_hash!r} is not the 16 hex chars of label {v.label!r}")
+    if not v.dirty and v.diff_hash:
+        raise bad("a clean version has no diff_hash")
+    return v
 
 
 def _git(root: str, *args: str) -> bytes | None:
@@ -109,7 +177,14 @@ def compute_code_version(root: str = PROJECT_ROOT) -> CodeVersion:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> CodeVersion:
-    """This project's code version, computed once per process."""
+    """This project's code version, once per process: DBN_CODE_VERSION when set (the driver's), else the checkout's.
+
+    Raises:
+        ValueError: DBN_CODE_VERSION is set to something that is not a code version (`parse_code_version`).
+    """
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if raw:
+        return parse_code_version(raw)
     return compute_code_version(PROJECT_ROOT)
 
 
@@ -120,3 +195,26 @@ def code_columns_from_tags(tags: dict[str, str]) -> dict[str, object]:
     dirty = tags.get("code.dirty")
     return {"code_version": label, "code_commit": commit,
             "code_dirty": None if commit is None or dirty is None else dirty == "true"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print this code's version as the JSON value of DBN_CODE_VERSION (`--runtime-env`: as the runtime
+    environment `ray job submit --runtime-env-json` takes, docs/cluster.md); returns the exit code."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m search.code_version",
+                                description="this code's version, as DBN_CODE_VERSION's JSON value")
+    p.add_argument("--runtime-env", action="store_true",
+                   help='print {"env_vars": {"DBN_CODE_VERSION": ...}} for ray job submit --runtime-env-json')
+    args = p.parse_args(argv)
+    try:
+        v = code_version()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"env_vars": {ENV_VAR: v.to_json()}}) if args.runtime_env else v.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

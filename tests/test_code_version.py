@@ -3,6 +3,10 @@
 The fast tests build small git repositories in a temporary folder. The slow one copies the
 project into a fresh repository, sweeps, commits a change and sweeps again: a committed code
 change trains again by default, `--reuse any` reuses, and the study reports mixed versions.
+
+Provenance on every node: a copy of the code without `.git` (what a cluster node gets) records
+the driver's version from DBN_CODE_VERSION, and a local Ray worker gets it from the driver's
+runtime environment.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from search.code_version import CodeVersion, code_columns_from_tags, code_version, compute_code_version
+from search.code_version import (ENV_VAR, CodeVersion, code_columns_from_tags, code_version, compute_code_version,
+                                 parse_code_version)
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -186,3 +191,172 @@ def test_a_committed_code_change_trains_again_unless_reuse_any(tmp_path: Path) -
     rows = ds.dataset(str(cwd / "results" / "smoke" / "trials"), format="parquet").to_table()
     assert set(rows.column("code_version").to_pylist()) == {first.label, second.label}
     assert set(rows.column("code_commit").to_pylist()) == {first.commit, second.commit}
+
+
+# --------------------------------------------------------------------------- the driver's version on every node
+def _ship_without_git(dst: Path) -> Path:
+    """The project's Python packages and pyproject, as a cluster node gets them: no .git anywhere above."""
+    dst.mkdir(parents=True)
+    for name in ("search", "spaces", "analysis"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "pyproject.toml", dst / "pyproject.toml")
+    assert subprocess.run(["git", "-C", str(dst), "rev-parse", "--show-toplevel"], capture_output=True).returncode != 0
+    return dst
+
+
+def _node_env(code: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBN_", "RAY_ADDRESS", "GIT_"))}
+    env.update(PYTHONPATH=str(code), RAY_USAGE_STATS_ENABLED="0", **extra)
+    return env
+
+
+_REPORT = ("import json, search.code_version as m; v = m.code_version(); "
+           "print(json.dumps([m.__file__, v.label, v.commit, v.dirty, v.diff_hash]))")
+
+
+def _driver_version() -> CodeVersion:
+    if not (ROOT / ".git").exists():
+        pytest.skip("the project is not a git checkout here: there is no git: version to carry")
+    v = compute_code_version(str(ROOT))
+    assert v.label.startswith("git:")
+    return v
+
+
+def test_a_copy_without_git_records_the_drivers_version_from_the_environment(tmp_path: Path) -> None:
+    import json
+
+    driver = _driver_version()
+    code = _ship_without_git(tmp_path / "node")
+    # Without the variable the node can only name the package: what a cluster recorded before.
+    out = subprocess.run([sys.executable, "-c", _REPORT], cwd=code, env=_node_env(code), capture_output=True,
+                         text=True, timeout=60, check=True)
+    where, label, commit, _, _ = json.loads(out.stdout)
+    assert Path(where).resolve().is_relative_to(code.resolve()), where  # the shipped copy ran, not the checkout
+    assert label.startswith("pkg:") and commit == ""
+    # With it, the driver's version, field for field.
+    out = subprocess.run([sys.executable, "-c", _REPORT], cwd=code, env=_node_env(code, **{ENV_VAR: driver.to_json()}),
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout)[1:] == [driver.label, driver.commit, driver.dirty, driver.diff_hash]
+
+
+def test_the_env_value_round_trips_and_wins_over_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    for v in (CodeVersion(label="git:0123456789ab", commit="0123456789ab" + "c" * 28, package_version="0.1.0"),
+              CodeVersion(label="git:0123456789ab+dirty.deadbeef", commit="0123456789ab" + "c" * 28, dirty=True,
+                          diff_hash="deadbeef00000000"),
+              CodeVersion(label="pkg:0.1.0", package_version="0.1.0")):
+        assert parse_code_version(v.to_json()) == v
+    v = CodeVersion(label="git:fedcba987654", commit="fedcba987654" + "0" * 28)
+    monkeypatch.setenv(ENV_VAR, v.to_json())
+    code_version.cache_clear()
+    try:
+        assert code_version() == v  # this checkout has .git, but the variable is the driver's word
+    finally:
+        monkeypatch.delenv(ENV_VAR)
+        code_version.cache_clear()
+
+
+_COMMIT = "0123456789ab" + "c" * 28
+
+
+@pytest.mark.parametrize("raw, why", [
+    ("git:0123456789ab", "not JSON"),
+    ('["git:0123456789ab"]', "not a JSON object"),
+    ('{"commit": "' + _COMMIT + '"}', "no label"),
+    ('{"label": "git:0123456789ab", "commit": "' + _COMMIT + '", "branch": "main"}', "unknown key(s) branch"),
+    ('{"label": "git:0123", "commit": "' + _COMMIT + '"}', "is neither git:<commit12>"),
+    ('{"label": "git:0123456789ab", "commit": "fedcba9876540000000000000000000000000000"}', "not the full hex commit"),
+    ('{"label": "git:0123456789ab", "commit": "' + _COMMIT + '", "dirty": "yes"}', "dirty must be a bool"),
+    ('{"label": "git:0123456789ab", "commit": "' + _COMMIT + '", "dirty": true}', "contradicts label"),
+    ('{"label": "git:0123456789ab+dirty.deadbeef", "commit": "' + _COMMIT + '", "dirty": true, "diff_hash": "x"}',
+     "is not the 16 hex chars"),
+    ('{"label": "pkg:0.1.0", "commit": "' + _COMMIT + '"}', "a pkg: label has no commit"),
+])
+def test_a_malformed_env_value_is_one_clear_error(raw: str, why: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_code_version(raw)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{ENV_VAR}=") and why in msg, msg
+    assert "python -m search.code_version" in msg  # what to set it to instead
+
+
+@pytest.mark.timeout(120)
+def test_a_malformed_env_value_is_refused_before_the_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """search.run: one line, exit 2, nothing written (the driver is never reached)."""
+    import search.sweep.driver
+    from search.sweep import cli
+
+    def late(*_a: object, **_k: object) -> None:
+        raise AssertionError("DBN_CODE_VERSION was not checked before the sweep driver")
+
+    monkeypatch.setattr(search.sweep.driver, "drive", late)
+    monkeypatch.setenv(ENV_VAR, '{"label": "git:nothex"}')
+    monkeypatch.chdir(tmp_path)
+    code_version.cache_clear()
+    try:
+        rc = cli.main(["--space", "smoke", "--num-cpus", "1"])
+    finally:
+        monkeypatch.delenv(ENV_VAR)
+        code_version.cache_clear()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {ENV_VAR}=") and "is neither" in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_m_search_code_version_prints_the_env_value_and_the_runtime_env() -> None:
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBN_")}
+    out = subprocess.run([sys.executable, "-m", "search.code_version"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert parse_code_version(out.strip()) == compute_code_version(str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "search.code_version", "--runtime-env"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    renv = json.loads(out)  # what `ray job submit --runtime-env-json` takes
+    assert list(renv) == ["env_vars"] and parse_code_version(renv["env_vars"][ENV_VAR]) == compute_code_version(str(ROOT))
+
+
+_WORKER = """
+import json, os
+from search.code_version import ENV_VAR, code_version
+
+driver = code_version()        # this driver's, from its environment (its copy has no .git either)
+del os.environ[ENV_VAR]        # so the worker can have it only from the runtime env the driver gives Ray
+from search.sweep.driver import init_ray
+init_ray(None, 1)
+import ray
+
+@ray.remote(num_cpus=1)
+def worker():
+    import search.code_version as m
+    return m.__file__, m.code_version().label
+
+where, label = ray.get(worker.remote(), timeout=120)
+print(json.dumps([driver.label, where, label]))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_ray_worker_records_the_drivers_version(tmp_path: Path) -> None:
+    import json
+
+    from _procs import reap
+
+    driver = _driver_version()
+    code = _ship_without_git(tmp_path / "node")
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER], cwd=code, start_new_session=True, text=True,
+                            env=_node_env(code, **{ENV_VAR: driver.to_json()}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reap(proc.pid)  # the local Ray's processes, by this session's id
+    assert proc.returncode == 0, err[-3000:]
+    driver_label, where, worker_label = json.loads(out.strip().splitlines()[-1])
+    assert Path(where).resolve().is_relative_to(code.resolve()), where
+    assert driver_label == worker_label == driver.label

@@ -247,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_table(configs)
             print(f"{len(configs)} trials ({args.space}, profile {args.profile}, algo {args.algo})")
             return EXIT_OK
+        from search.code_version import code_version
         from search.sweep.preflight import (check_address, check_resources, check_storage, check_tracking,
                                             check_trials)
 
+        code_version()  # recorded on every run; a malformed DBN_CODE_VERSION is refused here, before any write
         check_storage(args.storage)
         check_tracking(args.tracking_uri)
         check_address(args.address)

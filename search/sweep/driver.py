@@ -24,12 +24,13 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         return
     import ray._private.ray_constants as ray_constants
 
+    runtime_env = _runtime_env()
     if address:
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             # Ray rewrites a loopback address to the LAN IP; a loopback-only cluster is then unreachable.
             ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(address=address, log_to_driver=False, runtime_env=_plugin_env())
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address {address!r}: no Ray cluster reachable there "
                                   f"({str(e).splitlines()[0][:200]})") from None
@@ -40,14 +41,34 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a fresh local Ray, never a cluster someone else started on this machine.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             log_to_driver=False, configure_logging=False, runtime_env=_plugin_env())
+             log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
 
 
-def _plugin_env() -> dict[str, Any] | None:
-    """The runtime environment that loads the `--plugin`s in every Ray worker (search/plugins.py)."""
+def _runtime_env() -> dict[str, Any] | None:
+    """The runtime environment of every Ray worker: the `--plugin`s it loads (search/plugins.py) and this
+    driver's code version (DBN_CODE_VERSION, search/code_version.py), which a node's copy of the code,
+    shipped without .git, cannot compute itself."""
+    from search.code_version import ENV_VAR, code_version
     from search.plugins import runtime_env
 
-    return runtime_env() or None
+    env = dict(runtime_env())
+    # A job submitted with DBN_CODE_VERSION in its runtime env already gives it to this driver and every
+    # worker; Ray refuses a ray.init runtime env that sets one of the job's variables again.
+    if ENV_VAR not in _job_env_vars():
+        env["env_vars"] = {**env.get("env_vars", {}), ENV_VAR: code_version().to_json()}
+    return env or None
+
+
+def _job_env_vars() -> dict[str, Any]:
+    """The env_vars of the runtime env this driver's Ray job was submitted with (`ray job submit`), else {}."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for a submitted job's driver
+    try:
+        env_vars = ((json.loads(raw) if raw else {}).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return env_vars if isinstance(env_vars, dict) else {}
 
 
 def resolve_auto_gpus(configs: list[dict[str, Any]]) -> float:
