@@ -282,7 +282,10 @@ def _summary(tracker: Tracker, hashes: set[str] | None, args: argparse.Namespace
                 print("  " + "  ".join(f"{_fmt(r[c]):>17}" for c in cols))
     store = tracker.store
     print(f"\nresults:  {store.path('trials')}  and  {store.path('layers')}  (Parquet)")
-    print(f"tracking: {args.tracking_uri}   view: mlflow ui --backend-store-uri {args.tracking_uri}")
+    # A tracking server is its own UI; a sqlite store is viewed with `mlflow ui`.
+    view = (args.tracking_uri if args.tracking_uri.startswith(("http://", "https://"))
+            else f"mlflow ui --backend-store-uri {args.tracking_uri}")
+    print(f"tracking: {args.tracking_uri}   view: {view}")
     print(f"report:   python -m analysis.report --space {args.space}")
     if args.algo == "optuna":
         from search.sweep.tune import optuna_db_path

@@ -84,6 +84,9 @@ def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     _quiet_migrations()
+    # A tracking server's client prints "View run ... at: URL" to stdout on every run it ends (one more
+    # request each, and lines through the live display); the sweep says where its runs are once, at the end.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri[len("sqlite:///"):])
     try:
@@ -309,7 +312,9 @@ class Tracker:
         if uri:  # one copy of the folder, no run lookup (a trial's run is ours since start)
             from mlflow.artifacts import get_artifact_repository
 
-            get_artifact_repository(uri).log_artifacts(folder)
+            # The tracking URI of this store, not MLflow's process-wide one: a server's `mlflow-artifacts:`
+            # URIs resolve against it (MlflowClient does the same for its own artifact calls).
+            get_artifact_repository(uri, tracking_uri=self.tracking_uri).log_artifacts(folder)
         else:
             self.client.log_artifacts(run_id, folder)
 
@@ -381,7 +386,6 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
     """
     import dataclasses
 
-    import mlflow
     import pyarrow as pa
     import pyarrow.fs as pafs
 
@@ -412,8 +416,8 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
         names = [a.path for a in client.list_artifacts(run.info.run_id)]
         if _LAYERS_ARTIFACT in names:
             with tempfile.TemporaryDirectory() as d:
-                local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=_LAYERS_ARTIFACT,
-                                                            dst_path=d, tracking_uri=tracking_uri)
+                # Through the client bound to `tracking_uri` (a server's mlflow-artifacts: URIs resolve against it)
+                local = client.download_artifacts(run.info.run_id, _LAYERS_ARTIFACT, dst_path=d)
                 # read_parts: an artifact from before a column was added still conforms (nulls)
                 layer_tables.append(read_parts(pafs.LocalFileSystem(), [(local, 0.0)], LAYERS_SCHEMA))
     trials = pa.Table.from_pylist(trial_rows, schema=TRIALS_SCHEMA)
