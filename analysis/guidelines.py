@@ -18,6 +18,7 @@ from scipy import stats
 from .fit import (MIN_UNITS, Correlation, CostCell, CriticalWidth, ReestRow, ShiftFit, accuracy_cost,
                   bn_reestimation, holm, shift_vs_dim)
 from .load import EXPERIMENT_FIELDS, Study, context_fields, group_codes, varying
+from .dcos2 import DRow, DWidth, d_rows, d_width
 from .width import WidthEffect, width_effects
 from .mechanism import (MechanismRow, NoiseFloor, WidthMechanism, mechanism_rows, missing_columns, noise_floor,
                         width_mechanism)
@@ -122,6 +123,9 @@ class Analysis:
     mechanism_missing: list[str] = field(default_factory=list)  # columns older results lack
     # Width where it is identified: the same BN position across widths, paired by seed (analysis.width).
     width_effects: list[WidthEffect] = field(default_factory=list)
+    # D = d cos^2 at initialisation and after training, and its width exponent (analysis.dcos2).
+    d_cos2: list[DRow] = field(default_factory=list)
+    d_cos2_width: list[DWidth] = field(default_factory=list)
     n_flagged: int = 0  # ok trials left out of every fit: BN running statistics not converged
     all_flagged: bool = False  # every ok trial is flagged: fits use them, but no guideline is drawn
 
@@ -168,6 +172,7 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
         out.width_mechanism = width_mechanism(ok, n_boot=n_boot, seed=seed, level=level)
     placements = set(ok.trials.column("dropout_placement").to_pylist())
     out.width_effects = width_effects(ok, level=level)
+    out.d_cos2, out.d_cos2_width = d_rows(ok, level), d_width(ok, level)
     out.shift_fits = shift_vs_dim(ok, n_boot=n_boot, seed=seed, level=level)
     if not out.shift_fits:
         out.notes.append("no BN layer fed by dropout with a known fan-in: shift vs d not fitted")

@@ -23,12 +23,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .fit import MIN_UNITS, accuracy_step
 from .guidelines import Analysis, Guideline, analyse, fmt_width, guidelines
 from .load import DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, varying
 
 __all__ = ["Table", "build_tables", "select_profile", "write_report", "main", "PAPER_REFERENCE"]
 
 NA = "n/a"
+# The paper, as the report cites it wherever it quotes it (there is no PAPER.md in what ships).
+PAPER_CITATION = ('Li, Chen, Hu and Yang, "Understanding the Disharmony between Dropout and Batch Normalization by '
+                  'Variance Shift", CVPR 2019 (arXiv:1801.05134)')
+PAPER_NOTE = (f"Numbers marked PAPER are those of {PAPER_CITATION}, quoted from secondary summaries of the paper; "
+              "they are targets to compare against, not this study's results.")
 # The paper's numbers (PAPER.md); they come from secondary summaries of the paper, not its PDF.
 # `match` selects our comparable ok trials; `metric` says what of ours sits beside the number.
 PAPER_REFERENCE: list[dict[str, Any]] = [
@@ -123,15 +129,23 @@ def build_tables(a: Analysis, full: Study) -> list[Table]:
                       if f.note)
     tabs.append(t)
     ctxh = list(a.context)
+    step, step_src = accuracy_step(a.study.trials)
+    grain = (f" One test image is {100 * step:.2f} pp of accuracy ({step_src}): every accuracy and cost moves in "
+             "steps of that size." if math.isfinite(step) else "")
     t = Table("cost", "Accuracy cost of dropout vs no dropout (placement none) at each width",
               ctxh + ["type", "placement", "rate / beta", "width", "n", "acc (%)", "acc none (%)", "cost (pp)",
-                      f"cost {lvl}", "p (Holm)", "method", "hurts"],
-              note=f"hurts: cost <= -{100 * a.tol:.1f} pp and Holm-adjusted p < {1 - a.level:.2g} over all cells "
-                   "(n = 1: on the point). paired: over common seeds; welch: unpaired.")
+                      f"cost {lvl}", "p (Holm)", "method", "detectable (pp)", "hurts"],
+              note=f"n: seeds (pairs when paired). method: paired t over seeds; paired sign-flip (every pair equal: "
+                   f"the exact test over the 2^n sign assignments, no interval); not testable below {MIN_UNITS} seeds "
+                   f"(the point only); welch: unpaired. detectable: the smallest |cost| the cell's test finds with 80% "
+                   f"power at its n and spread, so a cell that does not hurt says how large a cost it could have "
+                   f"missed. hurts: cost <= -{100 * a.tol:.1f} pp and Holm-adjusted p < {1 - a.level:.2g} over the "
+                   "tested cells; 'point' marks an untested cell decided on its point alone." + grain)
     for c in a.costs:
+        hurts = ("yes" if c.tested else "point") if c.harm else "no"
         t.rows.append(_ctx(a, c.context) + [c.dropout_type, c.dropout_placement, f"{c.dropout_rate:g}",
                       fmt_width(c.width), str(c.n), _f(c.acc, 2, 100), _f(c.acc_none, 2, 100), _f(c.cost, 2, 100, True),
-                      _ci(c.ci_low, c.ci_high, 2, 100), _p(c.p_adj), c.method, "yes" if c.harm else "no"])
+                      _ci(c.ci_low, c.ci_high, 2, 100), _p(c.p_adj), c.method, _f(c.mde, 2, 100), hurts])
     tabs.append(t)
     t = Table("critical", "Smallest width from which on dropout does not hurt accuracy",
               ctxh + ["type", "placement", "rate / beta", "widths tested", "critical width", "cost there (pp)", lvl,
@@ -142,15 +156,17 @@ def build_tables(a: Analysis, full: Study) -> list[Table]:
                       ", ".join(fmt_width(w) for w in cw.widths),
                       fmt_width(cw.width) if cw.width is not None else "not reached in this study",
                       _f(c.cost, 2, 100, True) if c else NA, _ci(c.ci_low, c.ci_high, 2, 100) if c else NA,
-                      "CI" if cw.with_ci else "n=1 points"])
+                      "CI" if cw.with_ci else "points (no interval)"])
     tabs.append(t)
     names = [k for k, _ in a.reest[0].label] if a.reest else []
     t = Table("reest", "BN re-estimation per configuration: test accuracy before and after",
-              names + ["n", "before (%)", "after (%)", "gain (pp)", lvl])
+              names + ["n", "before (%)", "after (%)", "gain (pp)", lvl, "method"],
+              note=f"n: trials (seeds). method: t over trials; sign-flip where every trial gains the same (no "
+                   f"interval); not testable below {MIN_UNITS} trials." + grain)
     for r in a.reest:
         t.rows.append([str(v) if k != "width" else fmt_width(v) for k, v in r.label]
                       + [str(r.n), _f(r.before, 2, 100), _f(r.after, 2, 100), _f(r.gain, 2, 100, True),
-                         _ci(r.ci_low, r.ci_high, 2, 100)])
+                         _ci(r.ci_low, r.ci_high, 2, 100), r.method])
     tabs.append(t)
     t = Table("reest_pooled", "BN re-estimation pooled per placement (trials as one sample)",
               ["placement", "trials", "before (%)", "after (%)", "gain (pp)", lvl, "p (Holm)"])
@@ -171,8 +187,81 @@ def build_tables(a: Analysis, full: Study) -> list[Table]:
                   for r in rows]
         tabs.append(t)
     tabs += mechanism_tables(a)
+    tabs.append(width_table(a))
+    tabs += d_tables(a)
     tabs.append(_paper_table(a))
     return tabs
+
+
+def d_tables(a: Analysis) -> list[Table]:
+    """D = d cos^2(theta) at initialisation and after training per width, and its width exponent."""
+    from .dcos2 import VARIANTS
+
+    lvl = f"{a.level:.0%} CI"
+    t = Table("d_cos2", "D = d cos^2(theta) of the weights feeding BN, at initialisation and after training",
+              ["over", *a.context, "type", "placement", "rate / beta", "width", "epochs", "seeds", "D init", lvl,
+               "D final", lvl],
+              note="; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in VARIANTS.items()) + ". D needs no data: it is "
+                   "read from the weights (search/trial/mechanism.py). Intervals: t over seeds (none below 3). The "
+                   "paper reports 44-53 for WRN-28-10 after 200 CIFAR epochs.")
+    for r in a.d_cos2:
+        if r.variant == "d_cos2" and r.dropout_placement in ("none", "head"):
+            continue
+        t.rows.append([r.variant, *_ctx(a, r.context), r.dropout_type if r.dropout_placement != "none" else "-",
+                       r.dropout_placement, f"{r.dropout_rate:g}" if r.dropout_placement != "none" else "-",
+                       fmt_width(r.width), str(r.epochs), str(r.final.n), _f(r.init.mean, 2),
+                       _ci(r.init.low, r.init.high, 2, sign=False), _f(r.final.mean, 2),
+                       _ci(r.final.low, r.final.high, 2, sign=False)])
+    w = Table("d_cos2_width", "Width exponent of the final D: log D = a + b log width, one slope per seed",
+              ["over", *a.context, "type", "placement", "rate / beta", "widths", "seeds", "b", lvl, "method"],
+              note="b > 0: D grows with width, as the paper's width mechanism needs; b = 0: D does not depend on "
+                   "width.")
+    for d in a.d_cos2_width:
+        if d.variant == "d_cos2" and d.dropout_placement in ("none", "head"):
+            continue
+        s = d.slope
+        w.rows.append([d.variant, *_ctx(a, d.context), d.dropout_type, d.dropout_placement, f"{d.dropout_rate:g}",
+                       ", ".join(fmt_width(x) for x in d.widths), str(s.n), _f(s.mean, 3, sign=True),
+                       _ci(s.low, s.high, 3), s.method])
+    return [t, w]
+
+
+def samples_line(trials: Any) -> str:
+    """What the trials' stages saw (n_train, n_test, n_probe, n_reest), or that the results predate the counts."""
+    names = ("n_train", "n_test", "n_probe", "n_reest")
+    if not all(n in trials.schema.names for n in names):
+        return ""
+    parts = []
+    for n in names:
+        vals = sorted({v for v in trials.column(n).to_pylist() if v is not None})
+        parts.append(f"{n} = {', '.join(str(v) for v in vals) if vals else 'not recorded (older results)'}")
+    return ("Images each stage used: " + "; ".join(parts) + " (n_probe: the shift probes and the mechanism; "
+            "n_reest: BN re-estimation; the paper used the whole training set for both).")
+
+
+def width_table(a: Analysis) -> Table:
+    """Width where it is identified (analysis.width): within position, across positions, pooled."""
+    from .width import QUANTITIES
+
+    lvl = f"{a.level:.0%} CI"
+    label = {"shift": "shift (paper)", "shift_frozen": "frozen (measured)", "shift_theory": "propagation"}
+    t = Table("width_effect", "Width at the same BN position: log(q - 1) = a_position + b log d, paired by seed",
+              list(a.context) + ["type", "placement", "rate / beta", "quantity", "widths", "positions", "seeds",
+                                 "b within position", f"within {lvl}", "method", "detectable |b| (80%)",
+                                 "b across positions", "b pooled", "width effect"],
+              note="q: " + "; ".join(f"{label[k]} = {k}, the {v}" for k, v in QUANTITIES.items()) + ". within position: a fixed "
+                   "effect per BN position (its execution index), so d changes only with the width: the width effect, "
+                   "estimated per seed and given a t interval over seeds (none below 3 seeds). across positions: a "
+                   "fixed effect per trial, so d changes only with the stage (stage and fan-in together). pooled: "
+                   "every layer in one regression, stage and width mixed (the shift-vs-d table). Layers with q <= 1 "
+                   "are left out of the logs.")
+    for e in a.width_effects:
+        w = e.within
+        t.rows.append(_ctx(a, e.context) + [e.dropout_type, e.dropout_placement, f"{e.dropout_rate:g}", label[e.quantity],
+                      ", ".join(fmt_width(x) for x in e.widths), str(e.n_positions), str(w.n), _f(w.mean, 3, sign=True),
+                      _ci(w.low, w.high, 3), w.method, _f(w.mde, 3), _f(e.across.mean, 3, sign=True),
+                      _f(e.pooled, 3, sign=True), e.verdict])
+    return t
 
 
 def mechanism_tables(a: Analysis) -> list[Table]:
@@ -199,33 +288,51 @@ def mechanism_tables(a: Analysis) -> list[Table]:
                      if fl.flagged else ""))
     tabs.append(t)
     miss = f"columns missing: {', '.join(a.mechanism_missing)} (results written before the mechanism probe)"
-    t = Table("mechanism", "Theory vs measurement at the BN layers dropout feeds: the paper's shift (running "
-              "statistics), the frozen measurement and the theory side by side",
-              ["backbone", "type", "placement", "rate / beta", "layers", "trials", "shift (paper)", "shift_frozen",
-               "shift_theory", "|theory - frozen| / frozen", "90th pct", f"<= {TARGET:.0%}", "local share",
-               "d cos^2(theta)", "rho"],
+    pct = lambda x: f"{100 * x:.1f}%" if math.isfinite(x) else NA  # noqa: E731
+    t = Table("mechanism", "Three predictions of the variance BN sees, beside the frozen measurement, at the BN "
+              "layers dropout feeds",
+              ["backbone", "type", "placement", "rate / beta", "layers", "trials", "frozen (measured)",
+               "closed form", "local identity", "propagation", "closed form error", "local identity error",
+               "propagation error", "propagation 90th pct", f"propagation <= {TARGET:.0%}"],
               note=miss if a.mechanism_missing else
-              "Medians over dropout-fed BN layers. shift_frozen: BN input variance with dropout on and BN frozen "
-              "over its eval-mode variance, measured; shift_theory: its prediction from eval-mode quantities only "
-              "(docs/theory.md). local share: the part of the theory's excess injected by the dropout feeding the "
-              "layer; the rest is inherited from earlier dropouts down the residual stream.")
+              "Medians over dropout-fed BN layers. frozen (measured): BN input variance with dropout on and BN "
+              "frozen over its eval-mode variance. closed form: the paper's case (a) (pre_bn) or case (b) (pre_conv) "
+              "from the measured rho, d cos^2(theta), c_in and v_in; local identity: the exact extra variance the "
+              "feeding dropout alone injects (1 + excess_local); propagation: the local identity plus the noise "
+              "earlier dropouts send down the residual stream, carried through the network (shift_theory; "
+              "docs/theory.md). error: median |prediction - frozen| / frozen.")
     for r in a.mechanism:
         t.rows.append([r.backbone, r.dropout_type, r.dropout_placement, f"{r.dropout_rate:g}", str(r.n_layers),
-                       str(r.n_trials), _f(r.shift, 3), _f(r.shift_frozen, 3), _f(r.shift_theory, 3),
-                       f"{100 * r.rel_err:.1f}%", f"{100 * r.rel_err_p90:.1f}%", "yes" if r.within_target else "no",
+                       str(r.n_trials), _f(r.shift_frozen, 3), _f(r.shift_closed_form, 3), _f(r.shift_local, 3),
+                       _f(r.shift_theory, 3), pct(r.err_closed_form), pct(r.err_local), pct(r.rel_err),
+                       pct(r.rel_err_p90), "yes" if r.within_target else "no"])
+    tabs.append(t)
+    t = Table("mechanism_paper", "The three predictions against the paper's metric, and why the closed form misses",
+              ["backbone", "type", "placement", "rate / beta", "shift (paper)", "closed form vs paper",
+               "local identity vs paper", "propagation vs paper", "diluted before BN", "local share",
+               "d cos^2(theta)", "rho"],
+              note=miss if a.mechanism_missing else
+              "shift (paper): from BN's running statistics. vs paper: median |prediction - shift| / shift. diluted "
+              "before BN: the median share of the closed form's excess that does not reach BN, 1 - excess_local / "
+              "(closed form - 1): the closed form takes the dropout's weight layer as BN's only input, while in a "
+              "residual block the shortcut adds variance that carries no fresh noise. local share: the local "
+              "identity's part of the propagation's excess (the rest is inherited from earlier dropouts).")
+    for r in a.mechanism:
+        t.rows.append([r.backbone, r.dropout_type, r.dropout_placement, f"{r.dropout_rate:g}", _f(r.shift, 3),
+                       *(pct(x) for x in r.err_vs_paper), pct(r.dilution),
                        f"{100 * r.local_share:.0f}%" if math.isfinite(r.local_share) else NA, _f(r.d_cos2, 2),
                        _f(r.rho, 3)])
     tabs.append(t)
     lvl = f"{a.level:.0%} CI"
-    t = Table("width_mechanism", "Width through the mechanism: log(shift - 1) = a + b log d for shift_frozen "
-              "(measured) and shift_theory (predicted) over the same layers",
+    t = Table("width_mechanism", "Pooled over BN positions and widths (stage and width mixed): log(q - 1) = "
+              "a + b log d for the frozen measurement and the propagation over the same layers",
               ["backbone", "type", "placement", "rate / beta", "widths", "layers", "trials", "b measured",
-               f"b measured {lvl}", "b theory", f"b theory {lvl}", "b theory - measured", f"paired {lvl}",
-               "theory agrees", "rho", "d cos^2(theta) narrow -> wide"],
+               f"b measured {lvl}", "b propagation", f"b propagation {lvl}", "b propagation - measured",
+               f"paired {lvl}", "propagation agrees", "rho", "d cos^2(theta) narrow -> wide"],
               note=miss if a.mechanism_missing else
-              "Slopes: bootstrap over trials. theory - measured: over the layers where both excesses are > 0, a "
-              "paired bootstrap over trials; theory agrees: that interval holds 0, i.e. the width dependence is "
-              "what the measured rho and d cos^2(theta) predict.")
+              "Slopes: bootstrap over trials. propagation - measured: over the layers where both excesses are > 0, "
+              "a paired bootstrap over trials; propagation agrees: that interval holds 0. Pooled slopes mix the "
+              "stage with the width: the width effect alone is in the table 'Width at the same BN position'.")
     for w in a.width_mechanism:
         m, th = w.measured, w.theory
         t.rows.append([w.backbone, w.dropout_type, w.dropout_placement, f"{w.dropout_rate:g}",
@@ -259,10 +366,11 @@ def _setup_tables(a: Analysis, full: Study) -> tuple[Table, Table]:
 
 
 def _paper_table(a: Analysis) -> Table:
-    t = Table("paper", "The paper's numbers (PAPER.md, from secondary summaries) beside ours where comparable",
+    t = Table("paper", "The paper's numbers (Li et al., CVPR 2019, from secondary summaries) beside ours where "
+              "comparable",
               ["quantity", "PAPER (Li et al. 2019)", "ours"],
-              note="The paper's column is the paper's, quoted from secondary summaries; ours is this study's mean "
-                   "over matching ok trials, shown only where backbone, data and placement match.")
+              note=f"The paper's column is the paper's ({PAPER_CITATION}), quoted from secondary summaries; ours is "
+                   "this study's mean over matching ok trials, shown only where backbone, data and placement match.")
     for ref in PAPER_REFERENCE:
         t.rows.append([ref["what"], ref["paper"], _ours(a.study, ref["match"], ref["metric"])])
     return t
@@ -342,14 +450,37 @@ def tex_escape(text: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-# Plain-text notation in tables and notes -> LaTeX math, matched before escaping the rest.
+_GREEK = ("alpha", "beta", "theta", "eta", "rho", "sigma")
+
+
+def _math_expr(text: str) -> str:
+    """Plain notation as one math expression: `|theory - frozen| / frozen` -> $|\\mathrm{theory} - ...|/...$.
+
+    Names of two or more letters are set upright (\\mathrm), greek names as symbols, single letters as variables.
+    """
+    def name(m: re.Match) -> str:
+        w = m.group(0)
+        return f"\\{w}" if w in _GREEK else w if len(w) == 1 else "\\mathrm{" + w.replace("_", r"\_") + "}"
+
+    body = re.sub(r"[A-Za-z][A-Za-z_]*", name, text)
+    return "$" + body.replace("*", r"\cdot ").replace("%", r"\%") + "$"
+
+
+# Plain-text notation in tables and notes -> LaTeX math, matched before escaping the rest. A `|` never stays
+# in text mode (pdflatex's OT1 font prints it as an em dash): |x| and |x - y| / z become math, a lone | too.
 _MATH = [(r"log\(shift - 1\) = a \+ b log d", r"$\log(\mathrm{shift} - 1) = a + b \log d$"),
+         (r"\|[^|\n]{1,40}\|(?:\s*/\s*[A-Za-z]\w*)?", _math_expr),  # |theory - frozen| / frozen, |b|
          (r"\bd cos\^2\(theta\)", r"$d\cos^2\theta$"), (r"\bcos\^2\(theta\)", r"$\cos^2\theta$"),
-         (r"\bcos\^2", r"$\cos^2$"), (r"\bR\^2", r"$R^2$"), (r"\beta\^2", r"$\eta^2$"),
-         (r"\b[A-Za-z]\^[+-]?\d+(?:\.\d+)?", lambda t: "${}^{{{}}}$".format(*t.split("^"))),  # d^-1.02
-         (r"\b(rho|beta|theta|eta)\b", None), (r"->", r"$\to$"), (r"<=", r"$\le$"), (r">=", r"$\ge$"),
-         (r"\+/-|±", r"$\pm$"), (r"(?<=\s)~(?=\s?\d)|^~(?=\d)", r"$\approx$"), (r"(?<![\w.])-(?=\d)", r"$-$"),
-         (r"(?<=\s)-(?=\s)", r"$-$"), (r"<", r"$<$"), (r">", r"$>$"), (r"_", r"\_\allowbreak{}")]
+         (r"\bd cos\^2", r"$d\cos^2$"), (r"\bcos\^2", r"$\cos^2$"), (r"\bR\^2", r"$R^2$"), (r"\beta\^2", r"$\eta^2$"),
+         (r"\b[A-Za-z]\^\{[^{}\n]{1,20}\}", lambda t: f"${t}$"),  # d^{-0.17}
+         (r"\b[A-Za-z0-9]\^(?:[+-]?\d+(?:\.\d+)?|[A-Za-z]\b)",
+          lambda t: "${}^{{{}}}$".format(*t.split("^"))),  # d^-1.02, 2^n
+         (r"\b(" + "|".join(_GREEK) + r")\b", None), (r"->", r"$\to$"), (r"<=", r"$\le$"), (r">=", r"$\ge$"),
+         (r"!=", r"$\ne$"),
+         (r"\+/-|±", r"$\pm$"), (r"(?<=\s)~(?=\s?\d)|^~(?=\d)", r"$\approx$"),
+         (r"(?<=\s)~(?=\s)", r"$\sim$"), (r"(?<![\w.])-(?=\d)", r"$-$"),
+         (r"(?<=\s)-(?=\s)", r"$-$"), (r"<", r"$<$"), (r">", r"$>$"), (r"\|", r"$|$"), (r"_", r"\_\allowbreak{}"),
+         (r'"[^"\n]+"', lambda t: f"``{tex_text(t[1:-1])}''")]  # "a title": TeX's opening and closing quotes
 _MATH_RE = re.compile("|".join(f"(?P<r{i}>{pat})" for i, (pat, _) in enumerate(_MATH)))
 
 
@@ -386,13 +517,18 @@ def _merge_ci(headers: list[str], rows: list[list[str]]) -> tuple[list[str], lis
     return [heads[k] for k in keep], [[r[k] for k in keep] for r in body]
 
 
+def _numeric(cells: list[str]) -> bool:
+    """A column of numbers (an estimate, maybe with its interval, or n/a), at least one of them a number."""
+    return all(_NUMERIC.match(c.split(" [")[0]) for c in cells) and any(c[:1].isdigit() or c[:1] in "+-"
+                                                                       for c in cells)
+
+
 def _column_spec(rows: list[list[str]], n: int) -> str:
     """`r` for numeric columns (numbers align on the right), `p{}` for long text (it wraps), `l` otherwise."""
     spec = []
     for j in range(n):
         cells = [r[j] for r in rows]
-        if all(_NUMERIC.match(c.split(" [")[0]) for c in cells) and any(c[:1].isdigit() or c[:1] in "+-"
-                                                                       for c in cells):
+        if _numeric(cells):
             spec.append("r")
         elif max(len(c) for c in cells) > 40:
             spec.append(f"p{{{min(0.5, 0.9 / n + 0.2):.2f}\\linewidth}}")
@@ -401,27 +537,65 @@ def _column_spec(rows: list[list[str]], n: int) -> str:
     return "".join(spec)
 
 
+# Headers that say what a row is (a configuration's fields), numbers or not: a split table repeats them.
+_KEY_HEADERS = frozenset(EXPERIMENT_FIELDS) | frozenset(DROPOUT_KEYS) | {
+    "type", "placement", "rate", "rate / beta", "width", "widths", "widths tested", "backbone", "space", "factor",
+    "level", "quantity", "seed", "depth", "dataset", "profile", "configuration"}
+MAX_COLUMNS = 10  # more do not fit a page at a readable size
+ROWS_PER_FLOAT = 40  # table rows a page holds at \\scriptsize beside the caption, headers and note
+
+
+def _key_columns(headers: list[str], rows: list[list[str]]) -> int:
+    """How many leading columns say what a row is: the leading run of text columns and of columns naming a
+    configuration field (rate, width: numbers, yet part of the row's name)."""
+    k = 0
+    while k < len(headers) and (headers[k] in _KEY_HEADERS or not _numeric([r[k] for r in rows])):
+        k += 1
+    return k
+
+
+def _split_columns(headers: list[str], rows: list[list[str]]) -> list[list[int]]:
+    """The column indices of each stacked tabular: one part if it fits MAX_COLUMNS, else parts of about equal
+    size that each start with the key columns (every part's row says which configuration it is)."""
+    n = len(headers)
+    keys = _key_columns(headers, rows)
+    if n <= MAX_COLUMNS or keys >= n - 1:
+        return [list(range(n))]
+    rest = list(range(keys, n))
+    per = max(MAX_COLUMNS - keys, 3)
+    n_parts = math.ceil(len(rest) / per)
+    size = math.ceil(len(rest) / n_parts)  # parts of about equal width
+    return [list(range(keys)) + rest[i:i + size] for i in range(0, len(rest), size)]
+
+
 def tex_table(t: Table) -> str:
     """A booktabs table float, ready to \\input: numbers right-aligned, math in math mode, within the text width.
 
-    More than 10 columns are split into two stacked tabulars; one still wider than the text is scaled down
-    to the text width by graphicx's \\resizebox (only then: narrow tables keep their size).
+    More than MAX_COLUMNS columns are split into stacked tabulars, each repeating the key columns (what a row
+    is); one still wider than the text is scaled down to the text width by graphicx's \\resizebox (only then:
+    narrow tables keep their size). More rows than a page holds continue in further floats.
     """
     if not t.rows:
         return f"% {tex_escape(t.title)}: no rows\n"
     headers, rows = _merge_ci(t.headers, t.rows)
-    # More than 10 columns do not fit a page at a readable size: the columns after the first three (what a
-    # row is) go into two tabulars, each repeating those three, stacked in the one float.
-    keys = 3 if len(headers) > 10 else len(headers)
-    rest = list(range(keys, len(headers)))
-    parts = [list(range(keys))] if not rest else [list(range(keys)) + rest[:(len(rest) + 1) // 2],
-                                                 list(range(keys)) + rest[(len(rest) + 1) // 2:]]
-    note = f"\n\\par\\smallskip\\raggedright\\footnotesize {tex_text(t.note)}\\par" if t.note else ""
-    return (f"\\begin{{table}}[htbp]\n\\centering\\scriptsize\\setlength{{\\tabcolsep}}{{3pt}}\n"
-            f"\\caption{{{tex_text(t.title)}}}\\label{{tab:{t.key.replace('_', '-')}}}\n"
-            + "\\par\\medskip\n".join(_tabular([headers[j] for j in cols], [[r[j] for j in cols] for r in rows])
-                                       for cols in parts)
-            + f"{note}\n\\end{{table}}\n")
+    parts = _split_columns(headers, rows)
+    # A float taller than a page runs off it: more rows than a page holds (counting every stacked part) go
+    # into further floats, each with all the parts of its rows ("continued").
+    n_floats = math.ceil(len(rows) * len(parts) / ROWS_PER_FLOAT)
+    size = math.ceil(len(rows) / n_floats)
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    out = []
+    for i, chunk in enumerate(chunks):
+        title = tex_text(t.title) + (f" (continued, {i + 1} of {len(chunks)})" if i else "")
+        label = f"\\label{{tab:{t.key.replace('_', '-')}}}" if i == 0 else ""
+        note = (f"\n\\par\\smallskip\\raggedright\\footnotesize {tex_text(t.note)}\\par"
+                if t.note and i == len(chunks) - 1 else "")
+        out.append(f"\\begin{{table}}[htbp]\n\\centering\\scriptsize\\setlength{{\\tabcolsep}}{{3pt}}\n"
+                   f"\\caption{{{title}}}{label}\n"
+                   + "\\par\\medskip\n".join(_tabular([headers[j] for j in cols], [[r[j] for j in cols] for r in chunk])
+                                              for cols in parts)
+                   + f"{note}\n\\end{{table}}\n")
+    return "".join(out)
 
 
 def _tabular(headers: list[str], rows: list[list[str]]) -> str:
@@ -434,9 +608,15 @@ def _tabular(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def tex_figure(stem: str, caption: str) -> str:
-    """A figure float for figures/<stem>.pdf (pdflatex picks the PDF; the PNG is for report.md)."""
+    """A figure float for figures/<stem>.pdf (pdflatex picks the PDF; the PNG is for report.md).
+
+    At its natural size (its fonts at the point sizes they were drawn with), scaled down only where it is
+    wider than the text or taller than 3/4 of the page: a one-panel figure is not blown up to the text width.
+    """
     return (f"\\begin{{figure}}[htbp]\n\\centering\n"
-            f"\\includegraphics[width=\\linewidth,height=0.75\\textheight,keepaspectratio]{{figures/{stem}}}\n"
+            f"\\resizebox{{!}}{{\\ifdim\\height>0.75\\textheight 0.75\\textheight\\else\\height\\fi}}{{%\n"
+            f"\\resizebox{{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}}{{!}}{{%\n"
+            f"\\includegraphics[scale=1]{{figures/{stem}}}}}}}\n"
             f"\\caption{{{tex_text(caption)}}}\\label{{fig:{stem.replace('_', '-')}}}\n\\end{{figure}}\n")
 
 
@@ -445,11 +625,14 @@ TEX_PREAMBLE = r"\usepackage{booktabs}\usepackage{graphicx}"
 
 
 SECTIONS = [  # (heading, table keys, figure stem prefixes)
+    ("Width at the same BN position", ["width_effect"], ["shift_vs_width"]),
+    ("D = d cos^2(theta) over training and width", ["d_cos2", "d_cos2_width"], ["d_cos2_vs_epoch"]),
     ("Variance shift vs feature dimension", ["shift_fit"], ["shift_by_layer", "shift_vs_dim"]),
     ("Accuracy vs width", ["cost", "critical"], ["accuracy_vs_width"]),
     ("BN re-estimation", ["reest", "reest_pooled"], ["bn_reestimation"]),
     ("The noise floor", ["noise_floor"], []),
-    ("The mechanism: theory vs measurement", ["mechanism", "width_mechanism"], ["decomposition"]),
+    ("The mechanism: three predictions vs the measurement", ["mechanism", "mechanism_paper", "width_mechanism"],
+     ["decomposition"]),
     ("Factor importance", ["factors_test_acc", "factors_mean_shift"], []),
     ("One-factor-at-a-time ablation", ["ablation"], []),
     ("The paper's numbers beside ours", ["paper"], []),
@@ -487,7 +670,9 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
            f"{full.layers.num_rows} BN-layer rows. Fits use trials with status ok. Intervals are "
            f"{a.level:.0%}, two-sided.", ""]
     out += [profile_text, ""] if profile_text else []
-    out += [f"Fixed settings: {', '.join(fixed) or 'none'}.", "", md_table(by["status"]), md_table(by["configs"])]
+    out += [f"Fixed settings: {', '.join(fixed) or 'none'}.", ""]
+    out += [line, ""] if (line := samples_line(full.trials)) else []
+    out += [md_table(by["status"]), md_table(by["configs"])]
     out += code_versions_lines(full.trials)
     if a.notes:
         out += ["**What this study lacks, and what loading repaired**", ""] + [f"- {n}" for n in a.notes] + [""]
@@ -510,8 +695,7 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
         for f in figs:
             if any(f.stem.startswith(s) for s in stems):
                 out += [f"![{f.caption}](figures/{f.stem}.png)", "", f"*{f.caption}* ([PDF](figures/{f.stem}.pdf))", ""]
-    out += ["Numbers marked PAPER come from PAPER.md, which quotes secondary summaries of Li et al., CVPR 2019 "
-            "(arXiv:1801.05134); they are targets to compare against, not this study's results.", ""]
+    out += [PAPER_NOTE, ""]
     return "\n".join(out)
 
 
@@ -524,6 +708,8 @@ def render_tex(a: Analysis, full: Study, tables: list[Table], gls: list[Guidelin
            f"% Preamble: {TEX_PREAMBLE}",
            "% Figures: figures/<name>.pdf beside this file; from another folder add \\graphicspath{{<this folder>/}}.",
            ""]
+    if (line := samples_line(full.trials)):
+        out += [tex_text(line), ""]
     if gls:
         out += ["\\begin{itemize}"] + [f"  \\item {tex_text(g.text)}." for g in gls] + ["\\end{itemize}", ""]
     else:
@@ -651,8 +837,9 @@ def write_report(spaces: str | Sequence[str], root: str = "results", out: str | 
 
 def _write_atomic(path: str, text: str) -> None:
     """Write beside `path`, then rename: an interrupted report never leaves a half-written file."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    # A name of this writer's own: two reports into one --out never clobber or rename each other's file
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    with open(tmp, "x", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
 
