@@ -41,6 +41,25 @@ def wrn_widths() -> Space:
                 text="WRN-10-{1,2,3} on Fashion-MNIST (16 px, 3000 training images, 3 epochs)",
                 seeds=3,
             ),
+            # The width question at a longer schedule (issue 22): WRN-10-{1,2,4,8} x {none, pre_bn, pre_conv}
+            # x Bernoulli 0.5 on Fashion-MNIST for 10 epochs x 3 seeds = 36 trials; measured at 15 epochs a trial
+            # costs 35 / 72 / 177 / 589 CPU-s at widths 1 / 2 / 4 / 8, so ~45 min on 2 cores.
+            width=Profile(
+                fixed=dict(FASHION, depth=10, epochs=10),
+                axes=dict(width=[1.0, 2.0, 4.0, 8.0], dropout_placement=["none", "pre_bn", "pre_conv"],
+                          dropout_type=["bernoulli"], dropout_rate=rate_axis((0.5,))),
+                text="WRN-10-{1,2,4,8} on Fashion-MNIST (16 px, 3000 training images, 10 epochs)",
+                seeds=3,
+            ),
+            # ... and over training: epochs 3 / 10 / 30 at widths 1 and 2 (the 10-epoch trials are the width
+            # profile's, reused), 3 seeds: 36 trials, 24 new, ~20 min on 2 cores.
+            epochs=Profile(
+                fixed=dict(FASHION, depth=10),
+                axes=dict(width=[1.0, 2.0], dropout_placement=["none", "pre_bn", "pre_conv"],
+                          dropout_type=["bernoulli"], dropout_rate=rate_axis((0.5,)), epochs=[3, 10, 30]),
+                text="WRN-10-{1,2} on Fashion-MNIST for 3, 10 and 30 epochs (16 px, 3000 training images)",
+                seeds=3,
+            ),
             # 5 widths x (none + 3 placements x 3 types x 4 rates) = 185 trials.
             paper=Profile(fixed=dict(PAPER, depth=28), text="WRN-28-{1,2,4,8,10} on CIFAR-10, 200 epochs"),
         ),
