@@ -61,8 +61,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _meta(hashed: bool = True, help: str = "", hash_none: bool = False, auto: bool = False) -> dict[str, Any]:
-    return {"hashed": hashed, "help": help, "hash_none": hash_none, "auto": auto}
+def _meta(hashed: bool = True, help: str = "", hash_none: bool = False, auto: bool = False,
+          unit: str = "") -> dict[str, Any]:
+    # `unit`: the Parquet column's (search/schema.py; "" where none). Metadata never enters config_hash.
+    return {"hashed": hashed, "help": help, "hash_none": hash_none, "auto": auto, "unit": unit}
 
 
 @dataclass(frozen=True)
@@ -79,21 +81,24 @@ class TrialConfig:
     dropout_placement: str = field(default="none", metadata=_meta(help="a registered placement"))
     dropout_rate: float = field(default=0.0, metadata=_meta(help="drop rate 1-p (uout: beta), in [0, 1)"))
     dataset: str = field(default="digits", metadata=_meta(help="|".join(DATASETS)))
-    image_size: int = field(default=32, metadata=_meta(help="input side in pixels"))
+    image_size: int = field(default=32, metadata=_meta(help="input side in pixels", unit="px"))
     in_chans: int = field(default=3, metadata=_meta(help="input channels (1 or 3)"))
     stem: str = field(default="auto", metadata=_meta(help="auto|cifar|imagenet: stock timm stem; auto = cifar below 64 px"))
     num_classes: int | None = field(default=None, metadata=_meta(help="None: the dataset's"))
-    train_samples: int | None = field(default=None, metadata=_meta(help="cap on training images; None: all"))
+    train_samples: int | None = field(default=None, metadata=_meta(help="cap on training images; None: all",
+                                                                   unit="images"))
     probe_samples: int | None = field(default=None, metadata=_meta(
-        help="training images the shift probes and BN re-estimation see; None: all (the paper's protocol)"))
-    epochs: int = field(default=5, metadata=_meta(help="training epochs"))
-    batch_size: int = field(default=128, metadata=_meta(help="images per step"))
+        help="training images the shift probes and BN re-estimation see; None: all (the paper's protocol)",
+        unit="images"))
+    epochs: int = field(default=5, metadata=_meta(help="training epochs", unit="epochs"))
+    batch_size: int = field(default=128, metadata=_meta(help="images per step", unit="images"))
     lr: float = field(default=0.1, metadata=_meta(help="peak learning rate"))
     momentum: float = field(default=0.9, metadata=_meta(help="SGD momentum"))
     nesterov: bool = field(default=True, metadata=_meta(help="Nesterov momentum"))
     weight_decay: float = field(default=5e-4, metadata=_meta(help="L2 weight decay"))
     schedule: str = field(default="cosine", metadata=_meta(help="|".join(SCHEDULES)))
-    warmup_epochs: float = field(default=0.0, metadata=_meta(help="linear warm-up length in epochs"))
+    warmup_epochs: float = field(default=0.0, metadata=_meta(help="linear warm-up length in epochs",
+                                                             unit="epochs"))
     label_smoothing: float = field(default=0.0, metadata=_meta(help="in [0, 1)"))
     augment: bool = field(default=True, metadata=_meta(help="random crop + flip (flip off for digits)"))
     seed: int = field(default=0, metadata=_meta(help="seeds weights, data order and dropout"))

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-__all__ = ["LayerShift", "TrialResult", "STATUSES", "Status", "noise_floor", "FLOOR_LIMIT"]
+__all__ = ["LayerShift", "TrialResult", "STATUSES", "Status", "noise_floor", "FLOOR_LIMIT", "column_meta",
+           "column_info", "column_names"]
 
 # A noise-free BN layer's shift above this means its running statistics have not caught up with the
 # weights (momentum 0.1 lags the last steps' drift); docs/theory.md, "Noise floor".
@@ -18,6 +19,39 @@ FLOOR_LIMIT = 1.10
 
 Status = Literal["ok", "diverged", "failed", "stopped"]
 STATUSES: tuple[str, ...] = ("ok", "diverged", "failed", "stopped")  # stopped: early-stopped by ASHA
+
+
+def column_meta(description: str, unit: str = "", group: str = "", table: bool = False) -> dict[str, Any]:
+    """A result column declared once, as its dataclass field's `metadata` (`field(default=..., metadata=...)`).
+
+    Args:
+        description: what the value is, with its convention (range, direction, which layers it averages).
+        unit: "" where none (a ratio, a flag, a name); else e.g. "fraction", "images/s", "s", "images".
+        group: what it belongs to ("accuracy", "shift", "mechanism", "cost", "data", "provenance", ...).
+        table: a LayerShift field the MLflow run's `layers.json` table view shows.
+
+    The Parquet schemas (search/schema.py: field metadata `description`, `unit`, `group`), the MLflow
+    table view (search/sweep/artifacts.py), analysis' MECHANISM_COLUMNS and docs/columns.md
+    (`python -m search.schema --markdown`) are derived from it.
+    """
+    return {"description": description, "unit": unit, "group": group, "table": table}
+
+
+def column_info(cls: type, name: str) -> dict[str, Any]:
+    """The `column_meta` of dataclass `cls`'s field `name` (KeyError: no such field, or none declared)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if "description" not in f.metadata:
+                raise KeyError(f"{cls.__name__}.{name} has no column_meta")
+            return dict(f.metadata)
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def column_names(cls: type, *, group: str | None = None, table: bool | None = None) -> tuple[str, ...]:
+    """`cls`'s declared fields in declaration order; only those of `group`, or (table=True) the table view's."""
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if (group is None or f.metadata.get("group") == group)
+                 and (table is None or bool(f.metadata.get("table")) == table))
 
 
 @dataclass
@@ -29,27 +63,68 @@ class LayerShift:
     channel mean of the per-channel max ratio.
     """
 
-    name: str  # module path in the model
-    index: int  # execution order among BN layers, from 0
-    rel_depth: float  # index / (n_bn - 1), 0 for a single layer
-    channels: int
-    fan_in: int | None  # d of the weight layer feeding this BN (in_ch*kh*kw/groups); None if none
-    fed_by_dropout: bool  # a dropout module runs between the previous BN and this one
-    moving_var: float
-    real_var: float
-    shift: float
-    shift_channelwise: float
-    real_mean: float = float("nan")  # channel mean of the input's mean in eval mode (PAPER's c)
-    cos2: float = float("nan")  # mean over output channels of cos^2 between the feeding weight and all-ones
+    name: str = field(metadata=column_meta(
+        "module path of the BN layer in the model, as this trial's placement names it (a pre_bn dropout wrapper "
+        "adds a level: bn2 becomes bn2.1)", group="layer", table=True))
+    index: int = field(metadata=column_meta(
+        "execution order among the BN layers in the first forward pass, from 0; BN layers the forward never "
+        "reaches come last, with NaN statistics", group="layer", table=True))
+    rel_depth: float = field(metadata=column_meta(
+        "index / (number of BN layers - 1), 0 for a single layer", unit="fraction", group="layer"))
+    channels: int = field(metadata=column_meta("channels of the BN layer (num_features)", group="layer", table=True))
+    fan_in: int | None = field(metadata=column_meta(
+        "d: fan-in of the weight layer feeding this BN, in_channels * kh * kw / groups (in_features for a linear); "
+        "null when no conv or linear feeds it", group="layer", table=True))
+    fed_by_dropout: bool = field(metadata=column_meta(
+        "a dropout module runs between the previous BN layer and this one", group="layer", table=True))
+    moving_var: float = field(metadata=column_meta(
+        "channel mean of BN's running (moving) variance after training: what eval mode normalises with",
+        group="shift", table=True))
+    real_var: float = field(metadata=column_meta(
+        "channel mean of the variance of the BN layer's input in eval mode (dropout off) over the probe images "
+        "(n_probe)", group="shift", table=True))
+    shift: float = field(metadata=column_meta(
+        "the paper's variance shift: max(real_var / moving_var, moving_var / real_var) of the channel means; >= 1, "
+        "1 is no shift; the max loses the direction (compare moving_var and real_var for it)",
+        group="shift", table=True))
+    shift_channelwise: float = field(metadata=column_meta(
+        "mean over channels (both variances > 0) of the per-channel max(real / moving, moving / real); >= 1, "
+        "direction lost as in shift", group="shift", table=True))
+    real_mean: float = field(default=float("nan"), metadata=column_meta(
+        "channel mean of the BN input's mean in eval mode over the probe images (the paper's c at this layer)",
+        group="shift", table=True))
+    cos2: float = field(default=float("nan"), metadata=column_meta(
+        "mean over the feeding weight layer's output units of cos^2 between the unit's weight vector and "
+        "all-ones, (sum w)^2 / (d ||w||^2) (the paper's cos^2 theta); NaN without a feeding weight layer",
+        group="shift", table=True))
     # The mechanism (search/trial/mechanism.py, docs/theory.md). Where a quantity does not apply: NaN.
-    c_in: float = float("nan")  # fed BNs: channel mean of the feeding dropout's input mean (eval mode; PAPER's c)
-    v_in: float = float("nan")  # fed BNs: channel mean of that input's variance (PAPER's v)
-    d_cos2: float = float("nan")  # mean over output units j of D_j = (sum_i w_ji)^2 / ||w_j||^2 = d cos^2 theta
-    rho: float = float("nan")  # fed BNs: effective input correlation of the feeding weight layer (least squares)
-    shift_frozen: float = float("nan")  # measured: Var(BN input), dropout on and BN frozen / Var in eval mode
-    shift_theory: float = float("nan")  # predicted shift_frozen from eval-mode quantities: 1 + local + inherited
-    excess_local: float = float("nan")  # the theory's extra variance from the dropout feeding this BN / Var_eval
-    excess_inherited: float = float("nan")  # ... from earlier dropouts (the residual stream, concatenation)
+    c_in: float = field(default=float("nan"), metadata=column_meta(
+        "dropout-fed BN layers: channel mean of the mean of the feeding dropout's input, eval mode (the paper's c); "
+        "NaN elsewhere", group="mechanism", table=True))
+    v_in: float = field(default=float("nan"), metadata=column_meta(
+        "dropout-fed BN layers: channel mean of the variance of the feeding dropout's input, eval mode (the "
+        "paper's v); NaN elsewhere", group="mechanism", table=True))
+    d_cos2: float = field(default=float("nan"), metadata=column_meta(
+        "D: mean over the feeding weight layer's output units j of D_j = (sum_i w_ji)^2 / ||w_j||^2 = d cos^2 "
+        "theta_j, read from the weights after training; NaN without a feeding conv or linear",
+        group="mechanism", table=True))
+    rho: float = field(default=float("nan"), metadata=column_meta(
+        "dropout-fed BN layers: effective pairwise correlation of the feeding weight layer's inputs, least "
+        "squares of Var_eval(Wx)_j = v ||w_j||^2 (1 + rho (D_j - 1)) over units j (docs/theory.md)",
+        group="mechanism", table=True))
+    shift_frozen: float = field(default=float("nan"), metadata=column_meta(
+        "measured: BN input variance with every dropout in train mode and every BN frozen (eval mode) over its "
+        "eval-mode variance on the same batches (ratio of channel sums; every 8th probe batch); 1 without "
+        "active dropout", group="mechanism", table=True))
+    shift_theory: float = field(default=float("nan"), metadata=column_meta(
+        "predicted shift_frozen from eval-mode quantities (the propagation): 1 + excess_local + excess_inherited",
+        group="mechanism", table=True))
+    excess_local: float = field(default=float("nan"), metadata=column_meta(
+        "the theory's extra BN input variance from the dropout feeding this BN, over the eval-mode variance "
+        "(0 where no dropout is active)", group="mechanism", table=True))
+    excess_inherited: float = field(default=float("nan"), metadata=column_meta(
+        "the theory's extra variance from earlier dropouts (residual stream, concatenation, its amplification "
+        "by the local mask, the ReLU mean shift), over the eval-mode variance", group="mechanism", table=True))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -59,46 +134,96 @@ class LayerShift:
 class TrialResult:
     """Summary of one trial; `layers` holds the per-BN records."""
 
-    status: str = "ok"  # one of STATUSES
-    error: str | None = None
-    test_acc: float = float("nan")
-    test_loss: float = float("nan")
-    test_acc_reest: float = float("nan")  # after BN statistics re-estimation
-    test_loss_reest: float = float("nan")
-    train_loss: float = float("nan")  # last completed epoch
-    train_acc: float = float("nan")
-    mean_shift: float = float("nan")  # mean over BN layers of `shift`
-    max_shift: float = float("nan")
-    mean_shift_fed: float = float("nan")  # mean over BN layers fed by dropout
-    mean_shift_reest: float = float("nan")  # after re-estimation (should be ~1)
+    status: str = field(default="ok", metadata=column_meta(
+        "ok | diverged (non-finite training loss) | failed (an exception: see error) | stopped (early-stopped "
+        "by ASHA)", group="outcome"))
+    error: str | None = field(default=None, metadata=column_meta(
+        "why the trial failed (status failed); null otherwise", group="outcome"))
+    test_acc: float = field(default=float("nan"), metadata=column_meta(
+        "test accuracy, a fraction in [0, 1] (not %), eval mode, after the last completed epoch and before BN "
+        "re-estimation; one test image is 1 / n_test", unit="fraction", group="accuracy"))
+    test_loss: float = field(default=float("nan"), metadata=column_meta(
+        "mean cross-entropy per test image (natural log, no label smoothing), eval mode, before BN re-estimation",
+        unit="nats", group="accuracy"))
+    test_acc_reest: float = field(default=float("nan"), metadata=column_meta(
+        "test accuracy after BN statistics re-estimation on n_reest training images (dropout off, weights "
+        "frozen), a fraction in [0, 1]", unit="fraction", group="accuracy"))
+    test_loss_reest: float = field(default=float("nan"), metadata=column_meta(
+        "mean cross-entropy per test image after BN re-estimation", unit="nats", group="accuracy"))
+    train_loss: float = field(default=float("nan"), metadata=column_meta(
+        "mean training loss over the last completed epoch's steps, train mode (dropout on, batch statistics, "
+        "augmentation and label smoothing as configured)", unit="nats", group="accuracy"))
+    train_acc: float = field(default=float("nan"), metadata=column_meta(
+        "fraction in [0, 1] of training images classified right during the last completed epoch's steps "
+        "(train mode, augmented)", unit="fraction", group="accuracy"))
+    mean_shift: float = field(default=float("nan"), metadata=column_meta(
+        "mean over BN layers of the layers' shift (>= 1; the layers dataset has each)",
+        group="shift"))
+    max_shift: float = field(default=float("nan"), metadata=column_meta(
+        "max over BN layers of shift", group="shift"))
+    mean_shift_fed: float = field(default=float("nan"), metadata=column_meta(
+        "mean shift over the BN layers fed by dropout; NaN where dropout feeds none", group="shift"))
+    mean_shift_reest: float = field(default=float("nan"), metadata=column_meta(
+        "mean shift over BN layers after BN re-estimation (should be ~1)", group="shift"))
     # The noise floor (docs/theory.md): mean `shift` over BN layers no dropout noise reaches (shift_theory == 1),
     # before and after re-estimation; above FLOOR_LIMIT the running statistics have not converged.
-    shift_floor: float = float("nan")
-    shift_floor_reest: float = float("nan")
-    bn_unconverged: bool = False
-    throughput: float = float("nan")  # training images / s, excluding evaluation
-    wall_time_s: float = float("nan")
-    train_time_s: float = float("nan")
-    probe_time_s: float = float("nan")
-    params: int = 0
-    epochs_completed: int = 0
+    shift_floor: float = field(default=float("nan"), metadata=column_meta(
+        "the noise floor: mean shift over the BN layers no dropout noise reaches (shift_theory == 1; without the "
+        "mechanism columns, those not fed by dropout); NaN when there is none", group="shift"))
+    shift_floor_reest: float = field(default=float("nan"), metadata=column_meta(
+        "shift_floor after BN re-estimation", group="shift"))
+    bn_unconverged: bool = field(default=False, metadata=column_meta(
+        f"shift_floor > {FLOOR_LIMIT:.2f} (FLOOR_LIMIT): the running statistics lag the weights", group="shift"))
+    throughput: float = field(default=float("nan"), metadata=column_meta(
+        "training images per second over the training steps only (evaluation, probes and data loading excluded)",
+        unit="images/s", group="cost"))
+    wall_time_s: float = field(default=float("nan"), metadata=column_meta(
+        "the whole trial: data loading, model build, training, evaluation and probes", unit="s", group="cost"))
+    train_time_s: float = field(default=float("nan"), metadata=column_meta(
+        "training steps only, summed over epochs (evaluation excluded)", unit="s", group="cost"))
+    probe_time_s: float = field(default=float("nan"), metadata=column_meta(
+        "after training: the shift and mechanism probes, BN re-estimation, its evaluation and the second probe",
+        unit="s", group="cost"))
+    params: int = field(default=0, metadata=column_meta(
+        "parameters of the model (every tensor of model.parameters())", unit="parameters", group="cost"))
+    epochs_completed: int = field(default=0, metadata=column_meta(
+        "epochs trained to their end (fewer than epochs: diverged, stopped or failed)", unit="epochs",
+        group="outcome"))
     # D = d cos^2(theta) read from the weights (no data; docs/theory.md, "D over training"): the mean over BN
     # layers of their feeding weight layer's mean D_j (LayerShift.d_cos2), at initialisation and after the last
     # completed epoch. `d_cos2_*`: the dropout-fed BN layers (NaN when dropout feeds none: placements none,
     # head); `d_cos2_all_*`: every BN layer with a feeding weight layer. Per epoch: history's `d_cos2`, `d_cos2_all`.
-    d_cos2_init: float = float("nan")
-    d_cos2_final: float = float("nan")
-    d_cos2_all_init: float = float("nan")
-    d_cos2_all_final: float = float("nan")
+    d_cos2_init: float = field(default=float("nan"), metadata=column_meta(
+        "D = d cos^2 theta at initialisation: mean over the dropout-fed BN layers of their feeding weight layer's "
+        "mean D_j (the layers' d_cos2); NaN where dropout feeds no BN (placements none, head)", group="mechanism"))
+    d_cos2_final: float = field(default=float("nan"), metadata=column_meta(
+        "d_cos2_init's D after the last completed epoch", group="mechanism"))
+    d_cos2_all_init: float = field(default=float("nan"), metadata=column_meta(
+        "D at initialisation over every BN layer with a feeding weight layer (the controls' D: defined for every "
+        "placement)", group="mechanism"))
+    d_cos2_all_final: float = field(default=float("nan"), metadata=column_meta(
+        "d_cos2_all_init's D after the last completed epoch", group="mechanism"))
     # Images each stage used (None: the stage did not run). The probes take whole batches, so n_probe is
     # probe_samples rounded up to a batch (capped at n_train); the mechanism sees every 8th of those batches.
-    n_train: int | None = None  # training images (after the train_samples cap)
-    n_test: int | None = None  # test images evaluated: one image is 100 / n_test percentage points
-    n_probe: int | None = None  # training images the shift probes and the mechanism passed over
-    n_reest: int | None = None  # training images BN re-estimation used
-    device: str = ""
-    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
-    layers: list[LayerShift] = field(default_factory=list)
+    n_train: int | None = field(default=None, metadata=column_meta(
+        "training images (after the train_samples cap)", unit="images", group="data"))
+    n_test: int | None = field(default=None, metadata=column_meta(
+        "test images evaluated: one image is 1 / n_test of test_acc (100 / n_test percentage points)",
+        unit="images", group="data"))
+    n_probe: int | None = field(default=None, metadata=column_meta(
+        "training images the shift probes passed over: probe_samples rounded up to whole batches, capped at "
+        "n_train (the mechanism uses every 8th of those batches); null: the probes did not run",
+        unit="images", group="data"))
+    n_reest: int | None = field(default=None, metadata=column_meta(
+        "training images BN re-estimation used; null: it did not run", unit="images", group="data"))
+    device: str = field(default="", metadata=column_meta(
+        "where the trial ran (e.g. cpu, cuda:0; the trials dataset's ran_on); the config's device is what it "
+        "asked for", group="provenance"))
+    history: list[dict[str, float]] = field(default_factory=list, metadata=column_meta(
+        "one dict per completed epoch (search.trial.train.EPOCH_KEYS): MLflow's per-epoch series (step = epoch); "
+        "SERIES_KEYS are also the trials' *_by_epoch columns", group="series"))
+    layers: list[LayerShift] = field(default_factory=list, metadata=column_meta(
+        "one LayerShift per BN layer: the rows of the layers dataset", group="layers"))
 
     SUMMARY_KEYS = (
         "test_acc", "test_loss", "test_acc_reest", "test_loss_reest", "train_loss", "train_acc",
@@ -110,6 +235,13 @@ class TrialResult:
     # Epoch keys kept whole as list columns of the trials dataset (`<key>_by_epoch`, `series`): value 0 is
     # `<key>_init`, value e the history's after epoch e.
     SERIES_KEYS = ("d_cos2", "d_cos2_all")
+    # Their columns' declaration (search.schema.series_column), as column_meta declares a field's.
+    SERIES_META = {
+        "d_cos2": column_meta("d_cos2_init's D per epoch: value 0 at initialisation, value e after epoch e "
+                              "(NaN where not recorded); null where all NaN", group="mechanism"),
+        "d_cos2_all": column_meta("d_cos2_all_init's D per epoch: value 0 at initialisation, value e after epoch e "
+                                  "(NaN where not recorded); null where all NaN", group="mechanism"),
+    }
 
     def __post_init__(self) -> None:
         flag = self.bn_unconverged  # MLflow gives the flag back as 0.0 / 1.0 (NaN: never computed)
