@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from search.schema import LAYERS_SCHEMA, OPTIONAL_LAYER_COLUMNS, OPTIONAL_TRIAL_COLUMNS, TRIALS_SCHEMA
+from search.schema import LAYERS_SCHEMA, OPTIONAL_LAYER_COLUMNS, OPTIONAL_TRIAL_COLUMNS, TRIALS_SCHEMA, with_writer
 
 __all__ = ["ResultStore", "resolve_fs", "list_parts", "read_parts", "dedup", "read_space"]
 
@@ -241,6 +241,7 @@ class ResultStore:
         self._write_atomic(trials, self.path("trials"), f"part-{tag}.parquet")
 
     def _write_atomic(self, table: pa.Table, folder: str, name: str) -> None:
+        table = with_writer(table)  # the file records which code wrote it (search.schema)
         self.fs.create_dir(folder, recursive=True)
         final = f"{folder}/{name}"
         if not self.is_local:  # object stores publish a whole object at once
