@@ -14,14 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from search.results import LayerShift, column_names
+
 from .fit import ShiftFit, _fit_group, mean_ci, ols_from_sufficient, ols_sufficient
 from .load import DROPOUT_KEYS, Study, group_codes
 
 __all__ = ["MECHANISM_COLUMNS", "TARGET", "MechanismRow", "NoiseFloor", "WidthMechanism", "missing_columns",
            "fed_layers", "mechanism_rows", "noise_floor", "width_mechanism", "closed_form"]
 
-MECHANISM_COLUMNS = ("c_in", "v_in", "d_cos2", "rho", "shift_frozen", "shift_theory", "excess_local",
-                     "excess_inherited")
+# The LayerShift fields of group "mechanism" (search.results.column_meta), in declaration order.
+MECHANISM_COLUMNS = column_names(LayerShift, group="mechanism")
 TARGET = 0.05  # issue 13: median |theory - frozen| / frozen over dropout-fed layers
 GROUP = ("backbone",) + DROPOUT_KEYS
 

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from search.results import LayerShift
+from search.results import LayerShift, column_names
 
 __all__ = ["LAYERS_PNG", "LAYERS_TABLE", "layers_table", "write_layers_png"]
 
 LAYERS_PNG = "shift_by_layer.png"
 LAYERS_TABLE = "layers.json"  # the extension log_table needs for the UI's table view
-_TABLE_COLUMNS = ("index", "name", "channels", "fan_in", "fed_by_dropout", "shift", "shift_channelwise",
-                  "moving_var", "real_var", "real_mean", "cos2")
+# The LayerShift fields declared with table=True (search.results.column_meta), in declaration order.
+_TABLE_COLUMNS = column_names(LayerShift, table=True)
 
 
 def layers_table(layers: list[LayerShift]) -> dict[str, list[Any]]:
-    """Column -> values of the BN layers in execution order (the data `MlflowClient.log_table` takes)."""
+    """Column -> values of the BN layers in execution order (the data `MlflowClient.log_table` takes).
+
+    The columns are the table=True fields of the records' class: a LayerShift subclass's own show too.
+    """
     rows = sorted(layers, key=lambda x: x.index)
-    return {c: [_plain(getattr(x, c)) for x in rows] for c in _TABLE_COLUMNS}
+    columns = column_names(type(rows[0]), table=True) if rows else _TABLE_COLUMNS
+    return {c: [_plain(getattr(x, c)) for x in rows] for c in columns}
 
 
 def _plain(v: Any) -> Any:
