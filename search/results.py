@@ -120,10 +120,10 @@ class LayerShift:
         "predicted shift_frozen from eval-mode quantities (the propagation): 1 + excess_local + excess_inherited",
         group="mechanism", table=True))
     excess_local: float = field(default=float("nan"), metadata=column_meta(
-        "the theory's extra BN input variance from the dropout feeding this BN, over the eval-mode variance "
-        "(0 where no dropout is active)", group="mechanism", table=True))
+        "the propagation's extra BN input variance from the dropout feeding this BN (the local identity), over the "
+        "eval-mode variance (0 where no dropout is active)", group="mechanism", table=True))
     excess_inherited: float = field(default=float("nan"), metadata=column_meta(
-        "the theory's extra variance from earlier dropouts (residual stream, concatenation, its amplification "
+        "the propagation's extra variance from earlier dropouts (residual stream, concatenation, its amplification "
         "by the local mask, the ReLU mean shift), over the eval-mode variance", group="mechanism", table=True))
 
     def to_dict(self) -> dict[str, Any]:
