@@ -4,9 +4,10 @@ Debian's Slurm (22.05) runs here as it would on a cluster, with a minimal slurm.
 nodes n1, n2 at 127.0.0.1 on their own ports, `proctrack/linuxproc` (no cgroups needed),
 `select/cons_tres`, `SlurmdParameters=config_overrides` (each node claims the machine's cores), no
 accounting (so no `sacct`: the job's state comes from `scontrol show job`). munged runs with its own key
-and socket. The job is the shipped script, submitted with `sbatch` like docs/cluster.md says, running
-the smoke sweep; the Ray nodes it starts keep to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the
-tests/_ray_loopback.py hook for `ray start --address`, DBN_RAY_NODE_IP=127.0.0.1), with their own token.
+and socket. The job is the shipped script with the smoke sweep, submitted with the `sbatch` command read
+from docs/cluster.md (section Slurm); the Ray nodes it starts keep to 127.0.0.1
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the tests/_ray_loopback.py hook for `ray start --address`,
+DBN_RAY_NODE_IP=127.0.0.1), with their own token.
 
 Skipped only when the Slurm binaries are missing and DBN_REQUIRE_SLURM is unset (CI sets it, after
 `apt-get install slurmctld slurmd slurm-client munge`). Every daemon is stopped by its PID.
@@ -30,13 +31,17 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from _doc_commands import doc_commands, find
 from _procs import descendants, is_loopback, listeners
-from test_cluster import SMALL, assert_complete
+from test_cluster import assert_complete
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "cluster" / "slurm" / "sweep.sbatch"
+# The smoke sweep, as docs/cluster.md's command runs it (TMP: the test's temp dir).
+SWEEP = ["python", "-m", "search.run", "--space", "smoke", "--set", "train_samples=128", "--quiet",
+         "--tracking-uri", "sqlite:///TMP/mlflow.db", "--storage", "TMP/results", "--gpus-per-trial", "0.5",
+         "--cpus-per-trial", "0.5"]
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -226,39 +231,32 @@ def slurm() -> Iterator[Slurm]:
         yield cluster
 
 
-def _job_env(slurm: Slurm, tmp: Path, gcs_port: int, **extra: str) -> dict[str, str]:
-    token = tmp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = dict(
-        slurm.env,
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), slurm.env.get("PATH", "")]),
-        PYTHONPATH=os.pathsep.join(p for p in [str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")] if p),
-        # Loopback only, on one machine: the head keeps 127.0.0.1 and binds it; the workers join it there.
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_START_HOOK="_ray_loopback.join_on_loopback",
-        DBN_RAY_NODE_IP="127.0.0.1",
-        # Its own token: every node and the driver share it, whatever ~/.ray holds. RAY_AUTH_MODE is left
-        # unset: the script turns it on for every node when it finds a token, as Ray's head does.
-        RAY_AUTH_TOKEN_PATH=str(token),
-        DBN_RAY_PORT=str(gcs_port), DBN_RAY_TMP=str(slurm.base / f"ray-{gcs_port}"),
-        DBN_CPUS_PER_NODE="1", DBN_GPUS_PER_NODE="1",
-        DBN_RAY_ARGS="--dashboard-agent-listen-port=0 --object-store-memory=100000000",
-        RAY_USAGE_STATS_ENABLED="0", DBN_SWEEP_REPORT="off",
-    )
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_MODE", None)
+def _doc_submit(tmp: Path, gcs_port: int) -> tuple[dict[str, str], list[str]]:
+    """docs/cluster.md's test command (section Slurm, 2nd block), with PORT and TMP filled in."""
+    env, argv = find(doc_commands("## Slurm", 1), "sbatch")
+    fill = lambda v: v.replace("PORT", str(gcs_port)).replace("TMP", str(tmp))  # noqa: E731
+    return {k: fill(v) for k, v in env.items()}, [fill(a) for a in argv]
+
+
+def _submit(slurm: Slurm, tmp: Path, drop: tuple[str, ...] = (), **extra: str) \
+        -> tuple[str, dict[str, str], str, set[str], float, dict[str, str]]:
+    """sbatch docs/cluster.md's command (the smoke sweep on 2 nodes) from the repository root and wait for the job:
+    (job id, its final scontrol fields, its output, off-loopback listeners seen among its processes, seconds,
+    the job's environment)."""
+    gcs_port = _free_ports(1)[0]
+    doc_env, argv = _doc_submit(tmp, gcs_port)
+    Path(tmp / "auth_token").write_text(secrets.token_hex(32))  # the job's own token (RAY_AUTH_TOKEN_PATH)
+    env = dict(slurm.env, PATH=os.pathsep.join([str(Path(sys.executable).parent), slurm.env.get("PATH", "")]),
+               RAY_USAGE_STATS_ENABLED="0", DBN_SWEEP_REPORT="off")
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH", "RAY_START_HOOK", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(name, None)  # the docs' command sets what it needs; RAY_AUTH_MODE stays unset: the script decides
+    env.update(doc_env)
     env.update(extra)
-    return env
-
-
-def _submit(slurm: Slurm, tmp: Path, env: dict[str, str]) -> tuple[str, dict[str, str], str, set[str], float]:
-    """sbatch the script with the smoke sweep on 2 nodes; wait for the job. (job id, its final scontrol fields,
-    its output, off-loopback listeners seen among its processes, seconds)."""
-    sweep = ["python", "-m", "search.run", *SMALL, "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-             "--storage", str(tmp / "results"), "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5"]
-    # docs/cluster.md's command, on 2 nodes of this machine: no GPUs in Slurm here (DBN_GPUS_PER_NODE
-    # gives each Ray node one to schedule on), 2 cores each.
-    out = slurm.run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--gpus-per-node=0",
-                    f"--output={tmp}/slurm-%j.out", str(SCRIPT), *sweep, env=env, cwd=ROOT)
+    for name in drop:
+        env.pop(name)
+    assert argv[0] == "sbatch" and argv[-len(SWEEP):] == [a.replace("TMP", str(tmp)) for a in SWEEP], argv
+    # Slurm gives this machine's nodes no GPUs (DBN_GPUS_PER_NODE gives each Ray node one to schedule on).
+    out = slurm.run(argv[0], "--parsable", f"--output={tmp}/slurm-%j.out", *argv[1:], env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split(";")[0]
     ray_tmp = Path(env["DBN_RAY_TMP"])
@@ -273,7 +271,8 @@ def _submit(slurm: Slurm, tmp: Path, env: dict[str, str]) -> tuple[str, dict[str
                     for _, proto, addr, port in listeners([pid]) if not is_loopback(addr)}
         time.sleep(1)
     log = tmp / f"slurm-{job_id}.out"
-    return job_id, state, log.read_text() if log.exists() else "(no job output)", exposed, time.time() - started
+    text = log.read_text() if log.exists() else "(no job output)"
+    return job_id, state, text, exposed, time.time() - started, env
 
 
 def _assert_no_ray_left(slurm: Slurm, job_id: str, env: dict[str, str]) -> None:
@@ -292,38 +291,41 @@ def _assert_no_ray_left(slurm: Slurm, job_id: str, env: dict[str, str]) -> None:
 
 @pytest.mark.timeout(420)
 def test_sbatch_script_runs_the_sweep_over_two_slurm_nodes(slurm: Slurm, tmp_path: Path) -> None:
-    env = _job_env(slurm, tmp_path, _free_ports(1)[0])
-    job_id, state, text, exposed, took = _submit(slurm, tmp_path, env)
-    assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", \
-        f"{state.get('JobState')} {state.get('ExitCode')} after {took:.0f} s\n{text[-6000:]}"
-    print(f"slurm: job {job_id} COMPLETED 0:0 in {took:.0f} s")
+    job_id, state, text, exposed, took, env = _submit(slurm, tmp_path)
+    try:
+        assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", \
+            f"{state.get('JobState')} {state.get('ExitCode')} after {took:.0f} s\n{text[-6000:]}"
+        print(f"slurm: job {job_id} COMPLETED 0:0 in {took:.0f} s")
 
-    # Both nodes joined, and the trials ran on both: count the Ray node ids, not the exit code.
-    (joined,) = re.findall(r"^(\d+) of 2 Ray nodes joined: (.*)$", text, re.M) or [("0", "")]
-    assert joined[0] == "2", text[-4000:]
-    prefixes = re.findall(r"127\.0\.0\.1 ([0-9a-f]{12}) ", joined[1])
-    assert len(set(prefixes)) == 2, joined
-    runs = assert_complete(tmp_path)  # every trial in MLflow (FINISHED, ok) and in Parquet
-    node_ids = {r.data.tags["node_id"] for r in runs}
-    assert len(node_ids) >= 2, node_ids
-    assert all(any(n.startswith(p) for p in prefixes) for n in node_ids), (node_ids, prefixes)
-    assert {r.data.tags["node_ip"] for r in runs} == {"127.0.0.1"}
-    assert not exposed, exposed
-    assert "Stopping Ray on 2 node(s)" in text and "Ray stopped" in text
-    assert "auth token" in text  # the job's nodes and driver all ran with token auth
-    _assert_no_ray_left(slurm, job_id, env)
+        # Both nodes joined, and the trials ran on both: count the Ray node ids, not the exit code.
+        (joined,) = re.findall(r"^(\d+) of 2 Ray nodes joined: (.*)$", text, re.M) or [("0", "")]
+        assert joined[0] == "2", text[-4000:]
+        prefixes = re.findall(r"127\.0\.0\.1 ([0-9a-f]{12}) ", joined[1])
+        assert len(set(prefixes)) == 2, joined
+        runs = assert_complete(tmp_path)  # every trial in MLflow (FINISHED, ok) and in Parquet
+        node_ids = {r.data.tags["node_id"] for r in runs}
+        assert len(node_ids) >= 2, node_ids
+        assert all(any(n.startswith(p) for p in prefixes) for n in node_ids), (node_ids, prefixes)
+        assert {r.data.tags["node_ip"] for r in runs} == {"127.0.0.1"}
+        assert not exposed, exposed
+        assert "Stopping Ray on 2 node(s)" in text and "Ray stopped" in text
+        assert "auth token" in text  # the job's nodes and driver all ran with token auth
+        _assert_no_ray_left(slurm, job_id, env)
+    finally:
+        shutil.rmtree(env["DBN_RAY_TMP"], ignore_errors=True)
 
 
 @pytest.mark.timeout(300)
 def test_a_worker_that_cannot_join_fails_the_job_before_the_sweep(slurm: Slurm, tmp_path: Path) -> None:
     """Without the loopback hook, `ray start --address` on n2 refuses to join (this machine has one address
     for both nodes): the job fails naming n2, trains nothing, and leaves no Ray process."""
-    env = _job_env(slurm, tmp_path, _free_ports(1)[0], DBN_RAY_JOIN_TIMEOUT="90")
-    env.pop("RAY_START_HOOK")
-    job_id, state, text, _, took = _submit(slurm, tmp_path, env)
-    assert (state.get("JobState"), state.get("ExitCode")) == ("FAILED", "1:0"), text[-4000:]
-    assert "error: ray start on n2 exited before the sweep began" in text, text[-4000:]
-    assert "+ python -m search.run" not in text and not (tmp_path / "mlflow.db").exists()
-    assert "Stopping Ray on 2 node(s)" in text and "Ray stopped" in text
-    _assert_no_ray_left(slurm, job_id, env)
-    print(f"slurm: job {job_id} FAILED 1:0 in {took:.0f} s, naming n2")
+    job_id, state, text, _, took, env = _submit(slurm, tmp_path, drop=("RAY_START_HOOK",), DBN_RAY_JOIN_TIMEOUT="90")
+    try:
+        assert (state.get("JobState"), state.get("ExitCode")) == ("FAILED", "1:0"), text[-4000:]
+        assert "error: ray start on n2 exited before the sweep began" in text, text[-4000:]
+        assert "+ python -m search.run" not in text and not (tmp_path / "mlflow.db").exists()
+        assert "Stopping Ray on 2 node(s)" in text and "Ray stopped" in text
+        _assert_no_ray_left(slurm, job_id, env)
+        print(f"slurm: job {job_id} FAILED 1:0 in {took:.0f} s, naming n2")
+    finally:
+        shutil.rmtree(env["DBN_RAY_TMP"], ignore_errors=True)
