@@ -313,7 +313,7 @@ def _who_cfg(a: Analysis, e: WidthEffect) -> str:
 def _within_text(e: WidthEffect, level: float) -> str:
     w = e.within
     return (f"d^{w.mean:+.2f} ({level:.0%} CI [{w.low:+.2f}, {w.high:+.2f}], t over {w.n} seeds of within-position "
-            f"slopes; widths {', '.join(fmt_width(x) for x in e.widths)}, {e.n_positions} BN positions)")
+            f"slopes; widths {', '.join(fmt_width(x) for x in e.widths)}; {e.n_positions} BN positions)")
 
 
 def _width_effect_guidelines(a: Analysis) -> list[Guideline]:
