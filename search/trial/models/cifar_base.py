@@ -1,24 +1,29 @@
 """The base the paper's CIFAR families share: CifarNet (stem -> body -> pre-head -> pool -> fc, timm's
-head interface) and the small helpers every family file uses (depth check, channel scaling,
+model interface) and the small helpers every family file uses (depth check, channel scaling,
 convs, the timm pretrained_cfg and builder).
-"""
-from __future__ import annotations
 
-from typing import Any
+No `from __future__ import annotations` here: torch.fx copies the root module's forward
+annotations into the code it generates, and TorchScript cannot read them as strings
+(an FX-traced model would not script: "Unknown type name '_torch_Tensor_'").
+"""
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
-from timm.layers import create_classifier
-from timm.models import build_model_with_cfg
+from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype
+from timm.models import build_model_with_cfg, checkpoint_seq
+from timm.models._features import feature_take_indices
 
 from search import registry
 from search.config import ConfigError
 
 __all__ = ["CifarNet", "check_depth", "check_width", "scaled", "conv3x3", "conv1x1", "cifar_cfg", "build_cifar",
-           "bn_relu", "CIFAR_MEAN", "CIFAR_STD"]
+           "bn_relu", "drop_path_rates", "optional_drop_path", "feature", "CIFAR_MEAN", "CIFAR_STD", "FEATURE_LEVELS"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+FEATURE_LEVELS = 4  # feature_info taps of every CIFAR family: the stem and the ends of its three stages
 
 
 def check_depth(family: str, depth: int) -> None:
@@ -40,16 +45,38 @@ def scaled(channels: float, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, groups=groups, bias=False)
+def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1, device=None, dtype=None) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, groups=groups, bias=False, device=device,
+                     dtype=dtype)
 
 
-def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+def conv1x1(in_chs: int, out_chs: int, stride: int = 1, device=None, dtype=None) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, device=device, dtype=dtype)
 
 
-def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
-    """timm pretrained_cfg for a CIFAR net: no weights; names the stem conv and classifier."""
+def drop_path_rates(drop_path_rate: float, blocks_per_stage: List[int]) -> List[List[float]]:
+    """timm's stochastic-depth rule: 0 at the first block rising linearly to `drop_path_rate` at the last."""
+    flat = calculate_drop_path_rates(float(drop_path_rate), sum(blocks_per_stage))
+    out, start = [], 0
+    for n in blocks_per_stage:
+        out.append(flat[start:start + n])
+        start += n
+    return out
+
+
+def optional_drop_path(rate: float) -> Optional[nn.Module]:
+    """timm's DropPath on a residual branch, or None (no module at all) at rate 0, so a default model is unchanged."""
+    return DropPath(rate) if rate > 0.0 else None
+
+
+def feature(num_chs: int, reduction: int, module: str) -> Dict[str, Any]:
+    """One feature_info entry (timm's format): channels, stride from the input, the module whose output it is."""
+    return dict(num_chs=int(num_chs), reduction=int(reduction), module=module)
+
+
+def cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """timm pretrained_cfg for a CIFAR net: no weights; 32x32 inputs (8x8 after the two stride-2 stages),
+    CIFAR-10's channel statistics; names the stem conv and the classifier."""
     return {
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8),
         "crop_pct": 1.0, "interpolation": "bilinear", "mean": CIFAR_MEAN, "std": CIFAR_STD,
@@ -57,24 +84,39 @@ def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-def build_cifar(cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """timm's builder (sets pretrained_cfg etc.); there are no weights to load."""
+def build_cifar(cls: Type[nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """timm's builder (pretrained_cfg, features_only, ...); there are no weights to load.
+
+    `features_only=True` wraps the model in timm's FeatureListNet, which runs `stem`, the children of
+    `body` and of `pre_head` in order (flatten_sequential) and returns the feature_info taps (all
+    FEATURE_LEVELS of them unless `out_indices` picks some).
+    """
     if pretrained:
         raise ConfigError(f"{variant!r} has no pretrained weights: pretrained must be False")
-    return build_model_with_cfg(cls, variant, pretrained=False, **kwargs)
+    feature_cfg = dict(flatten_sequential=True, out_indices=tuple(range(FEATURE_LEVELS)))
+    return build_model_with_cfg(cls, variant, pretrained=False, feature_cfg=feature_cfg, **kwargs)
 
 
 class CifarNet(nn.Module):
     """Base of the CIFAR families: stem -> body -> pre-head (BN-ReLU or nothing) -> pool -> fc.
 
-    Subclasses set `stem`, `body`, `pre_head` and call `_init_head` then `_init_weights`.
-    Provides timm's head interface (get_classifier, reset_classifier, forward_head).
+    Subclasses set `stem`, `body` (a Sequential of stages), `pre_head` and call `_init_head` (with
+    their feature_info) then `_init_weights`. Provides timm's model interface: get_classifier,
+    reset_classifier, forward_features, forward_head(pre_logits), forward_intermediates,
+    prune_intermediate_layers, group_matcher, set_grad_checkpointing; `feature_info` lists the
+    taps (module paths into stem / body / pre_head, one Sequential level deep).
     """
 
-    def _init_head(self, num_features: int, num_classes: int, in_chans: int, drop_rate: float) -> None:
+    def _init_head(self, num_features: int, num_classes: int, in_chans: int, drop_rate: float,
+                   global_pool: str = "avg", feature_info: Optional[List[Dict[str, Any]]] = None,
+                   device=None, dtype=None) -> None:
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, float(drop_rate)
-        self.num_features = self.head_hidden_size = num_features
-        self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type="avg")
+        self.num_features = num_features
+        self.grad_checkpointing = False
+        self.feature_info = list(feature_info or [])
+        self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool,
+                                                      device=device, dtype=dtype)
+        self.head_hidden_size = num_features * self.global_pool.feat_mult()
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -86,16 +128,126 @@ class CifarNet(nn.Module):
             elif isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    # ------------------------------------------------------------------ timm's model interface
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise decay: the stem, each stage (coarse) or block, the pre-head last."""
+        return dict(stem=r"^stem", blocks=r"^body\.(\d+)" if coarse else [
+            (r"^body\.(\d+)\.(\d+)", None), (r"^body\.(\d+)", None), (r"^pre_head", (99999,))])
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for `num_classes` (0: none); `global_pool` None keeps the current pooling."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def _trunk(self) -> List[Tuple[str, nn.Module]]:
+        """stem, body and pre_head, each Sequential opened one level: the order features_only runs them in."""
+        out: List[Tuple[str, nn.Module]] = []
+        for part in ("stem", "body", "pre_head"):
+            module = getattr(self, part)
+            if isinstance(module, nn.Sequential):  # as timm's FeatureListNet (flatten_sequential) opens them
+                out.extend((f"{part}.{name}", child) for name, child in module.named_children())
+            else:
+                out.append((part, module))
+        return out
+
+    def _taps(self) -> Dict[str, int]:
+        """feature_info's module paths -> their feature index."""
+        return {f["module"]: i for i, f in enumerate(self.feature_info)}
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The final features and the feature_info taps (timm's forward_intermediates).
+
+        Args:
+            indices: the last n taps if int, all if None, those listed if a sequence.
+            norm: unused: the last tap of a pre-activation net is already the pre-head (BN-ReLU) output.
+            stop_early: stop after the last tap asked for.
+            output_fmt: 'NCHW' only.
+            intermediates_only: return the taps only.
+        """
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
+        taps = self._taps()
+        take_indices, max_index = feature_take_indices(len(taps), indices)
+        intermediates = []
+        for name, module in self._trunk():
+            x = self._stage(module, x) if name.startswith("body.") else module(x)
+            tap = taps.get(name)
+            if tap is not None and tap in take_indices:
+                intermediates.append(x)
+            if stop_early and tap == max_index:
+                break
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop everything after the last tap asked for (timm's prune_intermediate_layers)."""
+        taps = self._taps()
+        take_indices, max_index = feature_take_indices(len(taps), indices)
+        keep = set()
+        for name, _ in self._trunk():
+            keep.add(name)
+            if taps.get(name) == max_index:
+                break
+        for part in ("stem", "body", "pre_head"):
+            module = getattr(self, part)
+            if isinstance(module, nn.Sequential):
+                kept = [(n, m) for n, m in module.named_children() if f"{part}.{n}" in keep]
+                if len(kept) < len(module):
+                    setattr(self, part, nn.Sequential(OrderedDict(kept)))
+            elif part not in keep:
+                setattr(self, part, nn.Identity())
+        prune_end = max_index < len(taps) - 1
+        if prune_end:  # the features now end at the last kept tap: the head sized for the final ones goes
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    @torch.jit.ignore
+    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One child of `body`; with gradient checkpointing, a stage of blocks is checkpointed per block."""
+        if self.grad_checkpointing and type(stage) is nn.Sequential:
+            return checkpoint_seq(stage, x)
+        return stage(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pre_head(self.body(self.stem(x)))
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for stage in self.body:
+                x = self._stage(stage, x)
+        else:
+            x = self.body(x)
+        return self.pre_head(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -107,5 +259,5 @@ class CifarNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def bn_relu(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+def bn_relu(channels: int, device=None, dtype=None) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm2d(channels, device=device, dtype=dtype), nn.ReLU(inplace=True))
