@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype
+from timm.layers import DropPath, calculate_drop_path_rates, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
@@ -145,7 +145,8 @@ class CifarNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new classifier for `num_classes` (0: none); `global_pool` None keeps the current pooling."""
-        dd = get_device_dtype(self)
+        first = next(self.parameters())  # the new head follows the model's device and dtype
+        dd = dict(device=first.device, dtype=first.dtype)
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
