@@ -32,6 +32,9 @@ from search.schema import LAYERS_SCHEMA, OPTIONAL_LAYER_COLUMNS, OPTIONAL_TRIAL_
 __all__ = ["ResultStore", "resolve_fs", "list_parts", "read_parts", "dedup", "read_space"]
 
 Part = tuple[str, float]  # (path, mtime)
+# Times a reader lists a dataset again when files it listed vanished before it read them: a compaction or a
+# rebuild (each under the space's lock) publishes its new file before it deletes the ones it replaces.
+_RELISTS = 5
 _OPTIONAL = {"trials": OPTIONAL_TRIAL_COLUMNS, "layers": OPTIONAL_LAYER_COLUMNS}
 
 
@@ -47,7 +50,14 @@ def list_parts(fs: pafs.FileSystem, folder: str) -> list[Part]:
     info = fs.get_file_info(folder)
     if info.type != pafs.FileType.Directory:
         return []
-    files = [f for f in fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+    for attempt in range(_RELISTS + 1):
+        try:  # a file deleted between the folder's listing and its stat (a compaction) is listed again
+            entries = fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+            break
+        except FileNotFoundError:
+            if attempt == _RELISTS:
+                raise
+    files = [f for f in entries
              if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and not f.base_name.startswith(".")]
     out = [(f.path, f.mtime.timestamp() if f.mtime is not None else 0.0) for f in files]
     return sorted(out, key=lambda x: (x[1], x[0]))
@@ -74,12 +84,36 @@ def read_parts(fs: pafs.FileSystem, parts: list[Part], schema: pa.Schema, *, wit
     """Read part files as one table of `schema`, checking every file's columns and types first.
 
     A column listed in search.schema's OPTIONAL_*_COLUMNS that a file lacks (written
-    before the column existed) is read as nulls.
+    before the column existed) is read as nulls. A listed file that is gone when it is read
+    was compacted or rebuilt away meanwhile (its rows are in the file that replaced it): the
+    folders are listed again and read again, and `parts` (a list) is updated in place so the
+    caller's de-duplication ranks the files actually read. Only a file that exists and is not
+    readable Parquet is called damaged.
 
     Raises:
         ValueError: a file that is not readable Parquet, lacks a required column or has a
             column of an incompatible type (names the file and the column).
     """
+    current = list(parts)
+    for attempt in range(_RELISTS + 1):
+        try:
+            table = _read_parts(fs, current, schema, with_file=with_file)
+        except ValueError:
+            if not any(fs.get_file_info(p).type == pafs.FileType.NotFound for p, _ in current):
+                raise  # every listed file is there: the error is the file's own
+            if attempt == _RELISTS:
+                raise ValueError(f"{_name(schema)} dataset: part files kept vanishing while being read ({_RELISTS + 1}"
+                                 " listings): another process is compacting or rebuilding it; read again") from None
+            folders = dict.fromkeys(p.rsplit("/", 1)[0] for p, _ in current)
+            current = [part for folder in folders for part in list_parts(fs, folder)]
+            continue
+        if isinstance(parts, list) and current != parts:
+            parts[:] = current
+        return table
+    raise AssertionError("unreachable")
+
+
+def _read_parts(fs: pafs.FileSystem, parts: list[Part], schema: pa.Schema, *, with_file: bool) -> pa.Table:
     if not parts:
         table = schema.empty_table()
         return table.append_column("__filename", pa.array([], pa.string())) if with_file else table
@@ -230,15 +264,25 @@ class ResultStore:
     def path(self, dataset: str) -> str:
         return f"{self.base}/{dataset}"
 
+    def lock(self, purpose: str = "write") -> Any:
+        """The space's writer lock (search/sweep/lock.py), which every writer of these datasets holds: the
+        sweep for its whole run, a rebuild from MLflow, and each method below that changes files. Re-entrant
+        in one process (the driver holds it already); another holder gets OSError naming it. No lock on
+        object stores."""
+        from search.sweep.lock import SweepLock  # os and fcntl only
+
+        return SweepLock(self.root, self.space, purpose=purpose)
+
     # ----------------------------------------------------------------- write
     def write_trial(self, trial_row: dict[str, Any], layer_rows: Iterable[dict[str, Any]]) -> None:
         """Write one trial's row and its layer rows as part files (layers first, so a
         reader that sees the trial also sees its layers)."""
         tag = f"{trial_row['run_id']}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         layers = pa.Table.from_pylist(list(layer_rows), schema=LAYERS_SCHEMA)
-        self._write_atomic(layers, self.path("layers"), f"part-{tag}.parquet")
         trials = pa.Table.from_pylist([trial_row], schema=TRIALS_SCHEMA)
-        self._write_atomic(trials, self.path("trials"), f"part-{tag}.parquet")
+        with self.lock():
+            self._write_atomic(layers, self.path("layers"), f"part-{tag}.parquet")
+            self._write_atomic(trials, self.path("trials"), f"part-{tag}.parquet")
 
     def _write_atomic(self, table: pa.Table, folder: str, name: str) -> None:
         table = with_writer(table)  # the file records which code wrote it (search.schema)
@@ -258,20 +302,23 @@ class ResultStore:
         """Delete the part files of the given runs (each trial's parts are named after its run)."""
         if not run_ids:
             return
-        for name in ("trials", "layers"):
-            for p, _ in list_parts(self.fs, self.path(name)):
-                base = p.rsplit("/", 1)[-1]
-                if any(base.startswith(f"part-{r}-") for r in run_ids):
-                    self.fs.delete_file(p)
+        with self.lock():
+            for name in ("trials", "layers"):
+                for p, _ in list_parts(self.fs, self.path(name)):
+                    base = p.rsplit("/", 1)[-1]
+                    if any(base.startswith(f"part-{r}-") for r in run_ids):
+                        self.fs.delete_file(p)
 
     def remove_temporaries(self) -> int:
         """Delete the `.*.tmp` files a killed writer left; only while holding the sweep lock."""
         if not self.is_local:  # object stores publish whole objects: nothing half-written to remove
             return 0
         n = 0
-        for name in ("trials", "layers"):
-            folder = self.path(name)
-            if os.path.isdir(folder):
+        folders = [f for f in (self.path("trials"), self.path("layers")) if os.path.isdir(f)]
+        if not folders:
+            return 0
+        with self.lock():  # a live writer's .tmp file is never taken for a dead one's
+            for folder in folders:
                 for f in os.listdir(folder):
                     if f.startswith(".") and f.endswith(".tmp"):
                         os.remove(os.path.join(folder, f))
@@ -284,17 +331,23 @@ class ResultStore:
         Only their footers are read. Returns (old path, new path) per file moved; the caller rebuilds
         the datasets from MLflow, which holds every finished trial. Only while holding the sweep lock.
         """
-        moved = []
-        for name in ("trials", "layers"):
-            for p, _ in list_parts(self.fs, self.path(name)):
-                try:
-                    with self.fs.open_input_file(p) as fh:
-                        pq.read_metadata(fh)
-                except (OSError, pa.ArrowException):
-                    self.fs.create_dir(f"{self.base}/damaged", recursive=True)
-                    dest = f"{self.base}/damaged/{name}-{p.rsplit('/', 1)[-1]}"
-                    self.fs.move(p, dest)
-                    moved.append((p, dest))
+        moved: list[tuple[str, str]] = []
+        parts = {name: list_parts(self.fs, self.path(name)) for name in ("trials", "layers")}
+        if not any(parts.values()):
+            return moved
+        with self.lock():
+            for name in ("trials", "layers"):
+                for p, _ in list_parts(self.fs, self.path(name)):
+                    try:
+                        with self.fs.open_input_file(p) as fh:
+                            pq.read_metadata(fh)
+                    except FileNotFoundError:  # gone, not damaged
+                        continue
+                    except (OSError, pa.ArrowException):
+                        self.fs.create_dir(f"{self.base}/damaged", recursive=True)
+                        dest = f"{self.base}/damaged/{name}-{p.rsplit('/', 1)[-1]}"
+                        self.fs.move(p, dest)
+                        moved.append((p, dest))
         return moved
 
     def compact(self) -> None:
@@ -302,20 +355,29 @@ class ResultStore:
         t_parts, l_parts = list_parts(self.fs, self.path("trials")), list_parts(self.fs, self.path("layers"))
         if len(t_parts) <= 1 and len(l_parts) <= 1:
             return
-        trials, layers, _ = self.read_deduped(replicates=False)
-        for name, table, parts in (("layers", layers, l_parts), ("trials", trials, t_parts)):
-            self._write_atomic(table, self.path(name), f"part-compact-{uuid.uuid4().hex[:12]}.parquet")
-            for p, _ in parts:  # the new file is in place before any old one goes
-                self.fs.delete_file(p)
+        with self.lock():  # the files deleted below are the ones read: no other writer adds one meanwhile
+            t_parts, l_parts = list_parts(self.fs, self.path("trials")), list_parts(self.fs, self.path("layers"))
+            trials = read_parts(self.fs, t_parts, TRIALS_SCHEMA, with_file=True)
+            layers = read_parts(self.fs, l_parts, LAYERS_SCHEMA)
+            trials, layers, _ = dedup(trials, layers, t_parts, l_parts, self.fs, replicates=False)
+            for name, table, parts in (("layers", layers, l_parts), ("trials", trials, t_parts)):
+                self._write_atomic(table, self.path(name), f"part-compact-{uuid.uuid4().hex[:12]}.parquet")
+                for p, _ in parts:  # the new file is in place before any old one goes
+                    self.fs.delete_file(p)
 
     def replace_all(self, trials: pa.Table, layers: pa.Table) -> None:
-        """Swap both datasets for the given tables (used when rebuilding from MLflow)."""
-        for name, table in (("layers", layers), ("trials", trials)):
-            folder = self.path(name)
-            old = list_parts(self.fs, folder)
-            self._write_atomic(table, folder, f"part-rebuild-{uuid.uuid4().hex[:12]}.parquet")
-            for p, _ in old:
-                self.fs.delete_file(p)
+        """Swap both datasets for the given tables (used when rebuilding from MLflow).
+
+        Under the space's lock; `rebuild_parquet` holds it from before its MLflow read, so no part file
+        written after that read is deleted here.
+        """
+        with self.lock("rebuild"):
+            for name, table in (("layers", layers), ("trials", trials)):
+                folder = self.path(name)
+                old = list_parts(self.fs, folder)
+                self._write_atomic(table, folder, f"part-rebuild-{uuid.uuid4().hex[:12]}.parquet")
+                for p, _ in old:
+                    self.fs.delete_file(p)
 
     # ------------------------------------------------------------------ read
     def read(self, name: str) -> pa.Table:

@@ -1,7 +1,12 @@
-"""One sweep per space at a time (`SweepLock`), and telling a full disk from other write errors.
+"""One writer per space at a time (`SweepLock`), and telling a full disk from other write errors.
 
-The lock is an flock per (storage, space), plus one per (sqlite tracking store, space),
-taken by the driver for the whole sweep; a killed driver releases it with its process.
+The lock is an flock per (storage, space), plus one per (sqlite tracking store, space), taken by
+the driver for the whole sweep; a killed driver releases it with its process. Every other writer
+of a space's Parquet datasets takes the storage one too (issue 30): a rebuild from MLflow
+(`rebuild_parquet`, e.g. `analysis.report --tracking-uri`) for its whole MLflow read and swap,
+and `ResultStore`'s compaction, repair and removals. Lock files are named by resolved real
+paths (a symlinked `--storage` or `mlflow.db` is the same lock), and the lock is re-entrant
+within one process: the driver's repair rebuilds while the sweep holds it.
 """
 from __future__ import annotations
 
@@ -9,6 +14,14 @@ import errno
 import os
 
 __all__ = ["SweepLock", "disk_full"]
+
+# Lock files this process holds: real path -> [open file (its flock), depth]. flock belongs to an open
+# file, so a second open() of a held lock in the same process would refuse itself.
+_HELD: dict[str, list] = {}
+# What a holder is doing (written into the lock file after its pid), as the refusal describes it.
+_DOING = {"sweep": "another sweep of this space is running",
+          "rebuild": "this space's results are being rebuilt from MLflow",
+          "write": "another process is writing this space's results"}
 
 
 def disk_full(e: BaseException | None) -> bool:
@@ -24,43 +37,80 @@ def disk_full(e: BaseException | None) -> bool:
     return False
 
 
-class SweepLock:
-    """An exclusive lock per (storage, space): two drivers never write one space at once."""
+def lock_paths(storage: str, space: str, tracking_uri: str | None = None) -> list[str]:
+    """The lock files of a space: `<storage>/<space>/.sweep.lock` (local storage) and, for a sqlite store,
+    `<dir of mlflow.db>/.mlflow.db.<space>.lock`; both from resolved real paths."""
+    paths = []
+    if "://" not in storage or storage.startswith("file://"):
+        folder = os.path.join(os.path.realpath(storage.replace("file://", "", 1)), space)
+        paths.append(os.path.join(folder, ".sweep.lock"))
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        # The MLflow store is shared by every --storage: lock the space there too.
+        db = os.path.realpath(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+        paths.append(os.path.join(os.path.dirname(db), f".{os.path.basename(db)}.{space}.lock"))
+    return paths
 
-    def __init__(self, storage: str, space: str, tracking_uri: str | None = None) -> None:
-        self.paths = []
-        if "://" not in storage or storage.startswith("file://"):
-            folder = os.path.join(os.path.abspath(storage.replace("file://", "")), space)
-            self.paths.append(os.path.join(folder, ".sweep.lock"))
-        if tracking_uri and tracking_uri.startswith("sqlite:///"):
-            # The MLflow store is shared by every --storage: lock the space there too.
-            db = os.path.abspath(tracking_uri[len("sqlite:///"):])
-            self.paths.append(os.path.join(os.path.dirname(db), f".{os.path.basename(db)}.{space}.lock"))
+
+class SweepLock:
+    """An exclusive lock per (storage, space) (and sqlite store, space): one writer of a space at a time.
+
+    `purpose` (sweep | rebuild | write) is recorded beside the pid, so a refusal says what holds it.
+    Refused: OSError naming the lock file, the holder's pid and what it does.
+    """
+
+    def __init__(self, storage: str, space: str, tracking_uri: str | None = None, *, purpose: str = "sweep") -> None:
+        self.paths = lock_paths(storage, space, tracking_uri)
         self.path = self.paths[0] if self.paths else None
-        self.fhs: list = []
+        self.purpose = purpose
+        self.keys: list[str] = []
 
     def __enter__(self) -> "SweepLock":
         import fcntl
 
         for path in self.paths:  # object storage / remote tracking: no flock; MLflow dedup still applies
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            key = os.path.realpath(path)
+            if key in _HELD:  # this process holds it already (the driver, while its repair rebuilds)
+                _HELD[key][1] += 1
+                self.keys.append(key)
+                continue
             fh = open(path, "a+")
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 fh.seek(0)
-                owner = fh.read().strip() or "unknown"
+                owner = fh.read().split()
                 fh.close()
                 self.__exit__()
-                raise OSError(f"another sweep of this space is running (lock {path}, pid {owner}); "
-                              "wait for it or stop it, then use --resume") from None
+                raise OSError(self._refusal(path, owner[0] if owner else "unknown",
+                                            owner[1] if len(owner) > 1 else "sweep")) from None
             fh.truncate(0)
-            fh.write(str(os.getpid()))
+            fh.write(f"{os.getpid()} {self.purpose}")
             fh.flush()
-            self.fhs.append(fh)
+            _HELD[key] = [fh, 1]
+            self.keys.append(key)
         return self
 
+    def _refusal(self, path: str, pid: str, doing: str) -> str:
+        what = _DOING.get(doing, _DOING["write"])
+        if self.purpose == "sweep":
+            advice = ("wait for it or stop it, then use --resume" if doing == "sweep"
+                      else "wait for it, then run the sweep again (nothing was written)")
+        elif self.purpose == "rebuild":
+            what = what.replace("another sweep", "a sweep")
+            advice = ("its results cannot be rebuilt from MLflow while it writes them; nothing was rebuilt: wait "
+                      "for it to finish, then run again")
+        else:
+            advice = "nothing was changed: wait for it, then run again"
+        return f"{what} (lock {path}, pid {pid}); {advice}"
+
     def __exit__(self, *exc: object) -> None:
-        for fh in self.fhs:
-            fh.close()  # closing releases the flock; a killed driver releases it too
-        self.fhs = []
+        for key in self.keys:
+            held = _HELD.get(key)
+            if held is None:
+                continue
+            held[1] -= 1
+            if held[1] <= 0:
+                held[0].close()  # closing releases the flock; a killed process releases it too
+                del _HELD[key]
+        self.keys = []

@@ -383,7 +383,20 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
 
     Raises:
         ValueError: no experiment of that name in the tracking store.
+        OSError: another process (a sweep) holds the space's writer lock; nothing was written.
     """
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(space)
+    if exp is None:
+        raise ValueError(f"space {space!r}: no MLflow experiment of that name at {tracking_uri}")
+    # The space's writer lock from before the MLflow read to the swap: the snapshot then holds every run whose
+    # part files it deletes (a sweep's new trials were lost otherwise; issue 30). Re-entrant for the driver's
+    # repair; while a sweep holds it, OSError says so and nothing is written.
+    with ResultStore(root, space).lock("rebuild"):
+        return _rebuild_locked(client, exp, space, root)
+
+
+def _rebuild_locked(client: Any, exp: Any, space: str, root: str) -> tuple[int, int]:
     import dataclasses
 
     import pyarrow as pa
@@ -391,10 +404,6 @@ def rebuild_parquet(space: str, tracking_uri: str, root: str) -> tuple[int, int]
 
     from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
 
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(space)
-    if exp is None:
-        raise ValueError(f"space {space!r}: no MLflow experiment of that name at {tracking_uri}")
     types = {f.name: str(f.type) for f in dataclasses.fields(TrialConfig)}
     trial_rows, layer_tables = [], []
     for run in _search_all(client, exp.experiment_id, "FINISHED") + _search_all(client, exp.experiment_id, "FAILED"):
