@@ -28,6 +28,14 @@ SCHEDULERS = ("fifo", "asha")
 REUSE = ("same-code", "any", "none")
 EXIT_OK, EXIT_ALL_FAILED, EXIT_USAGE, EXIT_SWEEP_FAILED = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports it
+# Every number a user can type is finite and bounded (issue 30): NaN passes every comparison (a sweep asked for
+# nan CPUs per trial waited forever holding the lock), and counts no machine can hold used to be accepted.
+# Integer flags: (lowest, highest) allowed.
+BOUNDS = {"seeds": (1, 1000), "samples": (1, 1_000_000), "retries": (0, 100), "max_concurrent": (0, 100_000),
+          "num_cpus": (1, 4096), "search_seed": (0, 2**32 - 1)}
+MAX_CPUS_PER_TRIAL, MAX_GPUS_PER_TRIAL = 4096, 64
+MAX_RESOURCE_WAIT_S = 7 * 24 * 3600
+MAX_TRIALS = 1_000_000  # --samples x --seeds: the trial table is built in memory before anything runs
 
 
 class UsageError(ValueError):
@@ -175,20 +183,26 @@ def _gpus(value: str) -> float | str:
         g = float(value)
     except ValueError:
         raise UsageError(f"--gpus-per-trial {value!r} must be 'auto' or a number >= 0 (e.g. 0.25)") from None
-    if g < 0:
-        raise UsageError(f"--gpus-per-trial {value!r} must be >= 0")
+    if not (math.isfinite(g) and 0 <= g <= MAX_GPUS_PER_TRIAL):
+        raise UsageError(f"--gpus-per-trial {value!r} is not allowed (allowed: 'auto' or a number >= 0 and "
+                         f"<= {MAX_GPUS_PER_TRIAL})")
     return g
 
 
 def _validate(args: argparse.Namespace) -> None:
     _choice("algo", args.algo, ALGOS)
     _choice("scheduler", args.scheduler, SCHEDULERS)
-    for name in ("seeds", "retries", "max_concurrent", "samples", "num_cpus"):
+    for name, (lo, hi) in BOUNDS.items():
         v = getattr(args, name)
-        if v is not None and v < (1 if name in ("seeds", "samples", "num_cpus") else 0):
-            raise UsageError(f"--{name.replace('_', '-')} {v!r} must be >= {1 if name in ('seeds', 'samples', 'num_cpus') else 0}")
-    if args.cpus_per_trial <= 0:
-        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial!r} must be > 0")
+        if v is not None and not lo <= v <= hi:
+            raise UsageError(f"--{name.replace('_', '-')} {v} is not allowed (allowed: >= {lo} and <= {hi})")
+    if args.samples is not None and args.seeds is not None and args.samples * args.seeds > MAX_TRIALS:
+        raise UsageError(f"--samples {args.samples} x --seeds {args.seeds} = {args.samples * args.seeds} trials is not "
+                         f"allowed (allowed: at most {MAX_TRIALS} trials in one sweep)")
+    if not (math.isfinite(args.cpus_per_trial) and 0 < args.cpus_per_trial <= MAX_CPUS_PER_TRIAL):
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g} is not allowed (allowed: > 0 and "
+                         f"<= {MAX_CPUS_PER_TRIAL})")
+    _gpus(args.gpus_per_trial)
     if args.data_dir and "://" not in args.data_dir and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
     if args.resume and args.force:
@@ -200,8 +214,9 @@ def _validate(args: argparse.Namespace) -> None:
         if args.resume and args.reuse == "none":
             raise UsageError("--resume and --reuse none exclude each other: --resume keeps finished trials")
     args.reuse = "none" if args.force else (args.reuse or "same-code")
-    if not (math.isfinite(args.resource_wait) and args.resource_wait >= 0):
-        raise UsageError(f"--resource-wait {args.resource_wait:g} is not allowed (allowed: seconds >= 0)")
+    if not (math.isfinite(args.resource_wait) and 0 <= args.resource_wait <= MAX_RESOURCE_WAIT_S):
+        raise UsageError(f"--resource-wait {args.resource_wait:g} is not allowed (allowed: seconds >= 0 and "
+                         f"<= {MAX_RESOURCE_WAIT_S})")
     if args.resource_wait > 0 and not args.address:
         raise UsageError(f"--resource-wait {args.resource_wait:g} is for a cluster (--address): a local Ray's "
                          "resources are known and checked before anything runs")
