@@ -823,6 +823,9 @@ def write_report(spaces: str | Sequence[str], root: str = "results", out: str | 
     if abl is not None:
         tables.insert(next((i for i, t in enumerate(tables) if t.key == "paper"), len(tables)), abl)
     out = out or os.path.join("reports", "+".join(study.spaces))
+    from search.outputs import check_output_dir  # nothing renamed over a device, before anything is written
+
+    check_output_dir(out, "--out", ("report.md", "report.tex"), {"figures": (".png", ".pdf")})
     figs = []
     if figures:
         from .figures import write_figures  # matplotlib only here

@@ -181,6 +181,15 @@ CASES = [
          ("field 'image_size' = 1000000 is out of range", "allowed: 8 to 8192")),
     Case("trial-batch-size-huge", "search.trial.runner", "--batch-size 100000000000",
          ("field 'batch_size' = 100000000000 is out of range", "allowed: 1 to 1048576")),
+    # outputs are never renamed over something that is not a regular file (issue 30: --json /dev/full as root
+    # replaced the device with a JSON file)
+    Case("trial-json-device", "search.trial.runner", "--json /dev/null",
+         ("--json '/dev/null' is a character device, not a regular file", "allowed: a new path or a regular file")),
+    Case("trial-json-fifo", "search.trial.runner", "--json {fifo}", ("is a named pipe (FIFO), not a regular file",)),
+    Case("report-out-not-regular", "analysis.report", "--space smoke --root {study} --out {out_fifo} --no-figures",
+         ("--out", "report.md' is a named pipe (FIFO), not a regular file", "writing would replace it")),
+    Case("tracking-db-not-regular", "search.run", f"{S} --tracking-uri sqlite:///{{fifo}}",
+         ("--tracking-uri", "is a named pipe (FIFO), not a database file")),
 ]
 
 
@@ -219,7 +228,24 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "parquet_wrong_type": _parquet_root(base / "pq_type", "type"),
         "idx_corrupt": _idx_corrupt(base / "idx"),
         "smoke_store": _profile_store(base / "store"),
+        "study": _study(base / "study"),
+        "fifo": _fifo(base / "pipe"),
+        "out_fifo": _fifo(base / "out" / "report.md").parent,
     }
+
+
+def _study(root: Path) -> Path:
+    """A results root holding a real 4-trial smoke study (tests/data/legacy_smoke): one that reports."""
+    import shutil
+
+    shutil.copytree(ROOT / "tests" / "data" / "legacy_smoke" / "results", root)
+    return root
+
+
+def _fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
 
 
 def _profile_store(root: Path) -> Path:

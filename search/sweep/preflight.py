@@ -68,6 +68,12 @@ def check_tracking(uri: str) -> None:
         check_storage(os.path.dirname(os.path.abspath(db)) or ".", flag="--tracking-uri", shown=uri)
         if os.path.isdir(db):
             raise OSError(f"--tracking-uri {uri!r}: {db!r} is a directory, not a database file")
+        from search.outputs import not_regular
+
+        kind = not_regular(db)  # a device or FIFO is no store (and MLflow would write into it)
+        if kind is not None:
+            raise OSError(f"--tracking-uri {uri!r}: {db!r} is {kind}, not a database file (allowed: a new path or "
+                          "an MLflow sqlite file)")
         if os.path.exists(db) and not os.access(db, os.W_OK):
             raise PermissionError(f"--tracking-uri {uri!r}: {db!r} is not writable")
         return

@@ -207,34 +207,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_json_path(path: str | None) -> None:
-    """Refuse a --json path that cannot be written, before training rather than after."""
+    """Refuse a --json path that cannot be written, before training rather than after: its folder must exist,
+    and the path must be new or a regular file (a rename over a device replaced it; search/outputs.py)."""
     import os
+
+    from search.outputs import check_output_file
 
     if not path:
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--json {path!r}: folder {folder!r} does not exist (create it first)")
     if os.path.isdir(path):
         raise ValueError(f"--json {path!r} is a directory; give a file name")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    try:
+        real = check_output_file(path, "--json")
+    except OSError as e:  # FileNotFoundError: the folder; OSError: not a regular file
+        raise ValueError(str(e)) from None
+    folder = os.path.dirname(real)
+    if not os.access(folder, os.W_OK) or (os.path.exists(real) and not os.access(real, os.W_OK)):
         raise ValueError(f"--json {path!r} is not writable")
 
 
 def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    """Write beside the target, then rename: an interrupted write never leaves half a JSON file."""
+    """Write beside the target, then rename: an interrupted write never leaves half a JSON file; never over
+    anything but a regular file (checked again just before the rename)."""
     import json
-    import os
-    import tempfile
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".json-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from search.outputs import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=1, default=float), "--json")
 
 
 if __name__ == "__main__":
