@@ -129,6 +129,7 @@ class Stage:
     before_parquet_runs: set[str] = field(default_factory=set)  # run ids in the trials dataset after the kill
     half_migrated: bool = False
     db_after_kill: bool = False  # mlflow.db existed right after the kill
+    parents: list = field(default_factory=list)  # the sweep's parent runs (run_kind = sweep) right after the kill
 
     @property
     def done_before(self) -> set[str]:
@@ -137,6 +138,17 @@ class Stage:
     @property
     def running_before(self) -> set[str]:
         return {r.info.run_id for r in self.before if r.info.status == "RUNNING"}
+
+
+def _parents(cwd: Path) -> list:
+    """The sweep parent runs (run_kind = sweep) of the store, if there is one."""
+    if not (cwd / "mlflow.db").exists():
+        return []
+    from _sweeps import _client
+
+    client = _client(cwd)
+    exp = client.get_experiment_by_name(SPACE)
+    return client.search_runs([exp.experiment_id], "tags.run_kind = 'sweep'") if exp else []
 
 
 @dataclass
@@ -174,6 +186,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
             s.half_migrated = any(t.startswith("_alembic_tmp_") for t in tables) or "alembic_version" not in tables
         if not s.half_migrated:
             s.before = _runs(cwd)
+            s.parents = _parents(cwd)
         s.before_files = _tree(cwd / "results" / SPACE)
         trials = _dataset(cwd / "results", "trials")
         s.before_parquet_runs = set(trials.column("run_id").to_pylist()) if trials is not None else set()
@@ -242,6 +255,28 @@ def test_no_finished_trial_is_trained_again(chain: Chain) -> None:
     assert set(per_hash.values()) == {1}, per_hash
     assert f"{N_KILL_TRIALS} of {N_KILL_TRIALS} trials already finished" in chain.resume_log
     assert "trial(s) to run" not in chain.resume_log  # nothing left: no Ray, no training
+
+
+@pytest.mark.timeout(700)
+def test_resume_with_nothing_to_train_closes_the_parent_left_running(chain: Chain, tmp_path: Path) -> None:
+    """Killed in compaction, every trial finished: the last --resume trains nothing, and the sweep's parent
+    run, left RUNNING, ends FINISHED with its summary (issue 30; it used to stay RUNNING). No parent is left
+    RUNNING."""
+    s = chain.stages[-1]
+    assert s.point == "compaction"
+    running = [r.info.run_id for r in s.parents if r.info.status == "RUNNING"]
+    assert len(running) == 1, [(r.info.run_id, r.info.status) for r in s.parents]
+    after = {r.info.run_id: r for r in _parents(chain.cwd)}
+    assert set(after) == {r.info.run_id for r in s.parents}, "a --resume with nothing to train made a new parent"
+    assert not [r for r in after.values() if r.info.status == "RUNNING"]
+    parent = after[running[0]]
+    assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "done"
+    assert f"the sweep's parent run {running[0]} was left RUNNING" in chain.resume_log, chain.resume_log[-3000:]
+    from _sweeps import _client
+
+    client = _client(chain.cwd)
+    summary = Path(client.download_artifacts(running[0], "summary.txt", str(tmp_path)))
+    assert f"sweep '{SPACE}' done" in summary.read_text() and f"{N_KILL_TRIALS} ok" in summary.read_text()
 
 
 @pytest.mark.timeout(700)

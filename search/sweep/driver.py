@@ -233,6 +233,8 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
         if outcome.exhausted:
             print(f"optuna proposed only configurations already trained, many times in a row: the space is "
                   f"exhausted after {sum(outcome.statuses.values())} new trial(s)", flush=True)
+    else:
+        _close_parent_left_running(tracker, args)
     tracker.store.compact()
     summary = _captured(_summary, tracker, set(hashes) if args.algo != "optuna" else None, args, time.time() - t0)
     if tracker.parent_id:
@@ -244,6 +246,29 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
               f"{outcome.first_error[:300]}); their runs are FAILED in {args.tracking_uri}", file=sys.stderr)
         return 1
     return 0
+
+
+def _close_parent_left_running(tracker: Tracker, args: argparse.Namespace) -> None:
+    """Nothing left to train, and this profile's and algo's latest sweep parent run is still RUNNING (its driver
+    was killed, e.g. while compacting): --resume reopens it, and it ends FINISHED with this sweep's summary
+    (`_close_parent`); without --resume it is closed KILLED, as `open_sweep` closes it for a new sweep."""
+    from search.sweep.tracking import KIND_TAG, _search_all
+
+    flt = f"tags.{KIND_TAG} = 'sweep' and tags.profile = '{args.profile}' and tags.algo = '{args.algo}'"
+    mine = sorted(_search_all(tracker.client, tracker.experiment_id, None, flt), key=lambda r: -r.info.start_time)
+    running = [r for r in mine if r.info.status == "RUNNING"]
+    if not running:
+        return
+    if args.resume and mine[0].info.status == "RUNNING":
+        tracker.open_sweep(algo=args.algo, command=_command_line(), resume=True)  # older RUNNING ones: KILLED
+        print(f"the sweep's parent run {tracker.parent_id} was left RUNNING by an interrupted sweep: nothing is left "
+              "to train, so it is closed FINISHED with this summary", flush=True)
+        return
+    for r in running:
+        tracker.client.set_tag(r.info.run_id, "status", "killed")
+        tracker.client.set_terminated(r.info.run_id, status="KILLED")
+    print(f"closed {len(running)} sweep parent run(s) left RUNNING by an interrupted sweep (marked KILLED; "
+          "--resume closes the latest FINISHED with its summary)", flush=True)
 
 
 def _grid_size(args: argparse.Namespace) -> int:
