@@ -169,11 +169,10 @@ def _list_spaces() -> None:
 def _print_table(configs: list[dict[str, Any]]) -> None:
     cols = ["backbone", "depth", "width", "dropout_placement", "dropout_type", "dropout_rate", "dataset", "epochs",
             "seed"]
-    print("  ".join(f"{c:<17}" if c == "dropout_placement" else f"{c:<10}" for c in ["hash"] + cols))
-    for c in configs:
-        cfg = TrialConfig.from_dict(c)
-        cells = [cfg.config_hash] + [str(c[k]) for k in cols]
-        print("  ".join(f"{v:<17}" if i == 4 else f"{v:<10}" for i, v in enumerate(cells)))
+    rows = [["hash"] + cols] + [[TrialConfig.from_dict(c).config_hash] + [str(c[k]) for k in cols] for c in configs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]  # each column as wide as its widest cell
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 def _gpus(value: str) -> float | str:

@@ -277,8 +277,30 @@ def _grid_size(args: argparse.Namespace) -> int:
     return get_space(args.space).size(args.profile)
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
+def _fmt(v: Any, col: str = "") -> str:
+    """A summary cell, compact: width 4 and rate 0.5 as typed, accuracies to 4 decimals, shifts to 3."""
+    if not isinstance(v, float) or not math.isfinite(v):
+        return str(v)
+    if col in ("width", "dropout_rate", "seed") or v.is_integer():
+        return f"{v:g}"
+    return f"{v:.4f}" if "acc" in col else f"{v:.3f}"
+
+
+# The summary's columns and their short headers: the tables fit 100 columns (tests/test_user_views.py).
+SUMMARY_COLUMNS = {"width": "width", "dropout_placement": "placement", "dropout_type": "type",
+                   "dropout_rate": "rate", "seed": "seed", "test_acc": "test_acc", "test_acc_reest": "acc_reest",
+                   "mean_shift": "mean_shift", "max_shift": "max_shift"}
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows of SUMMARY_COLUMNS as aligned lines, each column as wide as its widest cell."""
+    cells = [[_fmt(r.get(c), c) for c in SUMMARY_COLUMNS] for r in rows]
+    heads = list(SUMMARY_COLUMNS.values())
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
+    left = {1, 2}  # names read left-aligned, numbers right-aligned
+    line = lambda vals: "  " + "  ".join(v.ljust(w) if i in left else v.rjust(w)  # noqa: E731
+                                          for i, (v, w) in enumerate(zip(vals, widths)))
+    return [line(heads).rstrip()] + [line(row).rstrip() for row in cells]
 
 
 def _summary(tracker: Tracker, hashes: set[str] | None, args: argparse.Namespace, wall: float) -> None:
@@ -296,27 +318,37 @@ def _summary(tracker: Tracker, hashes: set[str] | None, args: argparse.Namespace
           + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) if rows else "\nno finished trials")
     ok = sorted((r for r in rows if r["status"] == "ok" and math.isfinite(r["test_acc"])),
                 key=lambda r: -r["test_acc"])
-    cols = ("width", "dropout_placement", "dropout_type", "dropout_rate", "seed", "test_acc", "test_acc_reest",
-            "mean_shift", "max_shift")
     if ok:
         k = min(5, (len(ok) + 1) // 2)
         for title, part in (("best", ok[:k]), ("worst", ok[-k:][::-1])):
             print(f"\n{title} {k} by test accuracy:")
-            print("  " + "  ".join(f"{c:>17}" for c in cols))
-            for r in part:
-                print("  " + "  ".join(f"{_fmt(r[c]):>17}" for c in cols))
+            print("\n".join(_table(part)))
     store = tracker.store
     print(f"\nresults:  {store.path('trials')}  and  {store.path('layers')}  (Parquet)")
     # A tracking server is its own UI; a sqlite store is viewed with `mlflow ui`.
     view = (args.tracking_uri if args.tracking_uri.startswith(("http://", "https://"))
             else f"mlflow ui --backend-store-uri {args.tracking_uri}")
     print(f"tracking: {args.tracking_uri}   view: {view}")
-    print(f"report:   python -m analysis.report --space {args.space}")
+    print(f"report:   {_report_command(args)}")
     if args.algo == "optuna":
         from search.sweep.tune import optuna_db_path
 
         db = optuna_db_path(args.storage, args.space)
         print(f"optuna:   {db}   view: optuna-dashboard sqlite:///{db}")
+
+
+def _report_command(args: argparse.Namespace) -> str:
+    """The report command for this sweep's results, runnable as printed from any folder (absolute paths)."""
+    import shlex
+
+    storage = args.storage if "://" in args.storage else os.path.abspath(args.storage)
+    cmd = ["python", "-m", "analysis.report", "--space", args.space, "--storage", storage]
+    uri = args.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to this folder
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if args.tracking_uri != "sqlite:///mlflow.db":  # the default: the report needs no MLflow when Parquet is there
+        cmd += ["--tracking-uri", uri]
+    return " ".join(shlex.quote(c) for c in cmd)
 
 
 def _command_line() -> str:
@@ -371,8 +403,12 @@ def _close_parent(tracker: Tracker, args: argparse.Namespace, outcome: Any, summ
             try:  # the study's report as it stands after this sweep (all of the space's trials)
                 from analysis.report import write_report
 
-                report = write_report(args.space, args.storage.replace("file://", ""), os.path.join(d, "report"),
-                                      figures=how == "full")
+                import warnings
+
+                with warnings.catch_warnings():  # matplotlib's notices belong to no one reading the terminal
+                    warnings.simplefilter("ignore")
+                    report = write_report(args.space, args.storage.replace("file://", ""),
+                                          os.path.join(d, "report"), figures=how == "full")
             except Exception as e:  # noqa: BLE001 - the sweep's results stand without a report
                 print(f"note: no report attached to the sweep's MLflow run ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''})", flush=True)

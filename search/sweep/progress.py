@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -34,6 +35,8 @@ def quiet_libraries() -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # optuna keeps its own handler and level
+        # "set_metric_names is experimental": a notice about Optuna's API, for this code's authors, not a user
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     except ImportError:
         pass
 

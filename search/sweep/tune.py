@@ -183,7 +183,7 @@ class TrackingCallback(tune.Callback):
                                  live=None if plan.verbose else False,
                                  epochs=epochs.pop() if len(epochs) == 1 and None not in epochs else 0,
                                  total_cost=total_cost)
-        self._optuna_links = _OptunaLinks(plan) if plan.algo == "optuna" else None
+        self.searcher: DedupSearcher | None = None  # optuna: told each trial's MLflow run (run_sweep sets it)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         self.progress.tick()  # elapsed times and ETA move between events too
@@ -211,8 +211,8 @@ class TrackingCallback(tune.Callback):
         if trial.trial_id not in self.runs:  # a retried trial keeps its run
             self.runs[trial.trial_id] = self.tracker.start(self._cfg(trial), trial_id=trial.trial_id,
                                                            algo=self.plan.algo)
-            if self._optuna_links is not None:
-                self._optuna_links.link(self._cfg(trial), self.runs[trial.trial_id])
+            if self.searcher is not None:
+                self.searcher.link(self._cfg(trial).config_hash, self.runs[trial.trial_id])
         from search.sweep.progress import trial_cost
         from search.sweep.tracking import run_name
 
@@ -303,43 +303,9 @@ class DefineByRun:
 
         config = {**get_space(self.space).suggest(trial, self.profile), **self.overrides}
         # optuna-dashboard shows user attributes per trial: the proposal's config hash (seed as proposed)
-        # and, set by the tracking callback once its run exists, the MLflow run id (_OptunaLinks).
+        # and, once its run exists, the MLflow run id (DedupSearcher.link, by config hash).
         trial.set_user_attr("config_hash", TrialConfig.from_dict(config).config_hash)
         return config
-
-
-class _OptunaLinks:
-    """Writes each Optuna trial's MLflow run id(s) into its user attributes, through Optuna's storage API.
-
-    A Tune trial is matched to the RUNNING Optuna trial whose parameters it carries (seeds
-    expanded from one proposal share it: `mlflow_run_ids` lists them all).
-    """
-
-    def __init__(self, plan: SweepPlan) -> None:
-        self.url = f"sqlite:///{optuna_db_path(plan.storage, plan.space)}"
-        self.study_name = plan.study_name or f"{plan.space}-{plan.profile}"
-        self._storage: Any = None
-
-    def link(self, cfg: TrialConfig, run_id: str) -> None:
-        import optuna
-
-        if self._storage is None:
-            self._storage = optuna.storages.RDBStorage(self.url)
-        study_id = self._storage.get_study_id_from_name(self.study_name)
-        fields = cfg.to_dict()
-        for t in self._storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if all(_same(fields.get(k), v) for k, v in t.params.items()):
-                ids = list(t.user_attrs.get("mlflow_run_ids", [])) + [run_id]
-                trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-                self._storage.set_trial_user_attr(trial_id, "mlflow_run_ids", ids)
-                self._storage.set_trial_user_attr(trial_id, "mlflow_run_id", ids[0])
-                return
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
-    return a == b
 
 
 def optuna_db_path(storage: str, space: str) -> str:
@@ -359,13 +325,24 @@ class DedupSearcher(Searcher):
 
     After `max_repeats` proposals in a row that bring nothing new (a small space the searcher
     has exhausted), suggest() returns FINISHED and the sweep ends early.
+
+    Each proposal's Optuna trial is told what it is, as user attributes: `mlflow_run_id` (and
+    `mlflow_run_ids`, one per seed) of the runs its score comes from, set when a run starts (`link`)
+    and before its value is told; a proposal that trained nothing itself also gets `reused_from`
+    (the run it reuses) and, when an earlier trial of this sweep proposed the same configuration,
+    `duplicate_of` (that trial's number): optuna-dashboard can tell a configuration from its repeats.
     """
 
     def __init__(self, inner: Searcher, *, metric: str, mode: str, seeds: int = 1,
-                 known: dict[str, float] | None = None, max_repeats: int = 100) -> None:
+                 known: dict[str, float] | None = None, max_repeats: int = 100,
+                 run_ids: dict[str, str] | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self.inner, self.seeds, self.max_repeats = inner, max(1, seeds), max_repeats
         self.known: dict[str, float] = dict(known or {})  # config_hash -> score (nan: failed / no score)
+        self.run_ids: dict[str, str] = dict(run_ids or {})  # config_hash -> its MLflow run (finished or started)
+        self.owner: dict[str, str] = {}  # config_hash -> the proposal that queued it for training
+        self.first: dict[tuple[str, ...], str] = {}  # a proposal's seeded hashes -> the first proposal of them
+        self.user_attrs: dict[str, dict[str, Any]] = {}  # proposal -> the user attributes told to its trial
         self.running: dict[str, str] = {}  # config_hash -> Tune trial id training it
         self.trial_hash: dict[str, str] = {}  # Tune trial id -> config_hash
         self.queue: list[tuple[str, dict[str, Any]]] = []  # seeded configs waiting for a Tune trial
@@ -397,7 +374,9 @@ class DedupSearcher(Searcher):
                 if h not in self.known and h not in self.running and h not in queued:
                     self.queue.append((h, cfg))
                     queued.add(h)
+                    self.owner[h] = pid
             self.proposals[pid] = hashes
+            self.first.setdefault(tuple(hashes), pid)
             for h in hashes:
                 self.waiting.setdefault(h, set()).add(pid)
             if not self.queue:
@@ -408,11 +387,40 @@ class DedupSearcher(Searcher):
         self.running[h], self.trial_hash[trial_id] = trial_id, h
         return cfg
 
+    def link(self, config_hash: str, run_id: str) -> None:
+        """The MLflow run training `config_hash` exists: its proposal's trial carries the run id from now on."""
+        self.run_ids[config_hash] = run_id
+        pid = self.owner.get(config_hash)
+        if pid is not None and pid in self.proposals:
+            self._tell_attrs(pid, self._run_attrs(self.proposals[pid]))
+
+    def _run_attrs(self, hashes: list[str]) -> dict[str, Any]:
+        ids = [self.run_ids[h] for h in hashes if h in self.run_ids]
+        return {"mlflow_run_id": ids[0], "mlflow_run_ids": ids} if ids else {}
+
+    def _tell_attrs(self, pid: str, attrs: dict[str, Any]) -> None:
+        """Record `attrs` for the proposal and set them on its Optuna trial (OptunaSearch keeps it until told)."""
+        if not attrs:
+            return
+        self.user_attrs.setdefault(pid, {}).update(attrs)
+        trial = getattr(self.inner, "_ot_trials", {}).get(pid)
+        if trial is not None:
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+
     def _maybe_tell(self, pid: str) -> None:
         hashes = self.proposals.get(pid)
         if hashes is None or any(h not in self.known for h in hashes):
             return
         scores = [self.known[h] for h in hashes]
+        attrs = self._run_attrs(hashes)
+        if not any(self.owner.get(h) == pid for h in hashes):  # trained nothing itself: a reused result
+            attrs["reused_from"] = attrs.get("mlflow_run_id", "")
+            first = self.first.get(tuple(hashes))
+            trial = getattr(self.inner, "_ot_trials", {}).get(first) if first not in (None, pid) else None
+            if first not in (None, pid):
+                attrs["duplicate_of"] = trial.number if trial is not None else first
+        self._tell_attrs(pid, attrs)
         del self.proposals[pid]
         for h in hashes:
             self.waiting.get(h, set()).discard(pid)
@@ -447,6 +455,10 @@ def _search_alg(plan: SweepPlan, metric: str, mode: str) -> DedupSearcher | None
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from search.sweep.progress import quiet_libraries
+    from search.sweep.sampler import StepRoundingTPE
+
+    quiet_libraries()  # Optuna's ExperimentalWarning (set_metric_names) off the terminal
     define_by_run = DefineByRun(plan.space, plan.profile, plan.overrides)
 
     store = os.path.join(_local_root(plan.storage), plan.space)
@@ -455,13 +467,17 @@ def _search_alg(plan: SweepPlan, metric: str, mode: str) -> DedupSearcher | None
     # Created here, then loaded by OptunaSearch: the stored metric name is what optuna-dashboard shows
     # for the objective (instead of "Objective 0").
     study_name = plan.study_name or f"{plan.space}-{plan.profile}"
-    optuna.create_study(storage=storage, study_name=study_name, direction=f"{mode}imize",
-                        load_if_exists=True).set_metric_names([metric])
+    study = optuna.create_study(storage=storage, study_name=study_name, direction=f"{mode}imize",
+                                load_if_exists=True)
+    study.set_metric_names([metric])
+    # optuna-dashboard shows the study's user attributes: what it searched and where its runs are.
+    for k, v in {"space": plan.space, "profile": plan.profile, "mlflow_experiment": plan.space,
+                 "mlflow_tracking_uri": plan.tracking_uri, "seeds_per_proposal": plan.seeds}.items():
+        study.set_user_attr(k, v)
     inner = OptunaSearch(space=define_by_run, metric=metric, mode=mode, storage=storage,
-                         study_name=study_name,
-                         sampler=optuna.samplers.TPESampler(seed=plan.seed))
+                         study_name=study_name, sampler=StepRoundingTPE(seed=plan.seed))
     known = {h: plan.scores.get(h, float("nan")) for h in plan.finished}
-    return DedupSearcher(inner, metric=metric, mode=mode, seeds=plan.seeds, known=known)
+    return DedupSearcher(inner, metric=metric, mode=mode, seeds=plan.seeds, known=known, run_ids=plan.finished)
 
 
 def _local_root(storage: str) -> str:
@@ -504,6 +520,7 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
         reuse_actors=True)
     storage = plan.storage if "://" in plan.storage else os.path.abspath(plan.storage)
     callback = TrackingCallback(plan, tracker, abort)
+    callback.searcher = search_alg
     run_config = tune.RunConfig(
         name=f"{plan.space}-{plan.profile}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=f"{storage.rstrip('/')}/{plan.space}/ray",
