@@ -58,6 +58,9 @@ def test_until_ci_sweeps_until_narrow_and_a_rerun_adds_none(tmp_path: Path) -> N
     assert rc == 0, out
     # 1 seed -> no interval anywhere -> seed 1 -> still none (n = 2) -> seed 2 -> every interval <= 100 pp.
     assert out.count("still wide") == 2 and "every accuracy cost vs no dropout interval is at most 100 pp" in out
+    # --quiet: none of Ray Tune's boilerplate (issue 25)
+    for line in ("Configuration for experiment", "View detailed results", "tensorboard", "Search algorithm"):
+        assert line not in out, line
     seeds = sorted(r["seed"] for r in _dataset(tmp_path / "results", "trials").to_pylist())
     assert seeds == [0] * 4 + [1] * 4 + [2] * 4
     runs = len(_runs(tmp_path))

@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resource-wait", type=float, default=0.0, metavar="SECONDS",
                    help="with --address: wait up to this long for an autoscaling cluster to add a node that fits "
                         "a trial, then stop (default 0: refuse at once if no node fits)")
+    p.add_argument("--until-ci", type=float, default=None, metavar="PP",
+                   help="after the sweep, add seeds (paired, resumable) to the cells whose 95%% interval is wider "
+                        "than PP percentage points (or has none yet), until none is or --max-seeds is reached")
+    p.add_argument("--until-ci-of", default="cost", help="the interval --until-ci narrows: cost (accuracy cost vs "
+                   "no dropout, per width) | reest (BN re-estimation gain, per configuration)")
+    p.add_argument("--max-seeds", type=int, default=10, help="--until-ci's budget: seeds per configuration at most")
     p.add_argument("--dry-run", action="store_true", help="print the trial table and count; run nothing")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (closes its stale runs)")
     p.add_argument("--reuse", default=None,
@@ -219,6 +225,16 @@ def _validate(args: argparse.Namespace) -> None:
     if args.resource_wait > 0 and not args.address:
         raise UsageError(f"--resource-wait {args.resource_wait:g} is for a cluster (--address): a local Ray's "
                          "resources are known and checked before anything runs")
+    if args.until_ci is not None:
+        if not (math.isfinite(args.until_ci) and 0 < args.until_ci <= 100):
+            raise UsageError(f"--until-ci {args.until_ci:g} is not allowed (allowed: percentage points in (0, 100])")
+        _choice("until-ci-of", args.until_ci_of, ("cost", "reest"))
+        if args.algo == "optuna" or args.ablate is not None:
+            raise UsageError("--until-ci is for --algo grid or random: it adds seeds to the cells of a fixed set "
+                             "of configurations")
+        if not 3 <= args.max_seeds <= 1000:
+            raise UsageError(f"--max-seeds {args.max_seeds} is not allowed (allowed: 3 to 1000; an interval needs "
+                             "3 seeds)")
     if args.algo == "grid":
         if args.samples is not None:
             raise UsageError(f"--samples {args.samples} is for --algo random or optuna; grid search trains every "

@@ -26,6 +26,11 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
 
     runtime_env = _runtime_env()
     if address:
+        # Ray 2.60's `ray start` turns token auth on by itself when ~/.ray/auth_token exists and RAY_AUTH_MODE is
+        # unset, but a driver joining with the variable unset is refused (InvalidAuthToken): follow Ray's own rule.
+        token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+        if "RAY_AUTH_MODE" not in os.environ and os.path.exists(token):
+            os.environ["RAY_AUTH_MODE"] = "token"
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             # Ray rewrites a loopback address to the LAN IP; a loopback-only cluster is then unreachable.
             ray_constants.ENABLE_RAY_CLUSTER = False
@@ -104,9 +109,43 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
     except OSError as e:
         raise Refused(str(e)) from None
     try:
-        return _drive_locked(args, configs, overrides, gpus)
+        rc = _drive_locked(args, configs, overrides, gpus)
+        if getattr(args, "until_ci", None):
+            rc = _until_ci(args, configs, overrides, gpus, rc)
+        return rc
     finally:
         lock.__exit__()
+
+
+def _until_ci(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
+              gpus: float | str, rc: int) -> int:
+    """`--until-ci W`: one more seed for every cell whose interval is wider than W pp, sweep again, repeat."""
+    from search.store import ResultStore
+    from search.sweep.adaptive import more_seeds
+
+    what = {"cost": "accuracy cost vs no dropout", "reest": "BN re-estimation gain"}[args.until_ci_of]
+    rounds = 0
+    while rc == 0:
+        trials = ResultStore(args.storage, args.space).read_deduped()[0]
+        if args.reuse == "same-code" and trials.num_rows:  # other code's trials are not this study's replicates
+            import pyarrow.compute as pc
+
+            from search.code_version import code_version
+
+            trials = trials.filter(pc.equal(trials.column("code_version"), code_version().label))
+        extra, wide = more_seeds(configs, trials, args.until_ci, quantity=args.until_ci_of,
+                                 max_seeds=args.max_seeds)
+        if not extra:
+            print(f"--until-ci {args.until_ci:g}: every {what} interval is at most {args.until_ci:g} pp wide, or its "
+                  f"cell has --max-seeds {args.max_seeds} seeds; {rounds} round(s) added seeds", flush=True)
+            break
+        rounds += 1
+        widths = ", ".join("no interval" if not math.isfinite(c.width_pp) else f"{c.width_pp:.1f} pp" for c in wide[:6])
+        print(f"--until-ci {args.until_ci:g}: {len(wide)} {what} cell(s) still wide ({widths}"
+              f"{', ...' if len(wide) > 6 else ''}): {len(extra)} trial(s) with one more seed", flush=True)
+        configs = configs + extra
+        rc = _drive_locked(args, configs, overrides, gpus)
+    return rc
 
 
 def _check_cluster(args: argparse.Namespace, configs: list[dict[str, Any]], gpus: float | str) -> None:

@@ -528,6 +528,9 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
         failure_config=tune.FailureConfig(max_failures=plan.retries),
         # Tune's own status table stays off: search.sweep.progress draws the display (plan.verbose: live block).
         verbose=0, log_to_file=True)
+    # Ray's newer output engine prints its "Configuration for experiment" box, the results path and a TensorBoard
+    # hint even at verbose=0; the legacy engine at verbosity 0 prints nothing (ray/tune/experimental/output.py).
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tuner = tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
     with _stop_on_signals(abort):
         try:
