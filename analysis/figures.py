@@ -66,11 +66,14 @@ def _nice_log_ticks(lo: float, hi: float) -> list[float]:
     """At least three ticks in [lo, hi] on a log axis: decades, else 1-3, 1-2-5 or 1..9 per decade, else three
     values spread over the range (two significant digits): a short range still gets several labels."""
     k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    for subs in ((1,), (1, 3), (1, 2, 5), tuple(range(1, 10))):
+    fine = (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)
+    for subs in ((1,), (1, 3), (1, 2, 5), tuple(range(1, 10)), fine):
         ticks = [float(f"{s * 10.0**k:.6g}") for k in range(k0, k1 + 1) for s in subs]
         ticks = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
-        if len(ticks) >= 3:
-            return ticks[::-(-len(ticks) // 8)]  # at most 8
+        # Enough labels, and they span the range: 0.5 ... 1 on an axis running to 1.4 leaves the top unlabelled.
+        if len(ticks) >= 3 and ticks[-1] >= hi / 1.3 and ticks[0] <= lo * 1.3:
+            step = -(-len(ticks) // 8)  # at most 8, the largest kept
+            return ticks[::-1][::step][::-1]
     # Less than a factor ~2: evenly spaced round values (0.9, 1.0, 1.1 ...), as on a linear axis.
     ticks = [float(f"{t:.6g}") for t in MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)]
     return [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) and t > 0]
