@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="the profile (default: each space's latest sweep)")
     args = p.parse_args(argv)
     try:
-        study, text = select_profile(load_study(args.space, root=args.root), args.profile)
+        study, text = select_profile(load_study(args.space, root=args.root, profile="all"), args.profile)
     except (ValueError, OSError) as exc:
         print(f"analysis.findings: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -21,7 +21,20 @@ from search.config import TrialConfig
 from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
 from search.store import dedup, list_parts, read_parts, resolve_fs
 
-__all__ = ["Study", "load_study", "group_codes", "context_fields", "varying", "DROPOUT_KEYS", "EXPERIMENT_FIELDS"]
+__all__ = ["Study", "load_study", "select_profile", "group_codes", "context_fields", "varying", "DROPOUT_KEYS",
+           "EXPERIMENT_FIELDS", "ALL_PROFILES", "PYTHON_NAMES"]
+
+ALL_PROFILES = "all"
+# How load_study's errors name its arguments: a notebook's keywords; analysis.report passes its CLI flags.
+PYTHON_NAMES = {"root": "root=", "tracking_uri": "tracking_uri=", "profile": "profile="}
+
+
+def _arg(names: dict[str, str], key: str, value: object = None) -> str:
+    """`--profile 'x'` for a flag, `profile='x'` for a keyword (the name ends with '=')."""
+    name = names.get(key, key)
+    if value is None:
+        return f"{name}..." if name.endswith("=") else name
+    return f"{name}{value!r}" if name.endswith("=") else f"{name} {value!r}"
 
 DROPOUT_KEYS = ("dropout_type", "dropout_placement", "dropout_rate")
 # Fields that change the experiment (TrialConfig's hashed ones); the seed is replication, not a factor.
@@ -38,6 +51,7 @@ class Study:
         spaces: the spaces read, in the order given.
         paths: the dataset folders read.
         notes: what loading had to repair (duplicates dropped, orphan layer rows).
+        selection: which profile(s) and sweeps were kept, in one sentence ('' when nothing was filtered).
     """
 
     trials: pa.Table
@@ -45,6 +59,7 @@ class Study:
     spaces: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    selection: str = ""
 
     def column(self, name: str, table: str = "trials") -> np.ndarray:
         """A column as a numpy array (nulls become NaN for numbers, None for strings)."""
@@ -61,7 +76,27 @@ class Study:
         mask = pc.equal(self.trials.column("status"), "ok")
         trials = self.trials.filter(mask)
         layers = self.layers.filter(pc.is_in(self.layers.column("run_id"), value_set=trials.column("run_id")))
-        return Study(trials, layers, self.spaces, self.paths, self.notes)
+        return dataclasses.replace(self, trials=trials, layers=layers)
+
+    def where(self, **equal: object) -> "Study":
+        """The trials whose columns equal the values given (e.g. algo="optuna", sweep_id=...), with their layers."""
+        keep = pa.array(np.ones(self.trials.num_rows, dtype=bool))
+        for name, value in equal.items():
+            if name not in self.trials.schema.names:
+                raise ValueError(f"where({name}=...): no such trials column (columns: docs/columns.md)")
+            keep = pc.and_(keep, pc.fill_null(pc.equal(self.trials.column(name), pa.scalar(value)), False))
+        trials = self.trials.filter(keep)
+        layers = self.layers.filter(pc.is_in(self.layers.column("run_id"), value_set=trials.column("run_id")))
+        return dataclasses.replace(self, trials=trials, layers=layers)
+
+    def sweeps(self) -> pa.Table:
+        """One row per sweep: sweep_id, algo, profile, trials and the newest finished_at (trials of no recorded
+        sweep, e.g. from older files, are one row with a null sweep_id)."""
+        t = self.trials.select(["sweep_id", "algo", "profile", "space", "finished_at", "run_id"])
+        return (t.group_by(["space", "profile", "algo", "sweep_id"], use_threads=False)
+                .aggregate([("run_id", "count"), ("finished_at", "max")])
+                .rename_columns(["space", "profile", "algo", "sweep_id", "trials", "finished_at"])
+                .sort_by([("finished_at", "ascending")]))
 
     def status_counts(self) -> dict[str, int]:
         """Number of trials per status, e.g. {'ok': 10, 'failed': 1}."""
@@ -69,20 +104,25 @@ class Study:
         return {str(d["values"]): int(d["counts"]) for d in vc}
 
 
-def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri: str | None = None) -> Study:
-    """Read and combine the result datasets of one or more spaces.
+def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri: str | None = None, *,
+               profile: str | None = None, names: dict[str, str] | None = None) -> Study:
+    """Read and combine the result datasets of one or more spaces (docs/python-api.md).
 
     Args:
         spaces: a space name or several (their trials and seeds combine into one study).
-        root: the results root (local path or a pyarrow URI such as s3://bucket/results).
+        root: the results root, search.run's --storage (local path or a pyarrow URI such as s3://bucket/results).
         tracking_uri: when a space has no Parquet yet, rebuild it from this MLflow store
             with `search.tracking.rebuild_parquet`.
+        profile: which profile's trials, as analysis.report picks them: None (default) each space's latest
+            sweep's profile, a name, or "all" to pool every profile; `Study.selection` says what was kept.
+        names: how errors name the arguments (analysis.report passes its flags; default the keywords).
 
     Raises:
         ValueError: no space given, a space without results (names the paths looked at
             and the command that creates them), or a file that is not a results file
             (names the file and the column).
     """
+    flags = {**PYTHON_NAMES, **(names or {})}
     names = [spaces] if isinstance(spaces, str) else list(spaces)
     if not names or any(not isinstance(s, str) or not s for s in names):
         raise ValueError(f"spaces must be one or more non-empty names, got {spaces!r}")
@@ -99,16 +139,34 @@ def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri:
             t_parts, l_parts = list_parts(fs, tdir), list_parts(fs, ldir)
         if not t_parts:
             how = (f"rebuilding from MLflow at {tracking_uri} gave nothing ({rebuilt})" if tracking_uri
-                   else "or pass --tracking-uri to rebuild them from MLflow")
-            raise ValueError(f"space {space!r}: no trial results under {tdir} (and {ldir}); create them with "
-                             f"`python -m search.run --space {space}` {how}")
+                   else f"or pass {_arg(flags, 'tracking_uri')} to rebuild them from MLflow")
+            raise ValueError(f"space {space!r}: no trial results under {tdir} (and {ldir}); is {root!r} the "
+                             f"sweep's --storage? pass that folder as {_arg(flags, 'root')} (the `report:` line a "
+                             f"sweep prints has it), create them with `python -m search.run --space {space}` {how}")
         trials_parts += t_parts
         layers_parts += l_parts
         paths += [tdir, ldir]
     trials = read_parts(fs, trials_parts, TRIALS_SCHEMA, with_file=True)
     layers = read_parts(fs, layers_parts, LAYERS_SCHEMA)
     trials, layers, notes = dedup(trials, layers, trials_parts, layers_parts, fs)
-    return Study(trials, layers, tuple(dict.fromkeys(names)), tuple(paths), tuple(notes))
+    study = Study(trials, _fill_bn_name(layers), tuple(dict.fromkeys(names)), tuple(paths), tuple(notes))
+    study, text = select_profile(study, profile, flag=flags["profile"])
+    return dataclasses.replace(study, selection=text)
+
+
+def _fill_bn_name(layers: pa.Table) -> pa.Table:
+    """bn_name for rows written before it was recorded: `name`, less the `.1` a pre_bn wrapper adds to the BN
+    it feeds (the only registered placement that wraps a BN; a plugin's older rows keep `name`)."""
+    if "bn_name" not in layers.schema.names or layers.column("bn_name").null_count == 0:
+        return layers
+    name = layers.column("name")
+    wrapped = pc.and_(pc.and_(pc.equal(layers.column("dropout_placement"), "pre_bn"),
+                              pc.fill_null(layers.column("fed_by_dropout"), False)),
+                      pc.ends_with(name, ".1"))
+    stripped = pc.utf8_slice_codeunits(name, 0, -2)
+    guess = pc.if_else(pc.fill_null(wrapped, False), stripped, name)
+    i = layers.schema.get_field_index("bn_name")
+    return layers.set_column(i, layers.schema.field(i), pc.coalesce(layers.column("bn_name"), guess))
 
 
 def _rebuild(space: str, tracking_uri: str, root: str) -> str:
@@ -147,3 +205,51 @@ def context_fields(trials: pa.Table) -> list[str]:
 def varying(trials: pa.Table, fields: list[str]) -> list[str]:
     """The fields with more than one distinct value in the table."""
     return [f for f in fields if trials.num_rows and pc.count_distinct(trials.column(f), mode="all").as_py() > 1]
+
+
+def select_profile(study: Study, profile: str | None = None, *, flag: str = "--profile") -> tuple[Study, str]:
+    """The trials of one profile per space, so a report never pools e.g. digits with Fashion-MNIST.
+
+    Args:
+        study: the loaded study (every profile its spaces hold).
+        profile: a profile name; None: each space's latest sweep (the profile of its newest trial);
+            "all": every profile, pooled (asked for explicitly).
+        flag: how the sentence and errors name the choice (`--profile` for a CLI, `profile=` in Python).
+
+    Returns:
+        The filtered study (layers follow their trials) and one sentence saying which profile was reported.
+
+    Raises:
+        ValueError: a named profile with no trials (one line listing the profiles there are).
+    """
+    kw = flag.endswith("=")  # a keyword (profile=) or a flag (--profile)
+    opt = lambda v: f"{flag}{v}" if kw else f"{flag} {v}"  # noqa: E731
+    t = study.trials
+    spaces = t.column("space").to_pylist()
+    profiles = [p or "" for p in t.column("profile").to_pylist()]
+    when = pc.fill_null(t.column("finished_at").cast(pa.int64()), -(2**62)).to_pylist() if t.num_rows else []
+    held: dict[str, dict[str, int]] = {}  # space -> profile -> newest finished_at
+    for sp, pr, ts in zip(spaces, profiles, when):
+        held.setdefault(sp, {})[pr] = max(ts, held.get(sp, {}).get(pr, ts))
+    show = lambda prs: ", ".join(p or "(none recorded)" for p in sorted(prs))  # noqa: E731
+    if profile == ALL_PROFILES or not held:
+        names = sorted({p for prs in held.values() for p in prs})
+        return study, f"Profiles: all, pooled as asked ({show(names) or 'none'})."
+    if profile is None:
+        chosen = {sp: max(prs, key=prs.get) for sp, prs in held.items()}
+        how = "the latest sweep's"
+    else:
+        chosen = {sp: profile for sp, prs in held.items() if profile in prs}
+        if not chosen:
+            there = "; ".join(f"{sp}: {show(prs)}" for sp, prs in held.items())
+            raise ValueError(f"{_arg({'p': flag}, 'p', profile)}: no trials of that profile in {', '.join(held)} "
+                             f"(profiles there: {there}; or {opt(repr(ALL_PROFILES) if kw else ALL_PROFILES)})")
+        how = "as asked"
+    keep = np.array([chosen.get(sp) == pr for sp, pr in zip(spaces, profiles)], dtype=bool)
+    trials = t.filter(pa.array(keep))
+    layers = study.layers.filter(pc.is_in(study.layers.column("run_id"), value_set=trials.column("run_id")))
+    left = sorted({f"{sp}/{p or '(none recorded)'}" for sp, prs in held.items() for p in prs if chosen.get(sp) != p})
+    text = "Profile: " + "; ".join(f"{sp} {pr or '(none recorded)'}" for sp, pr in chosen.items()) + f" ({how}"
+    text += (f"; not pooled with {', '.join(left)}: pass {opt('NAME')} or "
+             f"{opt(repr(ALL_PROFILES) if kw else ALL_PROFILES)})." if left else ").")
+    return dataclasses.replace(study, trials=trials, layers=layers), text

@@ -10,7 +10,6 @@ and Fashion-MNIST trials are never pooled unless `--profile all` asks for it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import math
 import os
@@ -25,7 +24,7 @@ import pyarrow.compute as pc
 
 from .fit import MIN_UNITS, accuracy_step
 from .guidelines import Analysis, Guideline, analyse, fmt_width, guidelines
-from .load import DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, varying
+from .load import ALL_PROFILES, DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, select_profile, varying
 
 __all__ = ["Table", "build_tables", "select_profile", "write_report", "main", "PAPER_REFERENCE"]
 
@@ -201,7 +200,7 @@ def d_tables(a: Analysis) -> list[Table]:
     t = Table("d_cos2", "D = d cos^2(theta) of the weights feeding BN, at initialisation and after training",
               ["over", *a.context, "type", "placement", "rate / beta", "width", "epochs", "seeds", "D init", lvl,
                "D final", lvl],
-              note="; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in VARIANTS.items()) + ". D needs no data: it is "
+              note="over: " + "; ".join(f"{k} = {v}" for k, v in VARIANTS.items()) + ". D needs no data: it is "
                    "read from the weights (search/trial/mechanism.py). Intervals: t over seeds (none below 3). The "
                    "paper reports 44-53 for WRN-28-10 after 200 CIFAR epochs.")
     for r in a.d_cos2:
@@ -220,7 +219,9 @@ def d_tables(a: Analysis) -> list[Table]:
         if d.variant == "d_cos2" and d.dropout_placement in ("none", "head"):
             continue
         s = d.slope
-        w.rows.append([d.variant, *_ctx(a, d.context), d.dropout_type, d.dropout_placement, f"{d.dropout_rate:g}",
+        none = d.dropout_placement == "none"
+        w.rows.append([d.variant, *_ctx(a, d.context), "-" if none else d.dropout_type, d.dropout_placement,
+                       "-" if none else f"{d.dropout_rate:g}",
                        ", ".join(fmt_width(x) for x in d.widths), str(s.n), _f(s.mean, 3, sign=True),
                        _ci(s.low, s.high, 3), s.method])
     return [t, w]
@@ -754,52 +755,8 @@ def ablation_table(study: Study, root: str, level: float = 0.95) -> Table | None
     return t
 
 
-ALL_PROFILES = "all"
-
-
-def select_profile(study: Study, profile: str | None = None) -> tuple[Study, str]:
-    """The trials of one profile per space, so a report never pools e.g. digits with Fashion-MNIST.
-
-    Args:
-        study: the loaded study (every profile its spaces hold).
-        profile: a profile name; None: each space's latest sweep (the profile of its newest trial);
-            "all": every profile, pooled (asked for explicitly).
-
-    Returns:
-        The filtered study (layers follow their trials) and one sentence saying which profile was reported.
-
-    Raises:
-        ValueError: a named profile with no trials (one line listing the profiles there are).
-    """
-    t = study.trials
-    spaces = t.column("space").to_pylist()
-    profiles = [p or "" for p in t.column("profile").to_pylist()]
-    when = pc.fill_null(t.column("finished_at").cast(pa.int64()), -(2**62)).to_pylist() if t.num_rows else []
-    held: dict[str, dict[str, int]] = {}  # space -> profile -> newest finished_at
-    for sp, pr, ts in zip(spaces, profiles, when):
-        held.setdefault(sp, {})[pr] = max(ts, held.get(sp, {}).get(pr, ts))
-    show = lambda prs: ", ".join(p or "(none recorded)" for p in sorted(prs))  # noqa: E731
-    if profile == ALL_PROFILES or not held:
-        names = sorted({p for prs in held.values() for p in prs})
-        return study, f"Profiles: all, pooled as asked ({show(names) or 'none'})."
-    if profile is None:
-        chosen = {sp: max(prs, key=prs.get) for sp, prs in held.items()}
-        how = "the latest sweep's"
-    else:
-        chosen = {sp: profile for sp, prs in held.items() if profile in prs}
-        if not chosen:
-            there = "; ".join(f"{sp}: {show(prs)}" for sp, prs in held.items())
-            raise ValueError(f"--profile {profile!r}: no trials of that profile in {', '.join(held)} "
-                             f"(profiles there: {there}; or --profile {ALL_PROFILES})")
-        how = "as asked"
-    keep = np.array([chosen.get(sp) == pr for sp, pr in zip(spaces, profiles)], dtype=bool)
-    trials = t.filter(pa.array(keep))
-    layers = study.layers.filter(pc.is_in(study.layers.column("run_id"), value_set=trials.column("run_id")))
-    left = sorted({f"{sp}/{p or '(none recorded)'}" for sp, prs in held.items() for p in prs if chosen.get(sp) != p})
-    text = "Profile: " + "; ".join(f"{sp} {pr or '(none recorded)'}" for sp, pr in chosen.items()) + f" ({how}"
-    text += (f"; not pooled with {', '.join(left)}: pass --profile NAME or --profile {ALL_PROFILES})." if left
-             else ").")
-    return dataclasses.replace(study, trials=trials, layers=layers), text
+# How the report's errors name what a user types (analysis.load_study's Python names otherwise).
+CLI_NAMES = {"root": "--storage", "tracking_uri": "--tracking-uri", "profile": "--profile"}
 
 
 def write_report(spaces: str | Sequence[str], root: str = "results", out: str | None = None,
@@ -814,7 +771,8 @@ def write_report(spaces: str | Sequence[str], root: str = "results", out: str | 
         ValueError: the study is empty, unknown or unreadable, or has no trials of `profile` (nothing is
             written then).
     """
-    study, profile_text = select_profile(load_study(spaces, root=root, tracking_uri=tracking_uri), profile)
+    study = load_study(spaces, root=root, tracking_uri=tracking_uri, profile=ALL_PROFILES, names=CLI_NAMES)
+    study, profile_text = select_profile(study, profile)
     if log is not None:
         log(profile_text)
     a = analyse(study, n_boot=n_boot, seed=seed)

@@ -65,7 +65,8 @@ class LayerShift:
 
     name: str = field(metadata=column_meta(
         "module path of the BN layer in the model, as this trial's placement names it (a pre_bn dropout wrapper "
-        "adds a level: bn2 becomes bn2.1)", group="layer", table=True))
+        "adds a level: bn2 becomes bn2.1); bn_name is the same layer under every placement", group="layer",
+        table=True))
     index: int = field(metadata=column_meta(
         "execution order among the BN layers in the first forward pass, from 0; BN layers the forward never "
         "reaches come last, with NaN statistics", group="layer", table=True))
@@ -125,6 +126,10 @@ class LayerShift:
     excess_inherited: float = field(default=float("nan"), metadata=column_meta(
         "the propagation's extra variance from earlier dropouts (residual stream, concatenation, its amplification "
         "by the local mask, the ReLU mean shift), over the eval-mode variance", group="mechanism", table=True))
+    bn_name: str | None = field(default=None, metadata=column_meta(
+        "the BN module's own path, the same under every placement (name without the level a dropout wrapper "
+        "adds: bn2 where name is bn2.1 under pre_bn): the key to compare one layer across placements; null in "
+        "files written before it was recorded (analysis.load_study fills it)", group="layer"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -73,6 +73,11 @@ EXTRA_COLUMNS: dict[str, dict[str, Any]] = {
     "profile": column_meta("the space's profile the sweep ran (quick, fashion, ...); a report never pools "
                            "profiles unless asked", group="provenance"),
     "finished_at": column_meta("when the driver recorded the finished trial (UTC)", group="provenance"),
+    "algo": column_meta("the search algorithm of the sweep that ran the trial: grid, random or optuna; null in "
+                        "files written before it was recorded", group="provenance"),
+    "sweep_id": column_meta("MLflow run id of the sweep's parent run (run_kind = sweep): one sweep, one id "
+                            "(--resume keeps it); null for a trial run outside a sweep or in older files",
+                            group="provenance"),
     # The code that produced the row (search.code_version): `code_version` is the label reuse compares.
     "code_version": column_meta("the code version that produced the row: git:<commit12>[+dirty.<diff8>] or "
                                 "pkg:<version> (search.code_version); what --reuse same-code compares",
@@ -89,6 +94,8 @@ ID_FIELDS = [
     _column("status", pa.string(), column_info(TrialResult, "status")),
     _column("error", pa.string(), column_info(TrialResult, "error")),
     _column("finished_at", pa.timestamp("us", tz="UTC"), EXTRA_COLUMNS["finished_at"]),
+    _column("algo", pa.string(), EXTRA_COLUMNS["algo"]),
+    _column("sweep_id", pa.string(), EXTRA_COLUMNS["sweep_id"]),
 ]
 CONFIG_FIELDS = [_column(f.name, _arrow_type(f.type), _config_meta(f)) for f in dataclasses.fields(TrialConfig)]
 # Types from TrialResult's annotations (float, int, bool; `int | None` for counts a stage may not have made).
@@ -144,14 +151,16 @@ def with_writer(table: pa.Table) -> pa.Table:
 
 
 def trial_row(cfg: TrialConfig, result: TrialResult, *, run_id: str, space: str, profile: str,
-              finished_at: Any, code: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One `trials` row as a dict matching TRIALS_SCHEMA.
+              finished_at: Any, code: Mapping[str, Any] | None = None, algo: str | None = None,
+              sweep_id: str | None = None) -> dict[str, Any]:
+    """One `trials` row as a dict matching TRIALS_SCHEMA (`algo`, `sweep_id`: the sweep that ran it).
 
     `code` holds the code_* columns (default: this process's `search.code_version`); a row
     rebuilt from MLflow passes the run's own (`code_columns_from_tags`).
     """
     row: dict[str, Any] = dict(run_id=run_id, config_hash=cfg.config_hash, space=space, profile=profile,
-                               status=result.status, error=result.error, finished_at=finished_at)
+                               status=result.status, error=result.error, finished_at=finished_at,
+                               algo=algo or None, sweep_id=sweep_id or None)
     row.update(cfg.to_dict())
     row.update(result.summary())
     row.update({series_column(k): result.series(k) for k in TrialResult.SERIES_KEYS})

@@ -159,6 +159,7 @@ class Tracker:
         self.versions = package_versions()
         self.parent_id: str | None = None  # this sweep's parent run (open_sweep)
         self._artifact_uri: dict[str, str] = {}  # run_id -> artifact URI, from create_run (saves a get_run)
+        self._algo: dict[str, str] = {}  # run_id -> the algo of the sweep that started it (the trials' `algo`)
         self._previews: Any = None  # one background thread drawing the per-trial PNG and table (see _log_layers)
         self.preview_errors: list[str] = []
 
@@ -252,6 +253,7 @@ class Tracker:
             tags[MLFLOW_PARENT_RUN_ID] = self.parent_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
         self._artifact_uri[run.info.run_id] = run.info.artifact_uri
+        self._algo[run.info.run_id] = algo
         # Only the fields that mean something: unset speed knobs (None) would show as the string "None".
         params = [Param(k, str(v)) for k, v in cfg.to_dict().items() if v is not None]
         self.client.log_batch(run.info.run_id, params=params)
@@ -283,7 +285,8 @@ class Tracker:
         # Parquet first: if the driver dies between the two writes, MLflow still says
         # RUNNING, so --resume retrains instead of trusting a half-recorded trial.
         self.store.write_trial(
-            trial_row(cfg, result, run_id=run_id, space=self.space, profile=self.profile, finished_at=finished_at),
+            trial_row(cfg, result, run_id=run_id, space=self.space, profile=self.profile, finished_at=finished_at,
+                      algo=self._algo.get(run_id), sweep_id=self.parent_id),
             layer_rows(cfg, result.layers, run_id=run_id, space=self.space))
         self.client.set_terminated(run_id, status="FINISHED" if result.status != "failed" else "FAILED")
 
@@ -421,7 +424,8 @@ def _rebuild_locked(client: Any, exp: Any, space: str, root: str) -> tuple[int, 
         end = dt.datetime.fromtimestamp((run.info.end_time or run.info.start_time) / 1000, dt.timezone.utc)
         trial_rows.append(trial_row(cfg, result, run_id=run.info.run_id, space=space,
                                     profile=tags.get("profile", ""), finished_at=end,
-                                    code=code_columns_from_tags(tags)))
+                                    code=code_columns_from_tags(tags), algo=tags.get("algo"),
+                                    sweep_id=tags.get("mlflow.parentRunId")))
         names = [a.path for a in client.list_artifacts(run.info.run_id)]
         if _LAYERS_ARTIFACT in names:
             with tempfile.TemporaryDirectory() as d:

@@ -322,6 +322,7 @@ def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.dev
         site = trace.sites.get(bn, _Site(None, False))
         fan_in, cos2 = _feeding(site.weight)
         rec = _record(names[bn], index, n, bn, moments[bn], fan_in, site.fed_by_dropout, cos2)
+        rec.bn_name = own_name(model, names[bn])
         if mech is not None:
             _mechanism_fields(rec, mech, bn, site)
         records.append(rec)
@@ -431,6 +432,21 @@ def _rho(w_in: _Moments, w_out: _Moments, sq: torch.Tensor, dj: torch.Tensor) ->
     ok = torch.isfinite(a) & torch.isfinite(b)
     den = float((a[ok] ** 2).sum())
     return float((a[ok] * b[ok]).sum()) / den if den > 0 else math.nan
+
+
+def own_name(model: nn.Module, path: str) -> str:
+    """A BN's path without the level a dropout wrapper adds: `P.1` inside nn.Sequential(dropout, bn) at P is `P`.
+
+    search/trial/dropout/surgery.py inserts dropout before a module at P by replacing it with
+    nn.Sequential(dropout, module); the module's own name is P under every placement.
+    """
+    parent, _, child = path.rpartition(".")
+    if child != "1" or not parent:
+        return path
+    wrapper = model.get_submodule(parent)
+    if isinstance(wrapper, nn.Sequential) and len(wrapper) == 2 and isinstance(wrapper[0], VarianceDropout):
+        return parent
+    return path
 
 
 def _record(name: str, index: int, n: int, bn: _BatchNorm, mom: _Moments, fan_in: int | None,
