@@ -783,15 +783,19 @@ def write_report(spaces: str | Sequence[str], root: str = "results", out: str | 
     out = out or os.path.join("reports", "+".join(study.spaces))
     from search.outputs import check_output_dir  # nothing renamed over a device, before anything is written
 
-    check_output_dir(out, "--out", ("report.md", "report.tex"), {"figures": (".png", ".pdf")})
+    check_output_dir(out, "--out", ("report.md", "report.tex", "report.html"), {"figures": (".png", ".pdf")})
     figs = []
     if figures:
         from .figures import write_figures  # matplotlib only here
 
         figs = write_figures(a, os.path.join(out, "figures"), seed=seed)
     os.makedirs(out, exist_ok=True)
-    _write_atomic(os.path.join(out, "report.md"), render_markdown(a, study, tables, gls, figs,
-                                                                  profile_text=profile_text))
+    md = render_markdown(a, study, tables, gls, figs, profile_text=profile_text)
+    _write_atomic(os.path.join(out, "report.md"), md)
+    from .html import markdown_to_html  # the same page, figures embedded: what MLflow's artifact viewer shows
+
+    page = markdown_to_html(md, out, title=f"report: {'+'.join(study.spaces)}")
+    _write_atomic(os.path.join(out, "report.html"), page)
     _write_atomic(os.path.join(out, "report.tex"), render_tex(a, study, tables, gls, figs))
     return out
 
@@ -837,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"analysis.report: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
               file=sys.stderr)
         return 2
-    print(f"wrote {os.path.join(out, 'report.md')}, report.tex and figures/")
+    print(f"wrote {os.path.join(out, 'report.md')}, report.html (figures embedded), report.tex and figures/")
     return 0
 
 

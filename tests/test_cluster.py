@@ -29,6 +29,13 @@ from _procs import descendants, is_loopback, listeners
 
 from search.sweep.staging import check_data_uri, stage_data_dir, staged_path
 
+
+def _ts(tag: str) -> float:
+    """A trial run's started_at / ended_at tag (ISO 8601) as a Unix time."""
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(tag).timestamp()
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 # The smoke space (10 trials) made smaller still: 2 cores run every node here.
@@ -262,7 +269,7 @@ def test_fractional_gpus_pack_eight_trials_on_two_gpus(tmp_path: Path, monkeypat
     assert used <= 2.0 + 1e-9 and live <= 8, (used, live)
     # More than 2 trials per GPU at once: the fractions really packed (0.5 would allow only 4).
     assert used >= 1.25 and live >= 5, (used, live)
-    spans = sorted((float(r.data.tags["started_at"]), float(r.data.tags["ended_at"])) for r in runs)
+    spans = sorted((_ts(r.data.tags["started_at"]), _ts(r.data.tags["ended_at"])) for r in runs)
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     print(f"packing: peak {used:g} GPUs in use, {live} live trial actors, {overlap} trials training at once")
     assert 3 <= overlap <= 8, overlap
@@ -302,9 +309,9 @@ def test_killed_worker_node_loses_no_trial(tmp_path: Path, monkeypatch: pytest.M
         assert nodes <= {head_id, worker_id}
         for r in runs:  # nothing is credited to the dead node after it died
             if r.data.tags["node_id"] == worker_id:
-                assert float(r.data.tags["ended_at"]) <= killed["at"]
+                assert _ts(r.data.tags["ended_at"]) <= killed["at"]
         # The sweep went on without the worker: trials started on the head after the kill.
-        assert any(float(r.data.tags["started_at"]) > killed["at"] for r in runs
+        assert any(_ts(r.data.tags["started_at"]) > killed["at"] for r in runs
                    if r.data.tags["node_id"] == head_id)
 
 

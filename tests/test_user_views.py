@@ -72,7 +72,7 @@ def test_quiet_optuna_sweep_prints_no_boilerplate_and_tells_optuna_what_each_tri
     args = [*KILL_ARGS, "--algo", "optuna", "--samples", "4", "--storage", "res", "--tracking-uri",
             "sqlite:///track.db"]
     out = subprocess.run([sys.executable, "-m", "search.run", *args], cwd=work, capture_output=True, text=True,
-                         timeout=800, env=_env(DBN_SWEEP_REPORT="tables"))
+                         timeout=800, env=_env())  # the full report (figures), as a user's sweep attaches it
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
 
@@ -110,6 +110,7 @@ def test_quiet_optuna_sweep_prints_no_boilerplate_and_tells_optuna_what_each_tri
     exp = client.get_experiment_by_name("smoke")
     runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id], "tags.run_kind = 'trial'")}
     assert len(runs) == 4
+    _check_mlflow_views(client, exp.experiment_id, list(runs.values()), tmp_path / "artifacts")
     study, trials = _study_trials(work / "res" / "smoke" / "optuna.db")
     assert study.user_attrs["space"] == "smoke" and study.user_attrs["profile"] == "quick"
     assert study.user_attrs["mlflow_experiment"] == "smoke"
@@ -168,3 +169,42 @@ def test_a_repeated_proposal_is_marked_with_the_run_it_reuses() -> None:
         rate = t.params.get("dropout_rate")
         assert rate is None or (rate == round(rate, 2) and math.isfinite(rate)), t.params
     assert sum("reused_from" in t.user_attrs for t in trials) == len(trials) - len(runs)
+
+
+def _check_mlflow_views(client: Any, experiment_id: str, runs: list[Any], dst: Path) -> None:
+    """What the MLflow UI shows, read through a stock MlflowClient: the sweep's report as one HTML page with its
+    figures embedded, ISO 8601 times, run names that lead with what differs, 200 dpi layer previews."""
+    import datetime as dt
+
+    from PIL import Image
+
+    (parent,) = client.search_runs([experiment_id], "tags.run_kind = 'sweep'")
+    assert "report/report.html" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    page = Path(client.download_artifacts(parent.info.run_id, "report/report.html", str(dst))).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page and "<h2>" in page
+    assert page.count('src="data:image/png;base64,') >= 3 and 'src="figures/' not in page
+    for r in runs:
+        start, end = (dt.datetime.fromisoformat(r.data.tags[k]) for k in ("started_at", "ended_at"))
+        assert start.tzinfo is not None and start <= end, r.data.tags
+        p = r.data.params
+        lead = p["dropout_placement"] + ("" if p["dropout_placement"] == "none" else
+                                         f"-{p['dropout_type']}-{float(p['dropout_rate']):g}")
+        assert r.info.run_name == f"{lead}-w{float(p['width']):g}-s{p['seed']}-{p['backbone']}-d{p['depth']}"
+    png = client.download_artifacts(runs[0].info.run_id, "shift_by_layer.png", str(dst / "trial"))
+    with Image.open(png) as im:
+        assert im.size == (960, 560) and round(im.info["dpi"][0]) == 200, (im.size, im.info.get("dpi"))
+
+
+def test_report_html_embeds_figures_and_renders_the_markdown(tmp_path: Path) -> None:
+    from analysis.html import markdown_to_html
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    md = ("# Title\n\nText with `code <x>` and **bold**.\n\n| a | b \\| c |\n|---|---|\n| 1 | 2 |\n\n"
+          "- one\n- two\n\n> **Warning.** careful\n\n![A & B](figures/a.png)\n\n*A & B* ([PDF](figures/a.pdf))\n")
+    page = markdown_to_html(md, str(tmp_path), "t")
+    assert "<h1>Title</h1>" in page and "<code>code &lt;x&gt;</code>" in page and "<strong>bold</strong>" in page
+    assert "<th>b | c</th>" in page and "<td>2</td>" in page and "<li>two</li>" in page
+    assert "<blockquote><strong>Warning.</strong> careful</blockquote>" in page
+    assert '<img src="data:image/png;base64,iVBORw0KGgpmYWtl" alt="A &amp; B">' in page
+    assert '<em>A &amp; B</em> (<a href="figures/a.pdf">PDF</a>)' in page

@@ -341,9 +341,12 @@ class Tracker:
 
 
 def run_name(cfg: TrialConfig) -> str:
-    """A trial's MLflow run name, the name the live display shows: backbone-depth-width-placement-type-rate-seed."""
-    return (f"{cfg.backbone}-d{cfg.depth}-w{cfg.width:g}-{cfg.dropout_placement}-{cfg.dropout_type}"
-            f"-{cfg.dropout_rate:g}-s{cfg.seed}")
+    """A trial's MLflow run name, the name the live display shows: what differs between trials first
+    (placement-type-rate-width-seed, `none` without type and rate), then the backbone, e.g.
+    `pre_bn-bernoulli-0.5-w4-s0-cifar_wrn-d10`: the runs table's name column shows what tells runs apart."""
+    drop = (cfg.dropout_placement if cfg.dropout_placement == "none"
+            else f"{cfg.dropout_placement}-{cfg.dropout_type}-{cfg.dropout_rate:g}")
+    return f"{drop}-w{cfg.width:g}-s{cfg.seed}-{cfg.backbone}-d{cfg.depth}"
 
 
 def _search_all(client: Any, experiment_id: str, status: str | None, extra: str = "") -> list[Any]:

@@ -242,8 +242,8 @@ class TrackingCallback(tune.Callback):
             result = TrialResult(status="stopped", history=hist, epochs_completed=len(hist))
             if hist:
                 result.test_acc, result.test_loss = hist[-1].get("test_acc", float("nan")), hist[-1].get("test_loss")
-        tags = {k: str(last.get(k, "")) for k in ("node_ip", "node_id", "pid", "started_at", "ended_at",
-                                                   "torch_threads")}
+        tags = {k: str(last.get(k, "")) for k in ("node_ip", "node_id", "pid", "torch_threads")}
+        tags.update({k: _iso(last.get(k)) for k in ("started_at", "ended_at")})  # ISO 8601, UTC, as people read
         tags["device"] = result.device
         self.tracker.finish(self._run(trial, cfg), cfg, result, extra_tags=tags)
         self.closed.add(trial.trial_id)
@@ -279,6 +279,15 @@ class TrackingCallback(tune.Callback):
             msg = (f"{r.status}  acc {r.test_acc:.3f} -> {r.test_acc_reest:.3f} after BN re-est.  "
                    f"shift mean {r.mean_shift:.3f} max {r.max_shift:.3f}  {r.wall_time_s:.0f}s")
         self.progress.finished(trial_id, r.status, f"{run_name(cfg)}: {msg}")
+
+
+def _iso(epoch: Any) -> str:
+    """A Unix time as ISO 8601 in UTC to the millisecond (2026-12-06T20:44:01.123+00:00); '' when unknown."""
+    import datetime as dt
+
+    if not isinstance(epoch, (int, float)) or not math.isfinite(epoch):
+        return ""
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _error_line(trial: Any) -> str:
