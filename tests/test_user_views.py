@@ -172,12 +172,14 @@ def test_a_repeated_proposal_is_marked_with_the_run_it_reuses() -> None:
 
 
 def _check_mlflow_views(client: Any, experiment_id: str, runs: list[Any], dst: Path) -> None:
-    """What the MLflow UI shows, read through a stock MlflowClient: the sweep's report as one HTML page with its
-    figures embedded, ISO 8601 times, run names that lead with what differs, 200 dpi layer previews."""
+    """What the MLflow UI shows, read through a stock MlflowClient: an experiment of model training (not GenAI),
+    the sweep's report as one HTML page with its figures embedded, ISO 8601 times, run names that lead with what
+    differs, 200 dpi layer previews."""
     import datetime as dt
 
     from PIL import Image
 
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     (parent,) = client.search_runs([experiment_id], "tags.run_kind = 'sweep'")
     assert "report/report.html" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     page = Path(client.download_artifacts(parent.info.run_id, "report/report.html", str(dst))).read_text()

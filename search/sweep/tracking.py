@@ -31,6 +31,9 @@ __all__ = ["Tracker", "rebuild_parquet", "package_versions", "run_name", "DONE_S
 # A run with one of these statuses is a result: a rerun reuses it instead of training again.
 DONE_STATUSES = ("ok", "diverged", "stopped")
 _LAYERS_ARTIFACT = "layers.parquet"
+# MLflow 3's UI opens an experiment in its GenAI mode (trial pages under "Evaluations") unless this tag says
+# it trains models: the experiment is marked as the UI's "custom model development" (its ML mode).
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 KIND_TAG = "run_kind"  # "sweep" on a sweep's parent run, "trial" on each trial's run
 # MLflow names that differ from TrialResult's: a metric called `params` reads like MLflow's own params.
 _METRIC_NAMES = {"params": "num_params"}
@@ -150,11 +153,14 @@ class Tracker:
         note = _EXPERIMENT_NOTE.format(space=space)
         if exp is None:
             self.experiment_id = self.client.create_experiment(
-                space, artifact_location=_artifact_location(tracking_uri), tags={MLFLOW_RUN_NOTE: note})
+                space, artifact_location=_artifact_location(tracking_uri),
+                tags={MLFLOW_RUN_NOTE: note, EXPERIMENT_KIND: MODEL_TRAINING})
         else:
             self.experiment_id = exp.experiment_id
             if MLFLOW_RUN_NOTE not in exp.tags:  # a store from before descriptions; a user's own note stays
                 self.client.set_experiment_tag(self.experiment_id, MLFLOW_RUN_NOTE, note)
+            if EXPERIMENT_KIND not in exp.tags:  # a user's own choice stays
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         self.store = ResultStore(root, space)
         self.versions = package_versions()
         self.parent_id: str | None = None  # this sweep's parent run (open_sweep)
