@@ -192,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 on a user error, printed as one line)."""
     p = argparse.ArgumentParser(prog="python -m analysis.findings", description=__doc__.splitlines()[0])
     p.add_argument("--space", action="append", required=True, help="space name (repeat to combine spaces)")
-    p.add_argument("--root", default="results", help="results root holding <space>/trials and <space>/layers")
+    p.add_argument("--storage", "--root", dest="root", default="results",
+                   help="the sweep's --storage: results folder holding <space>/trials and <space>/layers "
+                        "(--root is the same flag)")
     p.add_argument("--profile", default=None, help="the profile (default: each space's latest sweep)")
     args = p.parse_args(argv)
     try:

@@ -44,7 +44,7 @@ def test_findings_on_a_planted_study() -> None:
 
 def test_cli_prints_every_finding_and_refuses_an_unknown_profile(tmp_path, capsys) -> None:
     write_study(str(tmp_path), *_planted(), space="planted")
-    assert main(["--space", "planted", "--root", str(tmp_path)]) == 0
+    assert main(["--space", "planted", "--storage", str(tmp_path)]) == 0  # search.run's name for the folder
     out = capsys.readouterr().out
     assert all(f"\n{i}. " in out for i in range(1, 6)) and "-> " in out
     assert main(["--space", "planted", "--root", str(tmp_path), "--profile", "nope"]) == 2
