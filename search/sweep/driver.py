@@ -26,11 +26,6 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
 
     runtime_env = _runtime_env()
     if address:
-        # Ray 2.60's `ray start` turns token auth on by itself when ~/.ray/auth_token exists and RAY_AUTH_MODE is
-        # unset, but a driver joining with the variable unset is refused (InvalidAuthToken): follow Ray's own rule.
-        token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
-        if "RAY_AUTH_MODE" not in os.environ and os.path.exists(token):
-            os.environ["RAY_AUTH_MODE"] = "token"
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             # Ray rewrites a loopback address to the LAN IP; a loopback-only cluster is then unreachable.
             ray_constants.ENABLE_RAY_CLUSTER = False
