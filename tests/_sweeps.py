@@ -21,11 +21,13 @@ KILL_ARGS = ["--space", SPACE, "--set", "dropout_type=bernoulli", "--set", "epoc
              "--num-cpus", "2", "--quiet"]
 N_KILL_TRIALS = 4
 BN_LAYERS = 7  # WRN-10: 3 blocks x 2 BN + the final BN
-# What MLflow holds per trial: the epoch series (step = epoch, throughput among them) and each summary value
-# the series does not already give (search/sweep/tracking.py; TrialResult's `params` is `num_params` there).
-EPOCH_SERIES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "throughput")
-SUMMARY = ("test_acc_reest", "test_loss_reest", "mean_shift", "max_shift", "mean_shift_reest", "wall_time_s",
-           "probe_time_s", "num_params")
+# What MLflow holds per trial: the epoch series under `epoch/` (step = epoch, throughput among them) and each
+# summary value once (step 0) but those the series give (search/sweep/tracking.py; TrialResult's `params` is
+# `num_params` there).
+EPOCH_SERIES = tuple(f"epoch/{k}" for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
+                                            "throughput"))
+SUMMARY = ("test_acc", "test_loss", "train_loss", "train_acc", "test_acc_reest", "test_loss_reest", "mean_shift",
+           "max_shift", "mean_shift_reest", "wall_time_s", "probe_time_s", "num_params")
 
 
 # --------------------------------------------------------------------------- helpers

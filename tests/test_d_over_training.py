@@ -171,10 +171,10 @@ def test_parquet_and_mlflow_carry_them_and_rebuild_restores_them(fed: TrialResul
         metrics = client.get_run(run_id).data.metrics
         for k in ("n_train", "n_test", "n_probe", "n_reest", "d_cos2_all_init", "d_cos2_all_final"):
             assert metrics[k] == getattr(result, k), k
-        steps = {h.step: h.value for h in client.get_metric_history(run_id, "d_cos2_all")}
+        steps = {h.step: h.value for h in client.get_metric_history(run_id, "epoch/d_cos2_all")}
         assert steps == {e: h["d_cos2_all"] for e, h in enumerate(result.history, 1)}
     fed_id = next(r for r, x in runs.items() if x is fed)
-    assert [h.step for h in client.get_metric_history(fed_id, "d_cos2")] == [1, 2]
+    assert [h.step for h in client.get_metric_history(fed_id, "epoch/d_cos2")] == [1, 2]
     assert client.get_run(fed_id).data.metrics["d_cos2_init"] == fed.d_cos2_init
 
     def rows(root: Path) -> dict[str, dict]:

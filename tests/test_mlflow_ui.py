@@ -78,18 +78,26 @@ def test_one_parent_per_sweep_with_every_trial_its_child(store) -> None:
 
 
 def test_metrics_without_duplicates(store) -> None:
+    """The per-epoch series under `epoch/` (one MLflow UI section), every other metric a summary logged once."""
     client, _, _, kids = store
     run = client.get_run(kids[0])
     m = run.data.metrics
     assert "num_params" in m and m["num_params"] == 12345
-    for gone in ("params", "epoch_throughput", "train_time_s", "epochs_completed"):
+    for gone in ("params", "epoch_throughput", "train_time_s", "epochs_completed", "throughput", "lr",
+                 "epoch_time_s"):
         assert gone not in m, gone
     histories = {k: tuple((h.step, h.value) for h in client.get_metric_history(kids[0], k)) for k in m}
     assert len(set(histories.values())) == len(histories), "two metrics carry the same values"
-    for k in ("train_loss", "test_acc", "lr", "epoch_time_s", "throughput"):  # series: one point per epoch
-        assert [s for s, _ in histories[k]] == list(range(1, EPOCHS + 1)), k
-    for k in ("test_acc_reest", "mean_shift", "max_shift", "wall_time_s", "num_params"):  # summaries: once
+    series = {k for k in m if k.startswith("epoch/")}
+    assert series == {f"epoch/{k}" for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
+                                             "throughput")}
+    history = _result(0).history
+    for k in series:  # one point per epoch, step = epoch
+        assert histories[k] == tuple((e, h[k[len("epoch/"):]]) for e, h in enumerate(history, 1)), k
+    for k in m.keys() - series:  # summaries: once, at step 0
         assert len(histories[k]) == 1 and histories[k][0][0] == 0, k
+    for k in ("test_acc", "train_loss", "test_acc_reest", "mean_shift", "max_shift", "wall_time_s"):
+        assert m[k] == getattr(_result(0), k), k
     assert "None" not in run.data.params.values()  # unset speed knobs are not logged as the string "None"
 
 
@@ -131,6 +139,57 @@ def test_rebuild_recovers_what_the_series_holds(store, tmp_path: Path) -> None:
     for col in ("train_time_s", "throughput", "epochs_completed", "params", "test_acc", "test_acc_reest"):
         assert after.column(col).to_pylist() == pytest.approx(before.column(col).to_pylist()), col
     assert pc.all(pc.equal(after.column("epochs_completed"), EPOCHS)).as_py()
+
+
+def _log_before_the_epoch_prefix(client, experiment_id: str, cfg: TrialConfig, result: TrialResult) -> str:
+    """A trial run as the Tracker logged it before `epoch/` (2026-12): the series unprefixed (step = epoch), the
+    summaries the series did not hold at step 0, train_time_s / throughput / epochs_completed left to the series."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_id, tags={"run_kind": "trial", "space": "smoke", "profile": "quick",
+                                                 "config_hash": cfg.config_hash, "status": result.status})
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(h["epoch"])) for h in result.history for k, v in h.items() if k != "epoch"]
+    held = {x.key for x in metrics}
+    metrics += [Metric({"params": "num_params"}.get(k, k), float(v), now, 0) for k, v in result.summary().items()
+                if isinstance(v, (int, float)) and v == v and k not in held
+                and k not in ("throughput", "train_time_s", "epochs_completed")]
+    client.log_batch(run.info.run_id, metrics=metrics,
+                     params=[Param(k, str(v)) for k, v in cfg.to_dict().items() if v is not None])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_rebuild_reads_runs_logged_before_the_epoch_prefix(tmp_path: Path) -> None:
+    """A store holding both: a run logged with unprefixed series and one with `epoch/` series rebuild the same
+    rows (summaries, the times and throughput derived from the series, the D series)."""
+    from mlflow.tracking import MlflowClient
+
+    from search.store import ResultStore
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "smoke", "quick", str(tmp_path / "results"))
+    result = _result(0)
+    result.d_cos2_all_init = 0.5
+    for e, h in enumerate(result.history, 1):
+        h["d_cos2_all"] = 0.5 + e / 10
+    new_cfg, old_cfg = TrialConfig(seed=0, epochs=EPOCHS), TrialConfig(seed=1, epochs=EPOCHS)
+    new_id = tracker.start(new_cfg, algo="grid")
+    tracker.finish(new_id, new_cfg, result)
+    tracker.flush()
+    client = MlflowClient(tracking_uri=uri)
+    old_id = _log_before_the_epoch_prefix(client, tracker.experiment_id, old_cfg, result)
+    assert not any(k.startswith("epoch/") for k in client.get_run(old_id).data.metrics)
+    assert rebuild_parquet("smoke", uri, str(tmp_path / "rebuilt"))[0] == 2
+    rows = {r["run_id"]: r for r in ResultStore(str(tmp_path / "rebuilt"), "smoke").read("trials").to_pylist()}
+    written = ResultStore(str(tmp_path / "results"), "smoke").read("trials").to_pylist()[0]
+    for rid in (new_id, old_id):
+        for col in ("test_acc", "test_loss", "train_loss", "train_acc", "test_acc_reest", "mean_shift", "wall_time_s",
+                    "train_time_s", "throughput", "epochs_completed", "params", "d_cos2_all_init"):
+            assert rows[rid][col] == pytest.approx(written[col]), (rid, col)
+        assert rows[rid]["d_cos2_all_by_epoch"] == pytest.approx([0.5, 0.6, 0.7, 0.8]), rid
 
 
 def test_resume_continues_under_the_same_parent(tmp_path: Path) -> None:

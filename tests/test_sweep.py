@@ -64,7 +64,7 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke: tuple[Path, subprocess.
     assert r.data.params["train_samples"] == "128" and r.data.tags["space"] == "smoke"
     assert r.data.tags["profile"] == "quick" and len(r.data.tags["config_hash"]) == 16
     assert r.data.tags["version.torch"] and r.data.tags["version.timm"]
-    for key in ("test_acc", "test_acc_reest", "mean_shift", "max_shift", "throughput", "num_params",
+    for key in ("test_acc", "test_acc_reest", "mean_shift", "max_shift", "epoch/throughput", "num_params",
                 "n_train", "n_test", "n_probe", "n_reest", "d_cos2_all_init", "d_cos2_all_final"):
         assert key in r.data.metrics
     from mlflow.tracking import MlflowClient
@@ -72,7 +72,7 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke: tuple[Path, subprocess.
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     assert sorted(a.path for a in client.list_artifacts(r.info.run_id)) == ["layers.json", "layers.parquet",
                                                                            "shift_by_layer.png"]
-    assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 1  # one epoch
+    assert len(client.get_metric_history(r.info.run_id, "epoch/train_loss")) == 1  # one epoch
     # One parent run for the sweep; every trial is its child; Tune counted one iteration per epoch.
     exp = client.get_experiment_by_name("smoke")
     (parent,) = client.search_runs([exp.experiment_id], "tags.run_kind = 'sweep'")

@@ -102,7 +102,7 @@ def test_trial_process_killed_once_is_retried_and_ends_ok(concurrent: Concurrent
     r = c.run("pre_bn", "bernoulli")
     assert any(p.name.endswith(c.hashes[("pre_bn", "bernoulli")]) for p in c.state.iterdir())  # it fired
     assert (r.info.status, r.data.tags["status"]) == ("FINISHED", "ok")
-    assert len(_client(c.cwd).get_metric_history(r.info.run_id, "train_loss")) == 2  # a whole new attempt
+    assert len(_client(c.cwd).get_metric_history(r.info.run_id, "epoch/train_loss")) == 2  # a whole new attempt
 
 
 @pytest.mark.timeout(900)

@@ -8,7 +8,7 @@ What the MLflow UI shows follows its conventions: the experiment (one per space)
 has a description; each sweep is a parent run (`run_kind=sweep`) holding the
 command line, the sweep summary and the report; each trial is its child
 (`mlflow.parentRunId`) with MLflow's `mlflow.user` / `mlflow.source.*` tags, its
-config as params, per-epoch series (step = epoch), each summary metric once, and
+config as params, per-epoch series under `epoch/` (step = epoch), each summary metric once, and
 a previewable per-layer view (PNG and table) beside `layers.parquet`.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ from search.results import LayerShift, TrialResult
 from search.schema import layer_rows, trial_row
 from search.store import ResultStore, read_parts
 
-__all__ = ["Tracker", "rebuild_parquet", "package_versions", "run_name", "DONE_STATUSES", "KIND_TAG"]
+__all__ = ["Tracker", "rebuild_parquet", "package_versions", "run_name", "DONE_STATUSES", "KIND_TAG", "EPOCH_PREFIX",
+           "epoch_series"]
 
 # A run with one of these statuses is a result: a rerun reuses it instead of training again.
 DONE_STATUSES = ("ok", "diverged", "stopped")
@@ -37,13 +38,18 @@ EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_develop
 KIND_TAG = "run_kind"  # "sweep" on a sweep's parent run, "trial" on each trial's run
 # MLflow names that differ from TrialResult's: a metric called `params` reads like MLflow's own params.
 _METRIC_NAMES = {"params": "num_params"}
-# Summary keys the epoch series already determine: not logged as metrics of their own (they would
-# duplicate `throughput` / `epoch_time_s` of the series); rebuild_parquet derives them from the series.
+# The per-epoch series are logged as `epoch/<key>` (step = epoch): MLflow's UI draws a metric prefix as a
+# section of its own, so the curves stand apart from the single-value summaries (step 0, unprefixed).
+# Runs logged before the prefix hold the series unprefixed (`train_loss` with steps 1..n); readers take both.
+EPOCH_PREFIX = "epoch/"
+# Summary keys the epoch series already determine: not logged as metrics of their own (the sum of
+# `epoch/epoch_time_s`, the number of epochs, the images-weighted `epoch/throughput`); rebuild_parquet
+# derives them from the series.
 _FROM_SERIES = ("throughput", "train_time_s", "epochs_completed")
 _EXPERIMENT_NOTE = (
     "Dropout x BatchNorm variance-shift ablation, space `{space}` (python -m search.run --space {space}). "
     "Each sweep is a parent run (run_kind = sweep: command line, summary, report); each trial is a child run "
-    "(run_kind = trial) with its config as params, per-epoch series (step = epoch), summary metrics, and "
+    "(run_kind = trial) with its config as params, per-epoch series epoch/* (step = epoch), summary metrics, and "
     "artifacts shift_by_layer.png, layers.json (table view) and layers.parquet. "
     "Filter with tags.run_kind = 'trial' to compare trials across sweeps.")
 
@@ -269,17 +275,16 @@ class Tracker:
                extra_tags: dict[str, str] | None = None) -> None:
         """Log metrics and the per-layer artifacts, end the run, and write the Parquet rows.
 
-        Metrics: the epoch series (step = epoch) and each summary value once (step 0) that the
-        series does not already hold; `params` is logged as `num_params`.
+        Metrics: the epoch series as `epoch/<key>` (step = epoch) and each summary value once (step 0),
+        but those the series determine (`_FROM_SERIES`); `params` is logged as `num_params`.
         """
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(h["epoch"])) for h in result.history
+        metrics = [Metric(EPOCH_PREFIX + k, float(v), now, int(h["epoch"])) for h in result.history
                    for k, v in h.items() if k != "epoch" and _finite(v)]
-        in_series = {m.key for m in metrics}
         metrics += [Metric(_METRIC_NAMES.get(k, k), float(v), now, 0) for k, v in result.summary().items()
-                    if _finite(v) and k not in in_series and not (k in _FROM_SERIES and in_series)]
+                    if _finite(v) and not (k in _FROM_SERIES and metrics)]
         tags = [RunTag("status", result.status)] + [RunTag(k, str(v)) for k, v in (extra_tags or {}).items()]
         if result.error:
             tags.append(RunTag("error", result.error[:5000]))
@@ -370,16 +375,26 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def epoch_series(client: Any, run: Any, key: str) -> dict[int, float]:
+    """{epoch: value} of a trial run's per-epoch series `key` (e.g. "test_acc"): `epoch/<key>`, or for a run
+    logged before the prefix, the unprefixed metric's steps from 1 on (its step-0 value, if any, a summary)."""
+    metrics = run.data.metrics
+    if EPOCH_PREFIX + key in metrics:
+        return {h.step: h.value for h in client.get_metric_history(run.info.run_id, EPOCH_PREFIX + key)}
+    if key in metrics:
+        return {h.step: h.value for h in client.get_metric_history(run.info.run_id, key) if h.step > 0}
+    return {}
+
+
 def _from_series(client: Any, run: Any) -> dict[str, float]:
     """The summary values `finish` leaves to the epoch series: train time, throughput, epochs completed.
 
-    A run logged before that (with its own `throughput` summary metric and no `epoch_time_s`) keeps its values.
+    A run logged before that (with its own `throughput` summary metric and no epoch times) keeps its values.
     """
-    if "epoch_time_s" not in run.data.metrics or "train_time_s" in run.data.metrics:
+    m = run.data.metrics
+    if not {"epoch_time_s", EPOCH_PREFIX + "epoch_time_s"} & m.keys() or "train_time_s" in m:
         return {}
-    by_step: dict[str, dict[int, float]] = {}
-    for key in ("epoch_time_s", "throughput"):
-        by_step[key] = {h.step: h.value for h in client.get_metric_history(run.info.run_id, key)}
+    by_step = {key: epoch_series(client, run, key) for key in ("epoch_time_s", "throughput")}
     dts = by_step["epoch_time_s"]
     seconds = sum(dts.values())
     images = sum(dts[s] * by_step["throughput"].get(s, math.nan) for s in dts)
@@ -423,13 +438,15 @@ def _rebuild_locked(client: Any, exp: Any, space: str, root: str) -> tuple[int, 
         if "config_hash" not in tags:
             continue
         cfg = TrialConfig.from_dict({k: parse_value(k, types[k], v) for k, v in params.items() if k in types})
+        # Summaries are the unprefixed metrics. A run logged before `epoch/` has no summary of its own for a key
+        # its series held (train_loss, test_acc, ...): the unprefixed series' latest value, the last epoch's, is it.
         m = {**run.data.metrics, **_from_series(client, run)}
         m.update({k: m[name] for k, name in _METRIC_NAMES.items() if name in m})
         result = TrialResult(status=tags.get("status", "failed"), error=tags.get("error"), device=tags.get("device", ""),
                              **{k: m[k] for k in TrialResult.SUMMARY_KEYS if k in m})
         result.params, result.epochs_completed = int(result.params), int(result.epochs_completed)
         # The series kept whole in Parquet (d_cos2_by_epoch, ...): from the runs' epoch series
-        result.restore_series(lambda k, r=run.info.run_id: {h.step: h.value for h in client.get_metric_history(r, k)})
+        result.restore_series(lambda k, r=run: epoch_series(client, r, k))
         end = dt.datetime.fromtimestamp((run.info.end_time or run.info.start_time) / 1000, dt.timezone.utc)
         trial_rows.append(trial_row(cfg, result, run_id=run.info.run_id, space=space,
                                     profile=tags.get("profile", ""), finished_at=end,
