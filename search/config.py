@@ -121,10 +121,9 @@ class TrialConfig:
         self._check_types()
         self._check_values()
         if self.plugins is None:  # a config read back from a store keeps the identity it was run with
-            from search.plugins import identity_of
-
-            used = (("dropout", self.dropout_type), ("placement", self.dropout_placement), ("backbone", self.backbone))
-            object.__setattr__(self, "plugins", identity_of(used))
+            used = (("dropout", self.dropout_type), ("placement", self.dropout_placement), ("backbone", self.backbone),
+                    ("dataset", self.dataset))
+            object.__setattr__(self, "plugins", registry.identity_of(used))
 
     # ------------------------------------------------------------------ build
     @classmethod

@@ -94,8 +94,7 @@ def identity_of(names: Iterable[tuple[str, str]]) -> str | None:
     Args:
         names: (category, name) pairs a trial uses, e.g. ("dropout", cfg.dropout_type).
     """
-    ids = sorted({p.identity for cat, n in names if (p := owner(cat, n)) is not None})
-    return ",".join(ids) or None
+    return registry.identity_of(names)
 
 
 def split_space(value: str) -> tuple[str | None, str]:
@@ -197,6 +196,7 @@ def load_plugin(spec: str, *, check: bool = False, source: str | None = None) ->
     _LOADED[name] = plugin
     for key in added:
         _OWNER[key] = name
+        registry.set_owner(*key, plugin.identity)
     if check:
         try:
             _check(plugin)
@@ -212,7 +212,7 @@ def unload(name: str) -> None:
     if plugin is None:
         return
     for cat, n in plugin.registered:
-        registry.unregister(cat, n)
+        registry.unregister(cat, n)  # forgets its owner too
         _OWNER.pop((cat, n), None)
     _LOADED.pop(name, None)
     sys.modules.pop(name, None)

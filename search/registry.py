@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, TypeVar
 __all__ = [
     "Entry", "RegistryError", "register", "unregister", "get", "names", "entries",
     "register_dropout", "register_placement", "register_backbone", "register_space",
-    "not_allowed", "did_you_mean", "CATEGORIES",
+    "not_allowed", "did_you_mean", "CATEGORIES", "set_owner", "identity_of",
 ]
 
 CATEGORIES = ("dropout", "placement", "backbone", "space")
@@ -67,6 +67,9 @@ class Entry:
 
 
 _ENTRIES: dict[str, dict[str, Entry]] = {c: {} for c in CATEGORIES}
+# (category, name) -> 'name:sha' of the plugin that registered it (search/plugins.py sets it): kept here, beside
+# the entries, so TrialConfig reads a trial's plugin identities without importing the plugin machinery.
+_OWNERS: dict[tuple[str, str], str] = {}
 _loaded = False
 
 
@@ -116,6 +119,24 @@ def register(category: str, name: str, obj: Any, *, module: str | None = None, *
 def unregister(category: str, name: str) -> None:
     """Remove an entry (tests and plugin reloads); unknown names are ignored."""
     _ENTRIES.get(category, {}).pop(name, None)
+    _OWNERS.pop((category, name), None)
+
+
+def set_owner(category: str, name: str, identity: str | None) -> None:
+    """Record (or, with None, forget) the plugin identity 'name:sha' that registered `name` in `category`."""
+    if identity is None:
+        _OWNERS.pop((category, name), None)
+    else:
+        _OWNERS[(category, name)] = identity
+
+
+def identity_of(names: Iterable[tuple[str, str]]) -> str | None:
+    """Sorted, comma-separated 'name:sha' of the plugins owning any of `names`; None if none does.
+
+    Args:
+        names: (category, name) pairs a trial uses, e.g. ("dropout", cfg.dropout_type).
+    """
+    return ",".join(sorted({_OWNERS[k] for k in names if k in _OWNERS})) or None
 
 
 def get(category: str, name: str, *, field_name: str | None = None) -> Entry:

@@ -265,11 +265,11 @@ class ResultStore:
         return f"{self.base}/{dataset}"
 
     def lock(self, purpose: str = "write") -> Any:
-        """The space's writer lock (search/sweep/lock.py), which every writer of these datasets holds: the
+        """The space's writer lock (search/lock.py), which every writer of these datasets holds: the
         sweep for its whole run, a rebuild from MLflow, and each method below that changes files. Re-entrant
         in one process (the driver holds it already); another holder gets OSError naming it. No lock on
         object stores."""
-        from search.sweep.lock import SweepLock  # os and fcntl only
+        from search.lock import SweepLock  # os and fcntl only
 
         return SweepLock(self.root, self.space, purpose=purpose)
 

@@ -104,7 +104,7 @@ CASES = [
     Case("tracking-db-under-a-file", "search.run", f"{S} --tracking-uri sqlite:///{{a_file}}/mlflow.db",
          ("--tracking-uri", "is a file, not a directory")),
     # search.trial
-    Case("trial-depth", "search.trial.runner", "--backbone cifar_wrn --depth 12",
+    Case("trial-depth", "search.trial.cli", "--backbone cifar_wrn --depth 12",
          ("field 'depth' = 12", "cifar_wrn", "6n+4"), debug=True),
     # analysis.report
     Case("report-no-results", "analysis.report", "--space smoke --root {empty_dir}",
@@ -126,8 +126,8 @@ CASES = [
          ("field 'seed' = -1", "out of range", "0 to 4294967295")),
     Case("set-epochs-huge", "search.run", f"{S} --set epochs=100000000000000000000",
          ("field 'epochs' = 100000000000000000000", "out of range", "1 to 100000")),
-    Case("trial-lr-inf", "search.trial.runner", "--lr inf", ("field 'lr' = inf", "not a finite number")),
-    Case("trial-json-folder-missing", "search.trial.runner", "--json {empty_dir}/no/such/result.json",
+    Case("trial-lr-inf", "search.trial.cli", "--lr inf", ("field 'lr' = inf", "not a finite number")),
+    Case("trial-json-folder-missing", "search.trial.cli", "--json {empty_dir}/no/such/result.json",
          ("--json", "does not exist")),
     # settings that would be silently ignored
     Case("seeds-with-set-seed", "search.run", f"{S} --seeds 2 --set seed=5",
@@ -187,13 +187,13 @@ CASES = [
          ("--resource-wait 1e+12 is not allowed", "seconds >= 0 and <= 604800")),
     Case("set-image-size-huge", "search.run", f"{S} --set image_size=1000000",
          ("field 'image_size' = 1000000 is out of range", "allowed: 8 to 8192")),
-    Case("trial-batch-size-huge", "search.trial.runner", "--batch-size 100000000000",
+    Case("trial-batch-size-huge", "search.trial.cli", "--batch-size 100000000000",
          ("field 'batch_size' = 100000000000 is out of range", "allowed: 1 to 1048576")),
     # outputs are never renamed over something that is not a regular file (issue 30: --json /dev/full as root
     # replaced the device with a JSON file)
-    Case("trial-json-device", "search.trial.runner", "--json /dev/null",
+    Case("trial-json-device", "search.trial.cli", "--json /dev/null",
          ("--json '/dev/null' is a character device, not a regular file", "allowed: a new path or a regular file")),
-    Case("trial-json-fifo", "search.trial.runner", "--json {fifo}", ("is a named pipe (FIFO), not a regular file",)),
+    Case("trial-json-fifo", "search.trial.cli", "--json {fifo}", ("is a named pipe (FIFO), not a regular file",)),
     Case("report-out-not-regular", "analysis.report", "--space smoke --root {study} --out {out_fifo} --no-figures",
          ("--out", "report.md' is a named pipe (FIFO), not a regular file", "writing would replace it")),
     Case("tracking-db-not-regular", "search.run", f"{S} --tracking-uri sqlite:///{{fifo}}",

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from search.config import TrialConfig
-from search.trial.runner import main, run_trial
+from search.trial.cli import main
+from search.trial.runner import run_trial
 
 SMALL_WRN = TrialConfig(backbone="cifar_wrn", depth=10, width=1, dataset="digits", image_size=8, in_chans=1,
                         epochs=6, batch_size=64, lr=0.05, device="cpu")

@@ -22,6 +22,7 @@ def _configs(trials: pa.Table) -> list[dict]:
 
 
 def test_only_wide_cells_get_a_seed_and_their_baseline_too() -> None:
+    from analysis.adaptive import wide_cells
     from search.sweep.adaptive import more_seeds
 
     # 3 seeds; pre_bn costs -5 pp with noise 0.1 pp (narrow), pre_conv -5 pp with noise 4 pp (wide).
@@ -33,20 +34,21 @@ def test_only_wide_cells_get_a_seed_and_their_baseline_too() -> None:
     i = trials.schema.get_field_index("test_acc")
     trials = trials.set_column(i, trials.schema.field(i), pa.array(acc))
     configs = _configs(trials)
-    extra, wide = more_seeds(configs, trials, 2.0, max_seeds=5)
+    extra, wide = more_seeds(configs, trials, 2.0, max_seeds=5, cells=wide_cells)
     assert {dict(c.fields)["dropout_placement"] for c in wide} == {"pre_conv"} and len(wide) == 2
     assert sorted((c["dropout_placement"], c["width"], c["seed"]) for c in extra) == [
         ("none", 1.0, 3), ("none", 2.0, 3), ("pre_conv", 1.0, 3), ("pre_conv", 2.0, 3)]
     # At the budget nothing is added, and a narrow enough W adds nothing either.
-    assert more_seeds(configs, trials, 2.0, max_seeds=3)[0] == []
-    assert more_seeds(configs, trials, 99.0, max_seeds=5)[0] == []
+    assert more_seeds(configs, trials, 2.0, max_seeds=3, cells=wide_cells)[0] == []
+    assert more_seeds(configs, trials, 99.0, max_seeds=5, cells=wide_cells)[0] == []
 
 
 def test_cells_without_an_interval_are_wide() -> None:
+    from analysis.adaptive import wide_cells
     from search.sweep.adaptive import more_seeds
 
     trials, _ = planted_study(placements=("none", "pre_bn"), widths=(1.0,), seeds=(0,))
-    extra, wide = more_seeds(_configs(trials), trials, 50.0, max_seeds=3)
+    extra, wide = more_seeds(_configs(trials), trials, 50.0, max_seeds=3, cells=wide_cells)
     assert len(wide) == 1 and wide[0].n == 1 and sorted(c["seed"] for c in extra) == [1, 1]
 
 

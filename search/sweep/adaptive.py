@@ -9,20 +9,20 @@ pair stays paired by seed. The sweep runs again (finished trials are reused, as 
 every cell is narrow enough or has `max_seeds` seeds. A rerun of the same command finds every
 cell narrow or at its budget and adds nothing.
 
-The intervals are analysis.fit's (`accuracy_cost`, `bn_reestimation`): imported when used.
+Which cells are wide is a statistic of the analysis floor (`analysis.adaptive.wide_cells`, from
+analysis.fit's `accuracy_cost` and `bn_reestimation`), above this one: the caller passes it in
+(`cells=`; the driver, on the application floor, passes `wide_cells`). This module only decides
+which seeds to add.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
-
 from search.config import TrialConfig
 
-__all__ = ["QUANTITIES", "WideCell", "wide_cells", "more_seeds", "family_key"]
+__all__ = ["QUANTITIES", "WideCell", "CellsFn", "more_seeds", "family_key"]
 
 QUANTITIES = ("cost", "reest")  # the accuracy cost vs no dropout | the BN re-estimation gain
 # Fields that identify a configuration apart from its seed (the hashed ones).
@@ -40,49 +40,25 @@ class WideCell:
     method: str
 
 
+# (trials, width_pp, quantity, level) -> the cells whose interval is wider than width_pp or missing
+CellsFn = Callable[[pa.Table, float, str, float], "list[WideCell]"]
+
+
 def family_key(d: dict[str, Any]) -> tuple:
     """A configuration without its seed (a trial row or a config dict)."""
     return tuple(d.get(k) for k in _FAMILY_FIELDS)
-
-
-def wide_cells(trials: pa.Table, width_pp: float, quantity: str = "cost", level: float = 0.95) -> list[WideCell]:
-    """The cells of `quantity` whose `level` interval is wider than `width_pp` or missing."""
-    from analysis.fit import accuracy_cost, bn_reestimation
-    from analysis.load import Study
-    from search.schema import LAYERS_SCHEMA
-
-    ok = trials.filter(pc.equal(trials.column("status"), "ok")) if trials.num_rows else trials
-    study = Study(ok, LAYERS_SCHEMA.empty_table(), ("adaptive",))
-    out = []
-    if quantity == "cost":
-        if ok.num_rows == 0 or "none" not in set(ok.column("dropout_placement").to_pylist()):
-            return []
-        cells, _ = accuracy_cost(study, level=level)
-        for c in cells:
-            w = 100 * (c.ci_high - c.ci_low) if c.has_ci else math.nan
-            if not (w <= width_pp):
-                out.append(WideCell(c.context + (("dropout_type", c.dropout_type),
-                                                 ("dropout_placement", c.dropout_placement),
-                                                 ("dropout_rate", c.dropout_rate), ("width", c.width)), c.n, w,
-                                    c.method))
-    elif quantity == "reest":
-        rows, _, _ = bn_reestimation(study, level=level)
-        for r in rows:
-            w = 100 * (r.ci_high - r.ci_low) if r.has_ci else math.nan
-            if not (w <= width_pp):
-                out.append(WideCell(tuple(r.label), r.n, w, r.method))
-    else:
-        raise ValueError(f"--until-ci-of {quantity!r} is not allowed (allowed: {', '.join(QUANTITIES)})")
-    return out
 
 
 def _matches(cfg: dict[str, Any], fields: dict[str, Any]) -> bool:
     return all(k in cfg and cfg[k] == v for k, v in fields.items())
 
 
-def more_seeds(configs: list[dict[str, Any]], trials: pa.Table, width_pp: float, *, quantity: str = "cost",
-               max_seeds: int = 10, level: float = 0.95) -> tuple[list[dict[str, Any]], list[WideCell]]:
+def more_seeds(configs: list[dict[str, Any]], trials: pa.Table, width_pp: float, *, cells: CellsFn,
+               quantity: str = "cost", max_seeds: int = 10,
+               level: float = 0.95) -> tuple[list[dict[str, Any]], list[WideCell]]:
     """The trials to add for the wide cells among `configs`' configurations (one more seed each), and the cells.
+
+    `cells(trials, width_pp, quantity, level)` finds the wide cells (`analysis.adaptive.wide_cells`).
 
     Only the store's trials of these configurations count (other profiles and spaces are left out). A cost cell
     adds its dropout configuration and its no-dropout baseline at the same context and width, with the same new
@@ -95,13 +71,13 @@ def more_seeds(configs: list[dict[str, Any]], trials: pa.Table, width_pp: float,
     if trials.num_rows:
         keys = [family_key(r) for r in trials.select(list(_FAMILY_FIELDS)).to_pylist()]
         trials = trials.filter(pa.array([k in families for k in keys]))
-    cells = wide_cells(trials, width_pp, quantity, level)
+    wide = cells(trials, width_pp, quantity, level)
     seeds: dict[tuple, set[int]] = {k: {int(c["seed"]) for c in v} for k, v in families.items()}
     for r in trials.select(list(_FAMILY_FIELDS) + ["seed"]).to_pylist() if trials.num_rows else []:
         seeds.setdefault(family_key(r), set()).add(int(r["seed"]))
     extra: dict[tuple, dict[str, Any]] = {}
     grown: list[WideCell] = []
-    for cell in cells:
+    for cell in wide:
         fields = dict(cell.fields)
         primary = [k for k, v in families.items() if _matches(v[0], fields)]
         if quantity == "cost":

@@ -331,7 +331,7 @@ def _drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: d
         if args.debug:
             raise
         from search.sweep.errors import write_crash_log
-        from search.sweep.lock import disk_full
+        from search.lock import disk_full
 
         log = write_crash_log(args.storage, args.space, e)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

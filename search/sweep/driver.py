@@ -115,6 +115,7 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
 def _until_ci(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
               gpus: float | str, rc: int) -> int:
     """`--until-ci W`: one more seed for every cell whose interval is wider than W pp, sweep again, repeat."""
+    from analysis.adaptive import wide_cells  # the statistic is analysis's; the driver is the application
     from search.store import ResultStore
     from search.sweep.adaptive import more_seeds
 
@@ -129,7 +130,7 @@ def _until_ci(args: argparse.Namespace, configs: list[dict[str, Any]], overrides
 
             trials = trials.filter(pc.equal(trials.column("code_version"), code_version().label))
         extra, wide = more_seeds(configs, trials, args.until_ci, quantity=args.until_ci_of,
-                                 max_seeds=args.max_seeds)
+                                 max_seeds=args.max_seeds, cells=wide_cells)
         if not extra:
             print(f"--until-ci {args.until_ci:g}: every {what} interval is at most {args.until_ci:g} pp wide, or its "
                   f"cell has --max-seeds {args.max_seeds} seeds; {rounds} round(s) added seeds", flush=True)

@@ -4,6 +4,6 @@ Nothing here needs Ray, Optuna or MLflow: `run_trial` runs the same inside a Tun
 worker, in a benchmark or on a bare GPU image (PYTHONPATH=.). Importing this package
 imports no torch; `run_trial` does when called.
 """
-from search.trial.runner import format_result, main, run_trial
+from search.trial.runner import format_result, run_trial
 
-__all__ = ["run_trial", "format_result", "main"]
+__all__ = ["run_trial", "format_result"]  # the command line: search.trial.cli.main

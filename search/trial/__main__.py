@@ -1,6 +1,6 @@
-"""`python -m search.trial ...`: one trial, no Ray (see search.trial.runner.main)."""
+"""`python -m search.trial ...`: one trial, no Ray (see search.trial.cli.main)."""
 import sys
 
-from search.trial.runner import main
+from search.trial.cli import main
 
 sys.exit(main())

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from search.config import DATASET_CLASSES, TrialConfig
+from search.trial.errors import CorruptDatasetError, DatasetNotFoundError
 
 __all__ = ["DataBundle", "DatasetNotFoundError", "CorruptDatasetError", "TensorLoader", "FolderLoader",
            "load_data", "resolve_device", "clear_resident"]
@@ -48,14 +49,6 @@ CIFAR = {  # name -> (folder, train files, test files, label key, archive to fet
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels",
                  "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """On-disk dataset files are missing; the one-line message says which files, where, and how to get them."""
-
-
-class CorruptDatasetError(ValueError):
-    """A dataset file exists but cannot be read; the one-line message names the file."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.trial.data import CorruptDatasetError, DatasetNotFoundError
+from search.trial.errors import CorruptDatasetError, DatasetNotFoundError
 
 __all__ = ["SOURCES", "IDX_FILES", "DEBIAN_DIRS", "idx_files", "read_idx", "load_idx", "check_idx",
            "default_data_dir", "identity"]

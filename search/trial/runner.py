@@ -1,20 +1,19 @@
 """One trial, measured: data -> model with dropout -> train -> probes -> BN re-estimation.
 
 `run_trial` needs no Ray, Optuna or MLflow, so it runs the same inside a Tune
-worker, in a benchmark, or from `python -m search.trial` on a bare GPU image.
+worker, in a benchmark, or from `python -m search.trial` on a bare GPU image
+(its command line: search/trial/cli.py).
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from typing import Any, Callable, Mapping
 
-from search.config import ConfigError, TrialConfig, parse_value
+from search.config import TrialConfig
 from search.results import TrialResult, noise_floor
 
-__all__ = ["run_trial", "main"]
+__all__ = ["run_trial", "format_result"]
 
 Report = Callable[[dict[str, float]], None]
 
@@ -117,39 +116,6 @@ def _summarise_shift(result: TrialResult, after: list) -> None:
     result.shift_floor, result.shift_floor_reest, result.bn_unconverged = noise_floor(result.layers, after)
 
 
-# ---------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    import dataclasses
-
-    p = argparse.ArgumentParser(
-        prog="python -m search.trial",
-        description="Run one trial (no Ray needed) and print its summary and per-layer variance shift.",
-    )
-    p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
-                   help="a .py file or importable module registering dropout kinds, placements or backbones "
-                        "(repeatable; docs/extending.md)")
-    for f in dataclasses.fields(TrialConfig):
-        if f.metadata.get("auto"):  # set from the registry (plugins), never typed
-            continue
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=str(f.type).upper().replace(" | NONE", ""),
-                       default=None, help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
-    p.add_argument("--layers", action="store_true", help="print the per-BN-layer table")
-    p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def _config_from_args(ns: argparse.Namespace) -> TrialConfig:
-    import dataclasses
-
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(TrialConfig):
-        raw = getattr(ns, f.name, None)
-        if raw is not None:
-            values[f.name] = parse_value(f.name, str(f.type), raw)
-    return TrialConfig.from_dict(values)
-
-
 def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str:
     """A readable multi-line summary of one trial."""
     lines = [
@@ -181,60 +147,3 @@ def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str
 
 def _count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    try:
-        from search.plugins import load_plugins
-
-        load_plugins(ns.plugin, check=True)
-        cfg = _config_from_args(ns)
-        _check_json_path(ns.json)
-        result = run_trial(cfg, report=lambda m: print(
-            f"  epoch {int(m['epoch']):>3}  train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.4f}  "
-            f"{m['throughput']:,.0f} img/s", flush=True))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        if ns.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_result(cfg, result, layers=ns.layers))
-    if ns.json:
-        _write_json_atomic(ns.json, {"config": cfg.to_dict(), "config_hash": cfg.config_hash,
-                                     "result": result.to_dict()})
-    return 0 if result.status != "failed" else 1
-
-
-def _check_json_path(path: str | None) -> None:
-    """Refuse a --json path that cannot be written, before training rather than after: its folder must exist,
-    and the path must be new or a regular file (a rename over a device replaced it; search/outputs.py)."""
-    import os
-
-    from search.outputs import check_output_file
-
-    if not path:
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"--json {path!r} is a directory; give a file name")
-    try:
-        real = check_output_file(path, "--json")
-    except OSError as e:  # FileNotFoundError: the folder; OSError: not a regular file
-        raise ValueError(str(e)) from None
-    folder = os.path.dirname(real)
-    if not os.access(folder, os.W_OK) or (os.path.exists(real) and not os.access(real, os.W_OK)):
-        raise ValueError(f"--json {path!r} is not writable")
-
-
-def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    """Write beside the target, then rename: an interrupted write never leaves half a JSON file; never over
-    anything but a regular file (checked again just before the rename)."""
-    import json
-
-    from search.outputs import write_text_atomic
-
-    write_text_atomic(path, json.dumps(payload, indent=1, default=float), "--json")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,33 +11,12 @@ registering one, here or in a plugin, costs nothing at import.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from search.registry import register_placement
+from search.trial.dropout.site import PlacementSite
 
 __all__ = ["PlacementSite", "none", "pre_bn", "pre_conv", "head"]
-
-
-@dataclass(frozen=True)
-class PlacementSite:
-    """One inserted dropout module. Paths are module names in the model after surgery.
-
-    Attributes:
-        index: block order (execution order), from 0; 0 for head.
-        block: path of the block, '' for head.
-        module: path of the inserted dropout module.
-        target: path of the module it runs right before.
-        feeds_bn: path of the BatchNorm its noise reaches first (None for head).
-        fan_in: d = in_channels*kh*kw/groups of the conv between dropout and BN (pre_conv only).
-    """
-
-    index: int
-    block: str
-    module: str
-    target: str
-    feeds_bn: str | None
-    fan_in: int | None
 
 
 @register_placement("none", case=None, paper="no dropout (the baseline)", feeds_bn=False)

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from search import registry
 from search.trial.dropout.module import make_dropout
-from search.trial.dropout.placements import PlacementSite
+from search.trial.dropout.site import PlacementSite
 
 __all__ = ["PlacementSite", "apply_placement", "per_block", "wrap_classifier", "wrap_before", "block_types", "trace_calls",
            "classifier_path"]
