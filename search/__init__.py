@@ -5,7 +5,7 @@
     search/sweep/   the orchestration of a sweep: CLI, preflight, lock, Tune, MLflow, Parquet
 
 The plugin API (docs/architecture.md, "Where to add X") is importable from here:
-`register_dropout`, `register_placement`, `register_backbone`, `register_space`,
+`register_dropout`, `register_placement`, `register_backbone`, `register_space`, `register_dataset`,
 `DropoutKind`, `PlacementSite`, `TrialConfig`; `VarianceDropout` (an nn.Module) and the
 surgery helpers load torch on first use.
 """
@@ -15,7 +15,8 @@ import importlib
 from typing import Any
 
 from search.config import ConfigError, TrialConfig
-from search.registry import register_backbone, register_dropout, register_placement, register_space
+from search.registry import (register_backbone, register_dataset, register_dropout, register_placement,
+                             register_space)
 
 _LAZY = {
     "DropoutKind": "search.trial.dropout.kinds",
@@ -29,8 +30,8 @@ _LAZY = {
     "run_trial": "search.trial.runner",
 }
 
-__all__ = ["ConfigError", "TrialConfig", "register_backbone", "register_dropout", "register_placement",
-           "register_space", *_LAZY]
+__all__ = ["ConfigError", "TrialConfig", "register_backbone", "register_dataset", "register_dropout",
+           "register_placement", "register_space", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

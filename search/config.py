@@ -31,14 +31,10 @@ class ConfigError(ValueError):
     """A bad configuration value. The message names field, value and what is allowed."""
 
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "fashion_mnist", "mnist")
 SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cpu", "cuda")
 STEMS = ("auto", "cifar", "imagenet")
 CUDA_GRAPHS = ("auto", "on", "off")
-# Classes per dataset when TrialConfig.num_classes is None (imagefolder: counted from the tree).
-DATASET_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100, "fashion_mnist": 10,
-                   "mnist": 10}
 
 
 def backbone_family(name: str) -> registry.Entry | None:
@@ -58,6 +54,10 @@ def __getattr__(name: str) -> Any:
         return registry.names("placement")
     if name == "DROPOUT_TYPES":
         return registry.names("dropout")
+    if name == "DATASETS":  # the registered datasets (search/trial/datasets.py and plugins)
+        return registry.names("dataset")
+    if name == "DATASET_CLASSES":  # classes per dataset when TrialConfig.num_classes is None (None: counted)
+        return {e.name: e.meta["classes"] for e in registry.entries("dataset") if e.meta["classes"] is not None}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -80,7 +80,8 @@ class TrialConfig:
     dropout_type: str = field(default="bernoulli", metadata=_meta(help="a registered dropout kind"))
     dropout_placement: str = field(default="none", metadata=_meta(help="a registered placement"))
     dropout_rate: float = field(default=0.0, metadata=_meta(help="drop rate 1-p (uout: beta), in [0, 1)"))
-    dataset: str = field(default="digits", metadata=_meta(help="|".join(DATASETS)))
+    dataset: str = field(default="digits", metadata=_meta(
+        help="a registered dataset (search/trial/datasets.py, or a plugin's register_dataset)"))
     image_size: int = field(default=32, metadata=_meta(help="input side in pixels", unit="px"))
     in_chans: int = field(default=3, metadata=_meta(help="input channels (1 or 3)"))
     stem: str = field(default="auto", metadata=_meta(help="auto|cifar|imagenet: stock timm stem; auto = cifar below 64 px"))
@@ -200,7 +201,7 @@ class TrialConfig:
         self._check_numbers()
         _choice("dropout_placement", self.dropout_placement, registry.names("placement"))
         _choice("dropout_type", self.dropout_type, registry.names("dropout"))
-        _choice("dataset", self.dataset, DATASETS)
+        _choice("dataset", self.dataset, registry.names("dataset"))
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("stem", self.stem, STEMS)

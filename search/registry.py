@@ -1,4 +1,4 @@
-"""One registry for every name a study uses: dropout kinds, placements, backbone families, spaces.
+"""One registry for every name a study uses: dropout kinds, placements, backbone families, spaces, datasets.
 
 One shape, timm's: a decorator registers an object under a name with its metadata,
 and every reader (TrialConfig validation, spaces, placement surgery, the theory, the
@@ -14,6 +14,9 @@ report) asks here instead of keeping its own list.
 
     @register_space
     def wrn_widths() -> Space: ...
+
+    @register_dataset("digits", classes=10, channels=1, flip=False, images=1_797)
+    def digits(cfg): ...   # -> (x_train, y_train, x_test, y_test), uint8 images
 
 This module imports no torch: the built-in entries live in torch-free modules
 (torch is imported inside their functions), so `search.run --list/--dry-run`
@@ -31,13 +34,14 @@ from typing import Any, Callable, Iterable, TypeVar
 __all__ = [
     "Entry", "RegistryError", "register", "unregister", "get", "names", "entries",
     "register_dropout", "register_placement", "register_backbone", "register_space",
-    "not_allowed", "did_you_mean", "CATEGORIES", "set_owner", "identity_of",
+    "register_dataset", "not_allowed", "did_you_mean", "CATEGORIES", "set_owner", "identity_of",
 ]
 
-CATEGORIES = ("dropout", "placement", "backbone", "space")
+CATEGORIES = ("dropout", "placement", "backbone", "space", "dataset")
 # Torch-free modules whose import registers the built-in entries, in dependency order
 # (spaces read the kinds and placements while they register).
-BUILTINS = ("search.trial.dropout.kinds", "search.trial.dropout.placements", "search.trial.models.families", "spaces")
+BUILTINS = ("search.trial.dropout.kinds", "search.trial.dropout.placements", "search.trial.models.families",
+            "search.trial.datasets", "spaces")
 
 T = TypeVar("T")
 
@@ -51,7 +55,7 @@ class Entry:
     """One registered thing.
 
     Attributes:
-        category: 'dropout', 'placement', 'backbone' or 'space'.
+        category: 'dropout', 'placement', 'backbone', 'space' or 'dataset'.
         name: the name configs and spaces use.
         obj: the dropout kind class, the placement function, the backbone builder (or None
             for a timm-registered family) or the Space.
@@ -245,6 +249,44 @@ def register_backbone(name: str, builder: Callable[..., Any] | None = None, *, d
     if builder is not None or timm_model:
         deco(builder)
         return builder
+    return deco
+
+
+def register_dataset(name: str, reader: Callable[..., Any] | None = None, *, classes: int | None, channels: int,
+                     flip: bool, images: int | Callable[[Any], int] | None = None, any_classes: bool = False,
+                     check: Callable[[str | None], None] | None = None,
+                     identity: Callable[[Any], tuple] | None = None, streams: bool = False) -> Any:
+    """Register a dataset; usable as a call or as a decorator on its reader (torch inside the reader only).
+
+    Args:
+        reader: `reader(cfg) -> (x_train, y_train, x_test, y_test)`: uint8 [N, C, H, W] images and int64 [N]
+            labels at the files' own size and channels; search/trial/data.py resizes them to `image_size`,
+            converts channels to `in_chans`, takes the `train_samples` subset and keeps them on the device.
+            With streams=True (imagefolder), `reader(cfg, device)` serves batches itself (data._imagefolder).
+        classes: its number of classes; None: known only once loaded (set num_classes to build a model first).
+        channels: its images' channels (1 or 3; `in_chans` converts by repetition or luma).
+        flip: a mirrored image is still one of its class (augmentation draws random flips).
+        images: train + test images held on the device (`--gpus-per-trial auto`'s memory estimate), or
+            `images(cfg)`; None: nothing resident.
+        any_classes: it makes as many classes as `num_classes` asks (synthetic).
+        check: `check(data_dir)` reads every file once and raises as loading would (DatasetNotFoundError,
+            CorruptDatasetError); preflight runs it before a sweep writes anything. None: no files.
+        identity: `identity(cfg) -> tuple`: what else fixes the loaded tensors (files' sizes and mtimes), so the
+            resident cache reads a changed file again.
+    """
+    if classes is not None and (not isinstance(classes, int) or classes < 1):
+        raise not_allowed(f"dataset {name!r} classes", classes, ["an integer >= 1", "None"])
+    if channels not in (1, 3):
+        raise not_allowed(f"dataset {name!r} channels", channels, ["1", "3"])
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        register("dataset", name, fn, module=getattr(fn, "__module__", None) or _caller_module(),
+                 classes=classes, channels=channels, flip=bool(flip), images=images, any_classes=any_classes,
+                 check=check, identity=identity, streams=streams)
+        return fn
+
+    if reader is not None:
+        return deco(reader)
     return deco
 
 

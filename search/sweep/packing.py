@@ -31,18 +31,15 @@ def gpu_fraction(peak_bytes: int, total_bytes: int, *, headroom: float = HEADROO
     return 1.0 / k
 
 
-# Images held on the device per dataset (train + test), for the resident-data share of a trial.
-_DATASET_IMAGES = {"cifar10": 60_000, "cifar100": 60_000, "digits": 1_797}
-
-
 def resident_data_bytes(cfg: "object") -> int:
     """Bytes of the uint8 dataset a trial keeps on the GPU, with its padded training copy.
 
     imagefolder streams through a DataLoader and keeps nothing resident.
     """
-    from search.trial.data import SYNTHETIC_SIZES
+    from search import registry
 
-    n = _DATASET_IMAGES.get(cfg.dataset, sum(SYNTHETIC_SIZES) if cfg.dataset == "synthetic" else 0)
+    n = registry.get("dataset", cfg.dataset).meta["images"] or 0  # train + test images it holds on the device
+    n = n(cfg) if callable(n) else n
     if cfg.train_samples:
         n = min(n, cfg.train_samples + n // 6)
     pad = cfg.image_size // 8

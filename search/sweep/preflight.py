@@ -176,21 +176,16 @@ def check_trials(configs: list[dict]) -> None:
     Raises:
         FileNotFoundError / ValueError (DatasetNotFoundError, CorruptDatasetError, ConfigError): one line.
     """
+    from search import registry
+
     seen: set = set()
     for c in configs:
         key = (c["dataset"], c.get("data_dir"))
-        if key in seen or c["dataset"] not in ("cifar10", "cifar100", "fashion_mnist", "mnist") \
-                or "://" in (c.get("data_dir") or ""):
-            continue  # a URI is staged per node; check_data_uri checked the folder
+        check = registry.get("dataset", c["dataset"], field_name="dataset").meta["check"]
+        if key in seen or check is None or "://" in (c.get("data_dir") or ""):
+            continue  # no files; or a URI, staged per node (check_data_uri checked the folder)
         seen.add(key)
-        if c["dataset"] in ("fashion_mnist", "mnist"):
-            from search.trial.mnist import check_idx
-
-            check_idx(*key)
-            continue
-        from search.trial.data import check_cifar
-
-        check_cifar(*key)
+        check(key[1])  # the dataset's own file check (search/trial/datasets.py)
     _check_models(configs)
 
 
@@ -198,7 +193,8 @@ def _check_models(configs: list[dict]) -> None:
     """Build each distinct architecture once on the meta device (no memory, no weights) and run a forward."""
     import torch
 
-    from search.config import DATASET_CLASSES, ConfigError, TrialConfig
+    from search import registry
+    from search.config import ConfigError, TrialConfig
     from search.trial.models import build_model
 
     seen: set = set()
@@ -209,7 +205,7 @@ def _check_models(configs: list[dict]) -> None:
         if key in seen:
             continue
         seen.add(key)
-        classes = cfg.num_classes or DATASET_CLASSES.get(cfg.dataset) or 10
+        classes = cfg.num_classes or registry.get("dataset", cfg.dataset).meta["classes"] or 10
         try:
             with torch.device("meta"):
                 model = build_model(cfg, num_classes=classes).eval()

@@ -1,5 +1,7 @@
 """Datasets by name, served as device-resident batches (airbench style).
 
+Datasets are registered by name (search/trial/datasets.py, `register_dataset`): each gives its
+reader and facts (classes, flips, files), and this module serves what the reader returns.
 In-memory datasets (digits, synthetic, cifar10, cifar100, fashion_mnist, mnist) live on the device
 as one uint8 tensor [N, C, H, W]; a batch is a slice of a randperm, and the
 random crop + flip is one batched gather on that device, so no
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from search.config import DATASET_CLASSES, TrialConfig
+from search import registry
+from search.config import TrialConfig
 from search.trial.errors import CorruptDatasetError, DatasetNotFoundError
 
 __all__ = ["DataBundle", "DatasetNotFoundError", "CorruptDatasetError", "TensorLoader", "FolderLoader",
@@ -40,9 +43,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 SPLIT_SEED = 0  # fixed: every trial shares the digits split and the train_samples subset
 SYNTHETIC_SIZES = (2048, 512)  # train, test images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Digits (digits, mnist) and synthetic patterns are not mirror-symmetric; a mirrored garment is still one.
-FLIP_OK = {"cifar10", "cifar100", "imagefolder", "fashion_mnist"}
-IDX_DATASETS = ("fashion_mnist", "mnist")  # read by search/trial/mnist.py
 CIFAR = {  # name -> (folder, train files, test files, label key, archive to fetch by hand)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
@@ -319,6 +319,13 @@ def check_cifar(name: str, data_dir: str | None) -> None:
         _read_cifar_file(root / f, label_key)
 
 
+def cifar_identity(name: str, data_dir: str | None) -> tuple:
+    """What fixes CIFAR's loaded tensors: the folder and the files' sizes and mtimes (raises as loading would)."""
+    root, (train_files, test_files), _ = _cifar_files(name, data_dir)
+    stats = [(root / f).stat() for f in train_files + test_files]
+    return (str(root.resolve()), tuple((s.st_size, s.st_mtime_ns) for s in stats))
+
+
 def _cifar(name: str, data_dir: str | None) -> tuple[torch.Tensor, ...]:
     root, (train_files, test_files), label_key = _cifar_files(name, data_dir)
     parts = [[_read_cifar_file(root / f, label_key) for f in files] for files in (train_files, test_files)]
@@ -392,17 +399,8 @@ def _identity(cfg: TrialConfig, device: torch.device) -> tuple:
     """What fixes an in-memory dataset's tensors. For CIFAR also the files' sizes and mtimes, so a
     re-extracted archive is read again; the check raises as loading would when files are missing."""
     key: tuple = (cfg.dataset, cfg.image_size, cfg.in_chans, cfg.train_samples, str(device))
-    if cfg.dataset == "synthetic":
-        key += (cfg.num_classes, tuple(SYNTHETIC_SIZES))
-    elif cfg.dataset in CIFAR:
-        root, (train_files, test_files), _ = _cifar_files(cfg.dataset, cfg.data_dir)
-        stats = [(root / f).stat() for f in train_files + test_files]
-        key += (str(root.resolve()), tuple((s.st_size, s.st_mtime_ns) for s in stats))
-    elif cfg.dataset in IDX_DATASETS:
-        from search.trial.mnist import identity
-
-        key += identity(cfg.dataset, cfg.data_dir)
-    return key
+    identity = registry.get("dataset", cfg.dataset).meta["identity"]
+    return key + tuple(identity(cfg)) if identity is not None else key
 
 
 def _in_memory(cfg: TrialConfig, device: torch.device, reuse: bool) -> _Resident:
@@ -412,18 +410,11 @@ def _in_memory(cfg: TrialConfig, device: torch.device, reuse: bool) -> _Resident
         return _RESIDENT[key]
     if reuse:
         _RESIDENT.clear()  # release the previous dataset before the next one lands on the device
-    own = DATASET_CLASSES.get(cfg.dataset)
-    if cfg.dataset == "digits":
-        xtr, ytr, xte, yte = _digits()
-    elif cfg.dataset == "synthetic":
-        own = cfg.num_classes or own
-        xtr, ytr, xte, yte = _synthetic(own, cfg.in_chans, cfg.image_size)
-    elif cfg.dataset in IDX_DATASETS:
-        from search.trial.mnist import load_idx  # the idx format lives in its own module
-
-        xtr, ytr, xte, yte = load_idx(cfg.dataset, cfg.data_dir)
-    else:
-        xtr, ytr, xte, yte = _cifar(cfg.dataset, cfg.data_dir)
+    entry = registry.get("dataset", cfg.dataset, field_name="dataset")
+    own = (cfg.num_classes or entry.meta["classes"]) if entry.meta["any_classes"] else entry.meta["classes"]
+    xtr, ytr, xte, yte = entry.obj(cfg)
+    if own is None:  # a dataset that knows its classes only from its labels
+        own = int(max(int(ytr.max()), int(yte.max()))) + 1
     xtr, xte = (_set_chans(_resize_u8(x, cfg.image_size), cfg.in_chans) for x in (xtr, xte))
     # Statistics of the whole training split, so a train_samples cap leaves the input scaling unchanged.
     mean, std = _channel_stats(xtr)
@@ -451,8 +442,9 @@ def load_data(cfg: TrialConfig, device: torch.device | str, *, reuse: bool = Tru
         ValueError: cfg.num_classes smaller than the dataset's number of classes.
     """
     device = torch.device(device)
-    if cfg.dataset == "imagefolder":
-        loaders, own, n_train, n_test, mean, std = _imagefolder(cfg, device)
+    entry = registry.get("dataset", cfg.dataset, field_name="dataset")
+    if entry.meta["streams"]:  # it serves its own batches (imagefolder)
+        loaders, own, n_train, n_test, mean, std = entry.obj(cfg, device)
     else:
         r = _in_memory(cfg, device, reuse)
         own, mean, std, n_train, n_test = r.own, r.mean, r.std, len(r.ytr), len(r.yte)
@@ -461,7 +453,7 @@ def load_data(cfg: TrialConfig, device: torch.device | str, *, reuse: bool = Tru
         if pad and pad not in r.padded:
             r.padded[pad] = F.pad(r.xtr, (pad,) * 4)
         loaders = (TensorLoader(r.xtr, r.ytr, norm, batch_size=cfg.batch_size, shuffle=True, pad=pad,
-                                flip=cfg.dataset in FLIP_OK, seed=cfg.seed, padded=r.padded.get(pad)),
+                                flip=entry.meta["flip"], seed=cfg.seed, padded=r.padded.get(pad)),
                    TensorLoader(r.xtr, r.ytr, norm, batch_size=cfg.batch_size),
                    TensorLoader(r.xte, r.yte, norm, batch_size=cfg.batch_size))
     num_classes = cfg.num_classes or own

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from search import registry
-from search.config import DATASET_CLASSES, ConfigError, TrialConfig, backbone_family
+from search.config import ConfigError, TrialConfig, backbone_family
 from search.trial.dropout.placements import PlacementSite
 from search.trial.dropout.surgery import apply_placement
 
@@ -54,9 +54,10 @@ def resolve_num_classes(cfg: TrialConfig, num_classes: int | None = None) -> int
         return int(num_classes)
     if cfg.num_classes is not None:
         return cfg.num_classes
-    if cfg.dataset in DATASET_CLASSES:
-        return DATASET_CLASSES[cfg.dataset]
-    known = ", ".join(f"{k}={v}" for k, v in DATASET_CLASSES.items())
+    classes = {e.name: e.meta["classes"] for e in registry.entries("dataset") if e.meta["classes"] is not None}
+    if cfg.dataset in classes:
+        return classes[cfg.dataset]
+    known = ", ".join(f"{k}={v}" for k, v in classes.items())
     raise ConfigError(f"field 'num_classes' is None and dataset {cfg.dataset!r} has no fixed class count"
                       f" (known: {known}): set num_classes")
 
