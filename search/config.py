@@ -35,6 +35,7 @@ SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cpu", "cuda")
 STEMS = ("auto", "cifar", "imagenet")
 CUDA_GRAPHS = ("auto", "on", "off")
+CROP_PADDINGS = ("zeros", "reflect")
 
 
 def backbone_family(name: str) -> registry.Entry | None:
@@ -98,6 +99,20 @@ class TrialConfig:
     nesterov: bool = field(default=True, metadata=_meta(help="Nesterov momentum"))
     weight_decay: float = field(default=5e-4, metadata=_meta(help="L2 weight decay"))
     schedule: str = field(default="cosine", metadata=_meta(help="|".join(SCHEDULES)))
+    # Recipe fields (issue 29). None means the behaviour before they existed and stays out of the hash; a
+    # value equal to that behaviour is stored as None (`_canonical_recipe`), so it is the same trial.
+    lr_milestones: str | None = field(default=None, metadata=_meta(
+        help="multistep only: epochs, comma-separated and increasing, after which the lr is multiplied by"
+             " lr_factor (torch MultiStepLR's milestones: '81,122' runs epochs 0-80 at lr); None: at half and"
+             " three quarters of the steps", unit="epochs"))
+    lr_factor: float | None = field(default=None, metadata=_meta(
+        help="multistep only: the lr's multiplier at each milestone, in (0, 1]; None: 0.1"))
+    weight_decay_norm_bias: bool | None = field(default=None, metadata=_meta(
+        help="also decay the tensors with ndim < 2 (norm layers' scales and shifts, biases); None/False: only"
+             " conv and linear weights"))
+    crop_padding: str | None = field(default=None, metadata=_meta(
+        help="|".join(CROP_PADDINGS) + ": how the random crop pads its image_size // 8 border;"
+             " None: zeros"))
     warmup_epochs: float = field(default=0.0, metadata=_meta(help="linear warm-up length in epochs",
                                                              unit="epochs"))
     label_smoothing: float = field(default=0.0, metadata=_meta(help="in [0, 1)"))
@@ -121,6 +136,7 @@ class TrialConfig:
     def __post_init__(self) -> None:
         self._check_types()
         self._check_values()
+        self._canonical_recipe()
         if self.plugins is None:  # a config read back from a store keeps the identity it was run with
             used = (("dropout", self.dropout_type), ("placement", self.dropout_placement), ("backbone", self.backbone),
                     ("dataset", self.dataset))
@@ -233,7 +249,49 @@ class TrialConfig:
             raise ConfigError(f"field 'probe_samples' must be >= 1 or None, got {self.probe_samples!r}")
         if self.num_workers < 0:
             raise ConfigError(f"field 'num_workers' must be >= 0, got {self.num_workers!r}")
+        self._check_recipe()
         self._check_backbone()
+
+    def _check_recipe(self) -> None:
+        if self.crop_padding is not None:
+            _choice("crop_padding", self.crop_padding, CROP_PADDINGS)
+        if self.lr_factor is not None and not 0.0 < self.lr_factor <= 1.0:
+            raise ConfigError(f"field 'lr_factor' = {self.lr_factor!r} is out of range (allowed: (0, 1], or None"
+                              " for 0.1)")
+        for name in ("lr_milestones", "lr_factor"):
+            if getattr(self, name) is not None and self.schedule != "multistep":
+                raise ConfigError(f"field {name!r} = {getattr(self, name)!r} applies to schedule 'multistep' only"
+                                  f" (schedule is {self.schedule!r}; allowed: None)")
+        if self.lr_milestones is not None:
+            self.milestone_epochs()  # raises on a malformed list
+
+    def milestone_epochs(self) -> tuple[int, ...] | None:
+        """`lr_milestones` as integers (None when unset: 50% and 75% of the steps).
+
+        Raises:
+            ConfigError: not comma-separated integers, not strictly increasing, or outside 1..epochs-1.
+        """
+        if self.lr_milestones is None:
+            return None
+        allowed = (f"comma-separated increasing epochs in 1..{self.epochs - 1}, e.g. '81,122'"
+                   if self.epochs > 1 else "None (one epoch leaves no epoch to change the lr after)")
+        try:
+            epochs = tuple(int(t) for t in self.lr_milestones.split(","))
+        except ValueError:
+            epochs = ()
+        if not epochs or any(b <= a for a, b in zip(epochs, epochs[1:])) or not all(
+                1 <= m < self.epochs for m in epochs):
+            raise ConfigError(f"field 'lr_milestones' = {self.lr_milestones!r} is not allowed (allowed: {allowed})")
+        return epochs
+
+    def _canonical_recipe(self) -> None:
+        # A value that means the behaviour before these fields existed is stored as None, so the trial keeps
+        # its old hash whichever way it was written (as `depth` resolves to the family's default).
+        if self.lr_milestones is not None:
+            object.__setattr__(self, "lr_milestones", ",".join(map(str, self.milestone_epochs())))
+        for name, old in (("lr_factor", 0.1), ("weight_decay_norm_bias", False), ("crop_padding", "zeros")):
+            if getattr(self, name) == old:
+                object.__setattr__(self, name, None)
 
     def _check_numbers(self) -> None:
         """Every number finite and inside its field's range, checked before any rule that compares it.
@@ -298,7 +356,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
-_OPEN_RANGES = {"dropout_rate": "[0, 1)", "label_smoothing": "[0, 1)", "width": "> 0 and <= 10000"}
+_OPEN_RANGES = {"dropout_rate": "[0, 1)", "label_smoothing": "[0, 1)", "width": "> 0 and <= 10000",
+                "lr_factor": "(0, 1]"}
 
 
 def _range_text(lo: float | None, hi: float | None) -> str:

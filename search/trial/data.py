@@ -95,9 +95,24 @@ def _sample_aug(n: int, pad: int, flip: bool, gen: torch.Generator) -> tuple[tor
     return dy, dx, fl
 
 
+def _pad(x: torch.Tensor, pad: int, mode: str = "zeros") -> torch.Tensor:
+    """`x` [..., H, W] with a `pad`-pixel border: zeros, or 'reflect' (mirrored about the edge pixel,
+    which is not repeated: torch's and torchvision's 'reflect', Torch7's SpatialReflectionPadding)."""
+    if mode == "zeros":
+        return F.pad(x, (pad,) * 4)
+    # By index rather than F.pad(mode='reflect'), which has no uint8 kernel; needs pad < H and W.
+    rows, cols = (_reflect_index(n, pad, x.device) for n in x.shape[-2:])
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _reflect_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(-pad, n + pad, device=device).abs()  # -k -> k
+    return torch.where(i >= n, 2 * (n - 1) - i, i)  # n - 1 + k -> n - 1 - k
+
+
 def _crop_flip(padded: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
                flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Images idx of a zero-padded stack, each cropped at (dy, dx) and maybe mirrored.
+    """Images idx of a padded stack, each cropped at (dy, dx) and maybe mirrored.
 
     One index_select and one gather over flattened pixels: no per-image loop, and the
     index is [B, S*S] (not [B, C, S, S]), which keeps large images cheap.
@@ -133,12 +148,12 @@ class TensorLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalise: _Normalise, *, batch_size: int,
                  shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0,
-                 padded: torch.Tensor | None = None):
+                 padded: torch.Tensor | None = None, pad_mode: str = "zeros"):
         self.images, self.labels, self.normalise = images, labels, normalise
         self.batch_size, self.shuffle, self.pad, self.flip, self.seed = batch_size, shuffle, pad, flip, seed
         self.epoch = 0
         # Pad once up front, so each augmented batch is a single gather from this stack (`padded`: done already).
-        self.padded = (padded if padded is not None else F.pad(images, (pad,) * 4)) if pad else None
+        self.padded = (padded if padded is not None else _pad(images, pad, pad_mode)) if pad else None
         n = len(labels)
         # A trailing training batch of one image would break BatchNorm; drop it (only when shuffling).
         self.n_batches = -(-n // batch_size) - int(shuffle and n > 1 and n % batch_size == 1)
@@ -188,7 +203,8 @@ class FolderLoader:
 
     def __init__(self, dataset: torch.utils.data.Dataset, normalise: _Normalise, device: torch.device, *,
                  batch_size: int, shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, pad_mode: str = "zeros"):
+        self.pad_mode = pad_mode
         self.sampler = _EpochPermutation(len(dataset), seed) if shuffle else None
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
@@ -212,7 +228,7 @@ class FolderLoader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.pad:
                 dy, dx, fl = (a.to(self.device) for a in _sample_aug(len(y), self.pad, self.flip, gen))
-                x = _crop_flip(F.pad(x, (self.pad,) * 4), torch.arange(len(y), device=self.device), dy, dx, fl,
+                x = _crop_flip(_pad(x, self.pad, self.pad_mode), torch.arange(len(y), device=self.device), dy, dx, fl,
                                x.shape[-1])
             yield self.normalise(x), y
 
@@ -367,7 +383,8 @@ def _imagefolder(cfg: TrialConfig, device: torch.device) -> tuple:
     norm = _Normalise(mean, std, device, cfg.channels_last and device.type == "cuda")
     kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
     pad = cfg.image_size // 8 if cfg.augment else 0
-    loaders = (FolderLoader(train, norm, device, shuffle=True, pad=pad, flip=True, **kw),
+    loaders = (FolderLoader(train, norm, device, shuffle=True, pad=pad, flip=True, pad_mode=cfg.crop_padding or "zeros",
+                            **kw),
                FolderLoader(train, norm, device, **kw), FolderLoader(test, norm, device, **kw))
     return loaders, len(test.classes), len(train), len(test), mean, std
 
@@ -375,7 +392,7 @@ def _imagefolder(cfg: TrialConfig, device: torch.device) -> tuple:
 # --------------------------------------------------------------------------- resident cache
 @dataclass
 class _Resident:
-    """One in-memory dataset as it sits on the device, plus its padded training copies by pad width."""
+    """One in-memory dataset as it sits on the device, plus its padded training copies by (pad width, mode)."""
 
     xtr: torch.Tensor
     ytr: torch.Tensor
@@ -384,7 +401,7 @@ class _Resident:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     own: int  # the dataset's own number of classes
-    padded: dict[int, torch.Tensor] = field(default_factory=dict)
+    padded: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 _RESIDENT: dict[tuple, _Resident] = {}  # at most one entry: the last dataset loaded in this process
@@ -450,10 +467,11 @@ def load_data(cfg: TrialConfig, device: torch.device | str, *, reuse: bool = Tru
         own, mean, std, n_train, n_test = r.own, r.mean, r.std, len(r.ytr), len(r.yte)
         norm = _Normalise(mean, std, device, cfg.channels_last and device.type == "cuda")
         pad = cfg.image_size // 8 if cfg.augment else 0
-        if pad and pad not in r.padded:
-            r.padded[pad] = F.pad(r.xtr, (pad,) * 4)
+        mode = cfg.crop_padding or "zeros"
+        if pad and (pad, mode) not in r.padded:
+            r.padded[pad, mode] = _pad(r.xtr, pad, mode)
         loaders = (TensorLoader(r.xtr, r.ytr, norm, batch_size=cfg.batch_size, shuffle=True, pad=pad,
-                                flip=entry.meta["flip"], seed=cfg.seed, padded=r.padded.get(pad)),
+                                flip=entry.meta["flip"], seed=cfg.seed, padded=r.padded.get((pad, mode))),
                    TensorLoader(r.xtr, r.ytr, norm, batch_size=cfg.batch_size),
                    TensorLoader(r.xte, r.yte, norm, batch_size=cfg.batch_size))
     num_classes = cfg.num_classes or own

@@ -2,10 +2,12 @@
 
 Choices, documented once here:
 - SGD with cfg.momentum / cfg.nesterov; weight decay on conv and linear weights
-  only (tensors with ndim >= 2), none on BatchNorm affine parameters or biases.
+  (tensors with ndim >= 2), and on norm-layer affine parameters and biases (ndim < 2)
+  only with cfg.weight_decay_norm_bias (published CIFAR recipes decay every tensor).
   Nesterov is dropped when momentum is 0 (torch refuses that combination).
 - Learning rate set every step: linear warm-up over cfg.warmup_epochs, then
-  cosine to 0 or multistep (x0.1 at 50% and 75% of the steps).
+  cosine to 0 or multistep: x cfg.lr_factor (default 0.1) once each of cfg.lr_milestones
+  epochs has completed (default: at 50% and 75% of the steps).
 - Train loss uses cfg.label_smoothing; evaluation loss is plain cross-entropy.
 - On CUDA: bf16 autocast (cfg.amp), channels_last (cfg.channels_last),
   torch.compile (cfg.compile), cudnn.benchmark. On CPU all are no-ops.
@@ -29,7 +31,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -70,12 +72,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
-    """Learning rate of 0-based `step`: linear warm-up to `peak`, then cosine to 0 or multistep."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str,
+          milestones: Sequence[int] | None = None, factor: float = 0.1) -> float:
+    """Learning rate of 0-based `step`: linear warm-up to `peak`, then cosine to 0 or multistep.
+
+    multistep: `peak * factor**k`, k = how many of `milestones` (steps) `step` has reached;
+    `milestones` None: 50% and 75% of `total_steps`.
+    """
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule == "multistep":
-        return peak * 0.1 ** sum(step >= int(f * total_steps) for f in (0.5, 0.75))
+        if milestones is None:
+            milestones = [int(f * total_steps) for f in (0.5, 0.75)]
+        return peak * factor ** sum(step >= m for m in milestones)
     if schedule == "cosine":
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 at the first post-warm-up step
         return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
@@ -83,10 +92,12 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
 
 
 def _optimizer(model: nn.Module, cfg: TrialConfig, lr: torch.Tensor | None = None) -> torch.optim.SGD:
-    """SGD over two groups (decay on ndim >= 2 only); with `lr` (a device tensor): fused, reading it every step."""
+    """SGD over two groups (ndim >= 2, decayed; ndim < 2, decayed with cfg.weight_decay_norm_bias); with `lr`
+    (a device tensor): fused, reading it every step."""
     params = [p for p in model.parameters() if p.requires_grad]
+    decay_1d = cfg.weight_decay if cfg.weight_decay_norm_bias else 0.0
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": decay_1d}]
     groups = [g for g in groups if g["params"]]
     if lr is not None:  # for graph capture: one shared tensor, read by the fused kernel (no host value baked in)
         for g in groups:
@@ -180,6 +191,9 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         raise ValueError(f"data.train yields no batches (field 'batch_size' = {cfg.batch_size!r}); need >= 1 batch")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    epochs_done = cfg.milestone_epochs()  # in steps below: the lr changes as epoch m + 1 begins
+    milestones = None if epochs_done is None else [m * steps_per_epoch for m in epochs_done]
+    factor = 0.1 if cfg.lr_factor is None else cfg.lr_factor
     autocast = _autocast(device, cfg.amp)
     if graphed:
         # Static batch size: the loader's full batch (a training set smaller than one batch is its own size).
@@ -203,7 +217,7 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         t0 = time.perf_counter()
         batches = (b[:2] for b in static_batches(data.train, size)) if graphed else data.train
         for x, y in batches:
-            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
+            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.schedule, milestones, factor)
             if graphed:
                 graph_step(x, y, lr)  # writes lr into lr_t, then one replay (eager for the first few steps)
             else:
