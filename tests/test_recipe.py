@@ -1,5 +1,5 @@
 """The recipe fields (issue 29): multistep milestones and factor, weight decay on norm layers and biases,
-crop padding by reflection; their defaults keep every stored hash."""
+crop padding by reflection; their defaults keep every stored hash; the paper profile's published recipes."""
 from __future__ import annotations
 
 import json
@@ -130,6 +130,19 @@ def test_trained_lr_per_epoch_matches_the_closed_form(digits) -> None:
     assert seen == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025])
 
 
+def test_paper_wrn_schedule_epoch_by_epoch() -> None:
+    from spaces import get_space
+
+    wrn = next(TrialConfig.from_dict(d) for d in get_space("paper_cifar").grid("paper") if d["backbone"] == "cifar_wrn")
+    spe = 391  # CIFAR's 50,000 images at batch 128
+    steps = [m * spe for m in wrn.milestone_epochs()]
+    by_epoch = [lr_at(e * spe, wrn.epochs * spe, 0, wrn.lr, wrn.schedule, steps, wrn.lr_factor) for e in range(200)]
+    # Zagoruyko & Komodakis: 0.1, then x0.2 from 1-based epochs 60, 120 and 160 on.
+    expect = [0.1 * 0.2 ** sum(e + 1 >= m for m in (60, 120, 160)) for e in range(200)]
+    assert by_epoch == pytest.approx(expect)
+    assert by_epoch[58] == pytest.approx(0.1) and by_epoch[59] == pytest.approx(0.02)
+
+
 # --------------------------------------------------------------------------- optimizer
 def test_weight_decay_on_norm_and_bias_is_opt_in() -> None:
     model = small_cnn()
@@ -215,6 +228,43 @@ def test_load_data_pads_by_the_configured_mode_and_keeps_both_copies(digits) -> 
     assert torch.equal(rp[..., 1:-1, -1], reflect.train.images[..., :, -2])  # column 8 is column 6
     assert load_data(cfg(augment=True), CPU).train.padded is zp  # the zero-padded copy is still resident
     clear_resident()
+
+
+# --------------------------------------------------------------------------- the paper profile
+def test_paper_profile_uses_the_published_recipes() -> None:
+    from spaces import get_space
+
+    grid = get_space("paper_cifar").grid("paper")
+    recipe = {d["backbone"]: TrialConfig.from_dict(d) for d in grid}
+    wrn, pre = recipe["cifar_wrn"], recipe["cifar_preresnet"]
+    assert (wrn.epochs, wrn.lr, wrn.momentum, wrn.nesterov, wrn.weight_decay, wrn.batch_size) == (
+        200, 0.1, 0.9, True, 5e-4, 128)
+    assert (wrn.schedule, wrn.milestone_epochs(), wrn.lr_factor) == ("multistep", (59, 119, 159), 0.2)
+    assert wrn.weight_decay_norm_bias is True and wrn.crop_padding == "reflect"
+    assert (pre.epochs, pre.lr, pre.momentum, pre.nesterov, pre.weight_decay, pre.batch_size) == (
+        164, 0.1, 0.9, False, 1e-4, 128)
+    assert (pre.schedule, pre.milestone_epochs(), pre.lr_factor) == ("multistep", (81, 122), None)  # None: x0.1
+    assert pre.weight_decay_norm_bias is True and pre.crop_padding is None  # zeros
+    for name, (epochs, batch, wd) in {"cifar_resnext": (300, 128, 5e-4), "cifar_densenet_bc": (300, 64, 1e-4)}.items():
+        c = recipe[name]
+        assert (c.epochs, c.batch_size, c.weight_decay, c.milestone_epochs(), c.nesterov) == (
+            epochs, batch, wd, (150, 225), False), name
+    # The quick profile keeps the framework's defaults.
+    for d in get_space("paper_cifar").grid("quick"):
+        c = TrialConfig.from_dict(d)
+        assert c.nesterov and all(getattr(c, f) is None for f in RECIPE_FIELDS)
+
+
+def test_paper_profile_hashes_moved_only_by_the_recipe_fields() -> None:
+    """Deliberate: the paper profile's trials are new experiments (new hashes); put back the old recipe
+    (the recipe fields unset, Nesterov on, as every network ran before) and the pinned hashes return."""
+    from spaces import get_space
+
+    grid = [d for d in get_space("paper_cifar").grid("paper") if d.get("seed", 0) == 0]
+    new = {TrialConfig.from_dict(d).config_hash for d in grid}
+    old = {TrialConfig.from_dict({**d, **dict.fromkeys(RECIPE_FIELDS), "nesterov": True}).config_hash for d in grid}
+    assert old == set(PINNED["paper_cifar/paper"])
+    assert not new & old and len(new) == len(old) == len(grid)
 
 
 def test_the_fields_are_cli_flags_and_overrides() -> None:
