@@ -282,3 +282,18 @@ def test_the_fields_are_cli_flags_and_overrides() -> None:
     assert parse_override("lr_milestones=81,122") == ("lr_milestones", "81,122")
     assert parse_override("weight_decay_norm_bias=true") == ("weight_decay_norm_bias", True)
     assert parse_override("crop_padding=none") == ("crop_padding", None)
+
+
+def test_recipe_survives_the_mlflow_params_round_trip() -> None:
+    # The tracker logs str(v) of each non-None field and rebuild_parquet reads them back with parse_value.
+    import dataclasses
+
+    from search.config import parse_value
+    from spaces import get_space
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrialConfig)}
+    for d in get_space("paper_cifar").grid("paper"):
+        c = TrialConfig.from_dict(d)
+        params = {k: str(v) for k, v in c.to_dict().items() if v is not None}
+        back = TrialConfig.from_dict({k: parse_value(k, types[k], v) for k, v in params.items()})
+        assert back == c and back.config_hash == c.config_hash, d["backbone"]
