@@ -60,8 +60,10 @@ FASHION: dict = dict(
 FASHION_WIDTHS = (1.0, 2.0, 3.0)
 FASHION_RATES = (0.1, 0.5)  # bernoulli: drop rate; uout: beta (uout 0.5 adds the noise variance of bernoulli ~0.08)
 
-# The paper's CIFAR setting (Zagoruyko & Komodakis' WRN recipe): SGD, Nesterov momentum 0.9,
-# lr 0.1 divided at fixed milestones, 200 epochs, batch 128, weight decay 5e-4.
+# The paper profiles' shared CIFAR setting: SGD, Nesterov momentum 0.9, lr 0.1, multistep (x0.1 at 50% and
+# 75% of the steps unless lr_milestones / lr_factor say otherwise), 200 epochs, batch 128, weight decay 5e-4
+# on conv and linear weights. paper_cifar's paper profile sets each network's published recipe over it
+# (milestones, factor, Nesterov, decay on BN and biases, crop padding: spaces/paper_cifar.py).
 PAPER: dict = dict(
     dataset="cifar10",
     image_size=32,
