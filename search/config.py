@@ -255,6 +255,9 @@ class TrialConfig:
     def _check_recipe(self) -> None:
         if self.crop_padding is not None:
             _choice("crop_padding", self.crop_padding, CROP_PADDINGS)
+            if not self.augment and self.crop_padding != "zeros":  # a hashed field that would change nothing
+                raise ConfigError(f"field 'crop_padding' = {self.crop_padding!r} applies with augment=True only"
+                                  " (augment is False; allowed: None)")
         if self.lr_factor is not None and not 0.0 < self.lr_factor <= 1.0:
             raise ConfigError(f"field 'lr_factor' = {self.lr_factor!r} is out of range (allowed: (0, 1], or None"
                               " for 0.1)")

@@ -98,6 +98,8 @@ def test_milestones_are_normalised_and_round_trip() -> None:
     (dict(schedule="multistep", lr_factor=float("nan")), "field 'lr_factor' = nan is not a finite number (allowed:"
                                                          " (0, 1])"),
     (dict(crop_padding="edge"), "field 'crop_padding' = 'edge' is not allowed (allowed: zeros, reflect)"),
+    (dict(crop_padding="reflect", augment=False), "field 'crop_padding' = 'reflect' applies with augment=True only"
+                                                  " (augment is False; allowed: None)"),
     (dict(weight_decay_norm_bias="yes"), "field 'weight_decay_norm_bias' expects bool | None, got 'yes' (str)"),
 ])
 def test_bad_recipe_values_name_field_value_and_allowed(kwargs: dict, message: str) -> None:
