@@ -7,6 +7,7 @@ previews (PNG, log_table JSON) beside layers.parquet; --resume continues under t
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,13 @@ def store(tmp_path: Path):
         tracker.finish(run_id, cfg, _result(seed))
         kids.append(run_id)
     assert tracker.flush() == []
-    tracker.close_sweep("done", {"trials_ok": 2}, files=[])
+    from PIL import Image
+
+    report = tmp_path / "report"
+    (report / "figures").mkdir(parents=True)
+    (report / "report.md").write_text("# smoke\n\n![shift](figures/shift_vs_depth.png)\n")
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(report / "figures" / "shift_vs_depth.png")
+    tracker.close_sweep("done", {"trials_ok": 2}, files=[], folder=str(report))
     return MlflowClient(tracking_uri=uri), tracker, parent, kids
 
 
@@ -75,6 +82,41 @@ def test_one_parent_per_sweep_with_every_trial_its_child(store) -> None:
 
         if code_version().commit:  # from a git checkout: MLflow's own commit tag ("Source" in the UI)
             assert tags["mlflow.source.git.commit"] == code_version().commit
+
+
+def test_the_sweeps_description_lists_its_trials_flat(store) -> None:
+    """The sweep run's description links the runs table filtered to its trials and sorted by test_acc (a sort
+    other than Created: the UI lists children flat); the link's query, run through the client, is those trials."""
+    from urllib.parse import parse_qs, urlsplit
+
+    client, tracker, parent, kids = store
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    link = re.search(r"\]\((#/experiments/[^)]+)\)", note).group(1)
+    path, query = link[1:].split("?", 1)
+    assert urlsplit(path).path == f"/experiments/{tracker.experiment_id}/runs"
+    q = {k: v[0] for k, v in parse_qs(query).items()}
+    assert q["orderByKey"] == "metrics.`test_acc`" and q["orderByAsc"] == "false"
+    order = q["orderByKey"] + (" ASC" if q["orderByAsc"] == "true" else " DESC")
+    found = client.search_runs([tracker.experiment_id], q["searchFilter"], order_by=[order])
+    assert [r.info.run_id for r in found] == kids[::-1]  # seed 1 has the higher test_acc
+    exp_note = client.get_experiment(tracker.experiment_id).tags["mlflow.note.content"]
+    assert "tags.run_kind = 'trial'" in exp_note and "sort by a metric" in exp_note
+
+
+def test_the_reports_figures_are_logged_as_images(store, tmp_path: Path) -> None:
+    """Each PNG of the sweep's report is also an MLflow image (key = its name, step 0: the run's image charts)."""
+    from PIL import Image
+
+    client, _, parent, _ = store
+    run = client.get_run(parent)
+    assert run.data.tags["mlflow.loggedImages"] == "True"
+    names = [a.path for a in client.list_artifacts(parent, "images")]
+    assert len(names) == 2 and all(n.startswith("images/shift_vs_depth+step+0+") for n in names), names
+    (png,) = [n for n in names if n.endswith(".png")]
+    assert [n for n in names if n.endswith("+compressed.webp")], names
+    with Image.open(client.download_artifacts(parent, png, str(tmp_path))) as im:
+        assert im.size == (400, 300) and im.getpixel((10, 10)) == (200, 30, 30)
+    assert "report/figures/shift_vs_depth.png" in [a.path for a in client.list_artifacts(parent, "report/figures")]
 
 
 def test_metrics_without_duplicates(store) -> None:

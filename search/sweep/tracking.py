@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import re
 import tempfile
 import time
 from typing import Any, Iterable
@@ -26,8 +27,8 @@ from search.results import LayerShift, TrialResult
 from search.schema import layer_rows, trial_row
 from search.store import ResultStore, read_parts
 
-__all__ = ["Tracker", "rebuild_parquet", "package_versions", "run_name", "DONE_STATUSES", "KIND_TAG", "EPOCH_PREFIX",
-           "epoch_series"]
+__all__ = ["Tracker", "rebuild_parquet", "package_versions", "run_name", "runs_view", "DONE_STATUSES", "KIND_TAG",
+           "EPOCH_PREFIX", "epoch_series"]
 
 # A run with one of these statuses is a result: a rerun reuses it instead of training again.
 DONE_STATUSES = ("ok", "diverged", "stopped")
@@ -51,7 +52,23 @@ _EXPERIMENT_NOTE = (
     "Each sweep is a parent run (run_kind = sweep: command line, summary, report); each trial is a child run "
     "(run_kind = trial) with its config as params, per-epoch series epoch/* (step = epoch), summary metrics, and "
     "artifacts shift_by_layer.png, layers.json (table view) and layers.parquet. "
-    "Filter with tags.run_kind = 'trial' to compare trials across sweeps.")
+    "To list trials flat across sweeps, filter with tags.run_kind = 'trial' and sort by a metric such as "
+    "test_acc: sorted by Created, the runs table folds each sweep's trials under its parent row "
+    "(each sweep's description links its own trials, listed flat).")
+
+
+def runs_view(experiment_id: str, search_filter: str, order_by: str = "test_acc") -> str:
+    """The MLflow UI's runs table of `experiment_id` filtered by `search_filter` and sorted by the metric
+    `order_by`, best first, as a link relative to the UI (`#/experiments/...`).
+
+    Sorted by a column other than Created, the UI lists matching child runs flat instead of folding them
+    under their parent's row (its runs view nests and fetches parents only when sorted by start time).
+    """
+    from urllib.parse import quote, urlencode
+
+    query = urlencode({"searchFilter": search_filter, "orderByKey": f"metrics.`{order_by}`", "orderByAsc": "false"},
+                      quote_via=quote)
+    return f"#/experiments/{experiment_id}/runs?{query}"
 
 
 def package_versions() -> dict[str, str]:
@@ -213,6 +230,7 @@ class Tracker:
         driver is reopened by `resume`, otherwise marked KILLED. Returns the parent's run id.
         """
         from mlflow.entities import Param, RunTag
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
         flt = f"tags.{KIND_TAG} = 'sweep' and tags.profile = '{self.profile}' and tags.algo = '{algo}'"
         mine = sorted(_search_all(self.client, self.experiment_id, None, flt), key=lambda r: -r.info.start_time)
@@ -233,13 +251,26 @@ class Tracker:
                                          run_name=f"sweep-{self.space}-{self.profile}-{algo}-{time.strftime('%m%d-%H%M%S')}")
             self.parent_id = run.info.run_id
             self._artifact_uri[self.parent_id] = run.info.artifact_uri
-            if params:
-                self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
+            self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                                  tags=[RunTag(MLFLOW_RUN_NOTE, self._sweep_note(algo))])
         return self.parent_id
+
+    def _sweep_note(self, algo: str) -> str:
+        """The sweep run's description (the run page's "Description"): where its trials and report are."""
+        flt = f"tags.mlflow.parentRunId = '{self.parent_id}'"
+        return (f"Sweep of space `{self.space}`, profile `{self.profile}`, algorithm `{algo}`.\n\n"
+                f"- Its trials, listed flat and best first: [runs table]({runs_view(self.experiment_id, flt)}) "
+                f"(filter `{flt}`, sorted by test_acc; sorted by Created, the table folds them under this run).\n"
+                "- Its report with the figures: Artifacts, `report/report.html`; the figures also as images "
+                "(`images/`).")
 
     def close_sweep(self, status: str, metrics: dict[str, float], files: Iterable[str] = (),
                     folder: str | None = None) -> None:
-        """End the parent run: `status` done | killed | failed, counts as metrics, `files` and `folder` as artifacts."""
+        """End the parent run: `status` done | killed | failed, counts as metrics, `files` and `folder` as artifacts.
+
+        Every PNG under `folder` (the report's figures) is also logged as an MLflow image (key: its file name
+        without .png, step 0), which the run's chart view shows as images.
+        """
         from mlflow.entities import Metric, RunTag
 
         if self.parent_id is None:
@@ -251,7 +282,19 @@ class Tracker:
             self.client.log_artifact(self.parent_id, f)
         if folder and os.path.isdir(folder):
             self.client.log_artifacts(self.parent_id, folder, artifact_path=os.path.basename(folder.rstrip("/")))
+            self._log_images(folder)
         self.client.set_terminated(self.parent_id, status={"done": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+
+    def _log_images(self, folder: str) -> None:
+        from PIL import Image
+
+        for d, _, names in sorted(os.walk(folder)):
+            for name in sorted(n for n in names if n.endswith(".png")):
+                with Image.open(os.path.join(d, name)) as im:
+                    im.load()
+                    # MLflow's image keys allow letters, digits, _ - . / and spaces
+                    key = re.sub(r"[^A-Za-z0-9_\-. ]", "_", name[:-len(".png")])
+                    self.client.log_image(self.parent_id, im, key=key, step=0)
 
     def start(self, cfg: TrialConfig, *, trial_id: str = "", algo: str = "") -> str:
         """Create a trial's run (the sweep's child when a parent is open), named by `run_name`; returns its id."""
