@@ -262,9 +262,13 @@ def test_paper_profile_hashes_moved_only_by_the_recipe_fields() -> None:
     (the recipe fields unset, Nesterov on, as every network ran before) and the pinned hashes return."""
     from spaces import get_space
 
+    from _pinned import as_pinned
+
     grid = [d for d in get_space("paper_cifar").grid("paper") if d.get("seed", 0) == 0]
     new = {TrialConfig.from_dict(d).config_hash for d in grid}
-    old = {TrialConfig.from_dict({**d, **dict.fromkeys(RECIPE_FIELDS), "nesterov": True}).config_hash for d in grid}
+    old = {TrialConfig.from_dict(as_pinned("paper_cifar/paper", d)).config_hash for d in grid}
+    assert {k for k, v in as_pinned("paper_cifar/paper", {}).items() if v is not None} == {"nesterov"}
+    assert set(as_pinned("paper_cifar/paper", {})) == {*RECIPE_FIELDS, "nesterov"}  # nothing else put back
     assert old == set(PINNED["paper_cifar/paper"])
     assert not new & old and len(new) == len(old) == len(grid)
 

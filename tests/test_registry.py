@@ -179,15 +179,12 @@ def test_shipped_space_hashes_are_pinned() -> None:
     """The config hashes every shipped space/profile had before the registry change (seed 0 trials)."""
     from spaces import get_space
 
-    # paper_cifar's paper profile moved to the published recipes on purpose (issue 29): its pinned hashes
-    # are its trials on the old recipe, which these values restore (tests/test_recipe.py checks the new
-    # hashes differ). Every other profile must hash as pinned unchanged.
-    old_recipe = {"paper_cifar/paper": dict(lr_milestones=None, lr_factor=None, weight_decay_norm_bias=None,
-                                            crop_padding=None, nesterov=True)}
+    from _pinned import as_pinned  # every profile as pinned; paper_cifar/paper on its old recipe (issue 29)
+
     pinned = json.loads((ROOT / "tests" / "data" / "config_hashes.json").read_text())
     for key, hashes in pinned.items():
         name, profile = key.split("/")
-        got = {TrialConfig.from_dict({**d, **old_recipe.get(key, {})}).config_hash
+        got = {TrialConfig.from_dict(as_pinned(key, d)).config_hash
                for d in get_space(name).grid(profile) if d.get("seed", 0) == 0}
         assert got == set(hashes), key
 
