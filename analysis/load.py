@@ -10,6 +10,7 @@ configuration trained twice (same config_hash and seed) counts once.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,10 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from search.config import TrialConfig
-from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
+from search.schema import TRIALS_SCHEMA, layers_schema
 from search.store import dedup, list_parts, read_parts, resolve_fs
 
-__all__ = ["Study", "load_study", "select_profile", "group_codes", "context_fields", "varying", "DROPOUT_KEYS",
+__all__ = ["Study", "load_study", "select_profile", "group_codes", "column_floats", "context_fields", "varying",
+           "DROPOUT_KEYS",
            "EXPERIMENT_FIELDS", "ALL_PROFILES", "PYTHON_NAMES"]
 
 ALL_PROFILES = "all"
@@ -47,7 +49,7 @@ class Study:
 
     Attributes:
         trials: one row per trial (TRIALS_SCHEMA), de-duplicated on run_id.
-        layers: one row per trial x BN layer (LAYERS_SCHEMA) of the kept trials.
+        layers: one row per trial x BN layer (`search.schema.layers_schema()`: registered per-layer metrics included) of the kept trials.
         spaces: the spaces read, in the order given.
         paths: the dataset folders read.
         notes: what loading had to repair (duplicates dropped, orphan layer rows).
@@ -147,7 +149,7 @@ def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri:
         layers_parts += l_parts
         paths += [tdir, ldir]
     trials = read_parts(fs, trials_parts, TRIALS_SCHEMA, with_file=True)
-    layers = read_parts(fs, layers_parts, LAYERS_SCHEMA)
+    layers = read_parts(fs, layers_parts, layers_schema())  # registered per-layer metrics included
     trials, layers, notes = dedup(trials, layers, trials_parts, layers_parts, fs)
     study = Study(trials, _fill_bn_name(layers), tuple(dict.fromkeys(names)), tuple(paths), tuple(notes))
     study, text = select_profile(study, profile, flag=flags["profile"])
@@ -183,6 +185,13 @@ def _rebuild(space: str, tracking_uri: str, root: str) -> str:
 
 
 # ------------------------------------------------------------ table helpers
+def column_floats(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64, nulls as NaN; all NaN when `table` has no such column."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, math.nan)
+    return pc.fill_null(pc.cast(table.column(name), pa.float64()), math.nan).to_numpy(zero_copy_only=False)
+
+
 def group_codes(table: pa.Table, cols: tuple[str, ...] | list[str]) -> tuple[np.ndarray, list[tuple]]:
     """Integer group code per row and the typed key of each group, by the columns' values."""
     if table.num_rows == 0:

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from .fit import MIN_UNITS, accuracy_step
 from .guidelines import Analysis, Guideline, analyse, fmt_width, guidelines
+from .layer_metrics import layer_metric_rows
 from .load import ALL_PROFILES, DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, select_profile, varying
 
 __all__ = ["Table", "build_tables", "select_profile", "write_report", "main", "PAPER_REFERENCE"]
@@ -189,6 +190,8 @@ def build_tables(a: Analysis, full: Study) -> list[Table]:
     tabs.append(width_table(a))
     tabs += d_tables(a)
     tabs.append(_paper_table(a))
+    if (got := layer_metric_rows(a.study.layers)) is not None:  # the registered per-layer metrics
+        tabs.append(Table("layer_metrics", "Per-layer metrics (registered)", got[0], got[1], note=got[2]))
     return tabs
 
 
@@ -636,6 +639,7 @@ SECTIONS = [  # (heading, table keys, figure stem prefixes)
      ["decomposition"]),
     ("Factor importance", ["factors_test_acc", "factors_mean_shift"], []),
     ("One-factor-at-a-time ablation", ["ablation"], []),
+    ("Per-layer metrics", ["layer_metrics"], []),
     ("The paper's numbers beside ours", ["paper"], []),
 ]
 
@@ -689,8 +693,8 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
     else:
         out += ["No guideline: no fit in this study has an interval that supports a statement.", ""]
     for heading, keys, stems in SECTIONS:
-        if keys == ["ablation"] and "ablation" not in by:
-            continue  # only a study run with --ablate has this section
+        if keys in (["ablation"], ["layer_metrics"]) and keys[0] not in by:
+            continue  # only a study run with --ablate (with registered per-layer metrics) has this section
         out += [f"## {heading}", ""]
         out += [md_table(by[k]) for k in keys if k in by]
         for f in figs:

@@ -6,6 +6,7 @@
 
 The plugin API (docs/architecture.md, "Where to add X") is importable from here:
 `register_dropout`, `register_placement`, `register_backbone`, `register_space`, `register_dataset`,
+`register_layer_metric` (a per-layer metric: Parquet column, MLflow table view, report),
 `DropoutKind`, `PlacementSite`, `TrialConfig`; `VarianceDropout` (an nn.Module) and the
 surgery helpers load torch on first use.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from search.config import ConfigError, TrialConfig
 from search.registry import (register_backbone, register_dataset, register_dropout, register_placement,
                              register_space)
+from search.results import LayerProbe, register_layer_metric
 
 _LAZY = {
     "DropoutKind": "search.trial.dropout.kinds",
@@ -31,7 +33,7 @@ _LAZY = {
 }
 
 __all__ = ["ConfigError", "TrialConfig", "register_backbone", "register_dataset", "register_dropout",
-           "register_placement", "register_space", *_LAZY]
+           "register_placement", "register_space", "register_layer_metric", "LayerProbe", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -37,7 +37,7 @@ __all__ = [
     "register_dataset", "not_allowed", "did_you_mean", "CATEGORIES", "set_owner", "identity_of",
 ]
 
-CATEGORIES = ("dropout", "placement", "backbone", "space", "dataset")
+CATEGORIES = ("dropout", "placement", "backbone", "space", "dataset", "layer_metric")
 # Torch-free modules whose import registers the built-in entries, in dependency order
 # (spaces read the kinds and placements while they register).
 BUILTINS = ("search.trial.dropout.kinds", "search.trial.dropout.placements", "search.trial.models.families",
@@ -55,7 +55,8 @@ class Entry:
     """One registered thing.
 
     Attributes:
-        category: 'dropout', 'placement', 'backbone', 'space' or 'dataset'.
+        category: 'dropout', 'placement', 'backbone', 'space', 'dataset' or 'layer_metric'
+            (search.results.register_layer_metric).
         name: the name configs and spaces use.
         obj: the dropout kind class, the placement function, the backbone builder (or None
             for a timm-registered family) or the Space.

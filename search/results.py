@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 __all__ = ["LayerShift", "TrialResult", "STATUSES", "Status", "noise_floor", "FLOOR_LIMIT", "column_meta",
-           "column_info", "column_names"]
+           "column_info", "column_names", "LayerProbe", "register_layer_metric", "layer_metrics", "compute_layer_metrics"]
 
 # A noise-free BN layer's shift above this means its running statistics have not caught up with the
 # weights (momentum 0.1 lags the last steps' drift); docs/theory.md, "Noise floor".
@@ -131,8 +131,89 @@ class LayerShift:
         "adds: bn2 where name is bn2.1 under pre_bn): the key to compare one layer across placements; null in "
         "files written before it was recorded (analysis.load_study fills it)", group="layer"))
 
+    def __post_init__(self) -> None:
+        # The registered per-layer metrics' values (register_layer_metric), by name: not fields, so the
+        # declared columns above stay what they are; to_dict flattens them into the row, one column each.
+        self.metrics: dict[str, float] = {}
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), **self.metrics}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerShift":
+        """Inverse of to_dict: the fields, and every other key as a registered metric's value."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        layer = cls(**{k: v for k, v in d.items() if k in names})
+        layer.metrics = {k: float(v) if v is not None else math.nan for k, v in d.items() if k not in names}
+        return layer
+
+
+# ---------------------------------------------------------------------------- per-layer metrics
+@dataclass(frozen=True)
+class LayerProbe:
+    """What the shift probe measured at one BN layer: what a registered per-layer metric computes from.
+
+    Attributes:
+        layer: the layer's record, its declared columns filled (shift, fan_in, fed_by_dropout, ...).
+        moving_var: per channel, BN's running variance after training (numpy float64 [C]; None: no running stats).
+        real_var: per channel, the variance of BN's input in eval mode over the probe images (None: never reached).
+        real_mean: per channel, the mean of BN's input in eval mode over the probe images.
+    """
+
+    layer: LayerShift
+    moving_var: Any
+    real_var: Any
+    real_mean: Any
+
+
+def register_layer_metric(name: str, *, description: str, unit: str = "", group: str = "metric",
+                          table: bool = True, report: bool = True) -> Callable[[Callable[[LayerProbe], float]],
+                                                                              Callable[[LayerProbe], float]]:
+    """Decorator: a per-layer metric, `fn(probe: LayerProbe) -> float`, declared once.
+
+    The shift probe (search/trial/probes.py) calls it at every BN layer of every trial; its value becomes the
+    column `name` of the `layers` Parquet dataset (with `description`, `unit` and `group` as field metadata;
+    optional, so older files still load), of the MLflow run's `layers.json` table view (`table=True`), and of
+    the report's per-layer metrics table (`report=True`: its median per configuration; analysis/layer_metrics.py).
+    A value that is not finite is stored as NaN.
+
+    Raises:
+        RegistryError: `name` is not an identifier, is registered twice, or is already a column of `layers`.
+    """
+    from search import registry  # core: the one registry
+    from search.config import TrialConfig
+
+    taken = {f.name for f in dataclasses.fields(LayerShift)} | set(TrialConfig.field_names()) | {
+        "run_id", "config_hash", "space"}
+    if name in taken:
+        raise registry.RegistryError(f"layer_metric {name!r} is already a column of the layers dataset (allowed: a "
+                                     "new name)")
+    if not description.strip():
+        raise registry.RegistryError(f"layer_metric {name!r}: description is empty (allowed: what the value is, "
+                                     "with its convention)")
+
+    def deco(fn: Callable[[LayerProbe], float]) -> Callable[[LayerProbe], float]:
+        registry.register("layer_metric", name, fn, module=getattr(fn, "__module__", None),
+                          **column_meta(description, unit=unit, group=group, table=table), report=report)
+        return fn
+
+    return deco
+
+
+def layer_metrics() -> tuple[Any, ...]:
+    """The registered per-layer metrics (registry entries: name, obj = the function, meta = column_meta + report)."""
+    from search import registry
+
+    return registry.entries("layer_metric")
+
+
+def compute_layer_metrics(probe: LayerProbe) -> dict[str, float]:
+    """Every registered per-layer metric at one layer (NaN where it is not a finite number)."""
+    out = {}
+    for e in layer_metrics():
+        value = float(e.obj(probe))
+        out[e.name] = value if math.isfinite(value) else math.nan
+    return out
 
 
 @dataclass
@@ -285,7 +366,7 @@ class TrialResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialResult":
         d = dict(d)
-        layers = [LayerShift(**x) for x in d.pop("layers", [])]
+        layers = [LayerShift.from_dict(x) for x in d.pop("layers", [])]
         return cls(**d, layers=layers)
 
 

@@ -21,10 +21,11 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 
 from search.config import TrialConfig
-from search.results import LayerShift, TrialResult, column_info, column_meta
+from search.results import LayerShift, TrialResult, column_info, column_meta, layer_metrics
 
 __all__ = ["TRIALS_SCHEMA", "LAYERS_SCHEMA", "LAYER_CONFIG_COLUMNS", "OPTIONAL_TRIAL_COLUMNS", "OPTIONAL_LAYER_COLUMNS",
-           "EXTRA_COLUMNS", "trial_row", "layer_rows", "series_column", "layers_schema", "with_writer", "markdown"]
+           "EXTRA_COLUMNS", "trial_row", "layer_rows", "series_column", "layers_schema", "optional_columns", "with_writer",
+           "markdown"]
 
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
 # Schema metadata keys (bytes, as Parquet's key-value metadata holds them).
@@ -118,19 +119,21 @@ LAYER_CONFIG_COLUMNS = (
 )
 
 
-def layers_schema(layer_cls: type = LayerShift) -> pa.Schema:
-    """The `layers` schema: ids, LAYER_CONFIG_COLUMNS, then every field of `layer_cls` with its column_meta.
+def layers_schema(layer_cls: type = LayerShift, *, metrics: bool = True) -> pa.Schema:
+    """The `layers` schema: ids, LAYER_CONFIG_COLUMNS, every field of `layer_cls` with its column_meta, then
+    (metrics=True) one float64 column per registered per-layer metric (search.results.register_layer_metric).
 
-    LAYERS_SCHEMA is LayerShift's; a per-layer metric is one more LayerShift field with its column_meta
-    (a subclass's schema shows what that field adds, tests/test_columns.py).
+    LAYERS_SCHEMA is LayerShift's without registered metrics; the store and the tracker call this at write and
+    read time, so a metric registered later (a plugin, a test) is in the files they write.
     """
+    extra = [_column(e.name, pa.float64(), e.meta) for e in layer_metrics()] if metrics else []
     return _schema("layers", [f for f in ID_FIELDS if f.name in ("run_id", "config_hash", "space")]
                    + [f for f in CONFIG_FIELDS if f.name in LAYER_CONFIG_COLUMNS]
                    + [_column(f.name, _arrow_type(f.type), column_info(layer_cls, f.name))
-                      for f in dataclasses.fields(layer_cls)])
+                      for f in dataclasses.fields(layer_cls)] + extra)
 
 
-LAYERS_SCHEMA = layers_schema()
+LAYERS_SCHEMA = layers_schema(metrics=False)
 
 
 def with_writer(table: pa.Table) -> pa.Table:
@@ -174,7 +177,7 @@ def trial_row(cfg: TrialConfig, result: TrialResult, *, run_id: str, space: str,
 
 
 def layer_rows(cfg: TrialConfig, layers: Iterable[LayerShift], *, run_id: str, space: str) -> list[dict[str, Any]]:
-    """The `layers` rows of one trial, matching LAYERS_SCHEMA."""
+    """The `layers` rows of one trial, matching `layers_schema()` (registered metrics included)."""
     base = {"run_id": run_id, "config_hash": cfg.config_hash, "space": space}
     base.update({k: getattr(cfg, k) for k in LAYER_CONFIG_COLUMNS})
     return [{**base, **layer.to_dict()} for layer in layers]
@@ -201,8 +204,18 @@ OPTIONAL_TRIAL_COLUMNS: tuple[str, ...] = tuple(n for n in TRIALS_SCHEMA.names i
 OPTIONAL_LAYER_COLUMNS: tuple[str, ...] = tuple(n for n in LAYERS_SCHEMA.names if n not in _V1_LAYER_COLUMNS)
 
 
-def markdown(trials: pa.Schema = TRIALS_SCHEMA, layers: pa.Schema = LAYERS_SCHEMA) -> str:
-    """docs/columns.md: every column of both datasets with its type, unit, group and description."""
+def optional_columns(dataset: str) -> tuple[str, ...]:
+    """The columns of `dataset` ('trials' or 'layers') a file may lack: every one added after v0.1, and every
+    registered per-layer metric (read as nulls from a file written before it was registered)."""
+    if dataset == "trials":
+        return OPTIONAL_TRIAL_COLUMNS
+    return OPTIONAL_LAYER_COLUMNS + tuple(e.name for e in layer_metrics())
+
+
+def markdown(trials: pa.Schema = TRIALS_SCHEMA, layers: pa.Schema | None = None) -> str:
+    """docs/columns.md: every column of both datasets with its type, unit, group and description (layers: the
+    registered per-layer metrics included)."""
+    layers = layers_schema() if layers is None else layers
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")  # no table break, emphasis, tag
 

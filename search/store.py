@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from search.schema import LAYERS_SCHEMA, OPTIONAL_LAYER_COLUMNS, OPTIONAL_TRIAL_COLUMNS, TRIALS_SCHEMA, with_writer
+from search.schema import TRIALS_SCHEMA, layers_schema, optional_columns, with_writer
 
 __all__ = ["ResultStore", "resolve_fs", "list_parts", "read_parts", "dedup", "read_space"]
 
@@ -35,9 +35,6 @@ Part = tuple[str, float]  # (path, mtime)
 # Times a reader lists a dataset again when files it listed vanished before it read them: a compaction or a
 # rebuild (each under the space's lock) publishes its new file before it deletes the ones it replaces.
 _RELISTS = 5
-_OPTIONAL = {"trials": OPTIONAL_TRIAL_COLUMNS, "layers": OPTIONAL_LAYER_COLUMNS}
-
-
 def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it, for a local path or a URI."""
     if "://" in root:
@@ -83,7 +80,7 @@ def _name(schema: pa.Schema) -> str:
 def read_parts(fs: pafs.FileSystem, parts: list[Part], schema: pa.Schema, *, with_file: bool = False) -> pa.Table:
     """Read part files as one table of `schema`, checking every file's columns and types first.
 
-    A column listed in search.schema's OPTIONAL_*_COLUMNS that a file lacks (written
+    A column listed in search.schema's `optional_columns` that a file lacks (written
     before the column existed) is read as nulls. A listed file that is gone when it is read
     was compacted or rebuilt away meanwhile (its rows are in the file that replaced it): the
     folders are listed again and read again, and `parts` (a list) is updated in place so the
@@ -118,7 +115,7 @@ def _read_parts(fs: pafs.FileSystem, parts: list[Part], schema: pa.Schema, *, wi
         table = schema.empty_table()
         return table.append_column("__filename", pa.array([], pa.string())) if with_file else table
     what = _name(schema)
-    optional = set(_OPTIONAL[what])
+    optional = set(optional_columns(what))  # registered per-layer metrics included
     try:
         fragments = list(ds.dataset([p for p, _ in parts], format="parquet", filesystem=fs).get_fragments())
     except (OSError, pa.ArrowException) as exc:
@@ -227,7 +224,7 @@ def _codes(table: pa.Table, keys: tuple[str, ...]) -> np.ndarray:
 def _dedup_layers(fs: pafs.FileSystem, parts: list[Part], kept_files: dict[str, str],
                   run_ids: set[str]) -> tuple[pa.Table, int]:
     """Per run, keep the layer rows of one file: the one named like the kept trial's part, else the newest."""
-    table = read_parts(fs, parts, LAYERS_SCHEMA, with_file=True)
+    table = read_parts(fs, parts, layers_schema(), with_file=True)
     table = table.filter(pc.is_in(table.column("run_id"), value_set=pa.array(sorted(run_ids), pa.string())))
     rank = {p: i for i, (p, _) in enumerate(parts)}  # oldest first
     runs, fnames = table.column("run_id").to_pylist(), table.column("__filename").to_pylist()
@@ -247,7 +244,7 @@ def read_space(root: str, space: str) -> tuple[pa.Table, pa.Table, list[str], li
     tdir, ldir = f"{base.rstrip('/')}/{space}/trials", f"{base.rstrip('/')}/{space}/layers"
     t_parts, l_parts = list_parts(fs, tdir), list_parts(fs, ldir)
     trials = read_parts(fs, t_parts, TRIALS_SCHEMA, with_file=True)
-    layers = read_parts(fs, l_parts, LAYERS_SCHEMA)
+    layers = read_parts(fs, l_parts, layers_schema())
     trials, layers, notes = dedup(trials, layers, t_parts, l_parts, fs)
     return trials, layers, notes, [tdir, ldir]
 
@@ -278,7 +275,7 @@ class ResultStore:
         """Write one trial's row and its layer rows as part files (layers first, so a
         reader that sees the trial also sees its layers)."""
         tag = f"{trial_row['run_id']}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        layers = pa.Table.from_pylist(list(layer_rows), schema=LAYERS_SCHEMA)
+        layers = pa.Table.from_pylist(list(layer_rows), schema=layers_schema())
         trials = pa.Table.from_pylist([trial_row], schema=TRIALS_SCHEMA)
         with self.lock():
             self._write_atomic(layers, self.path("layers"), f"part-{tag}.parquet")
@@ -358,7 +355,7 @@ class ResultStore:
         with self.lock():  # the files deleted below are the ones read: no other writer adds one meanwhile
             t_parts, l_parts = list_parts(self.fs, self.path("trials")), list_parts(self.fs, self.path("layers"))
             trials = read_parts(self.fs, t_parts, TRIALS_SCHEMA, with_file=True)
-            layers = read_parts(self.fs, l_parts, LAYERS_SCHEMA)
+            layers = read_parts(self.fs, l_parts, layers_schema())
             trials, layers, _ = dedup(trials, layers, t_parts, l_parts, self.fs, replicates=False)
             for name, table, parts in (("layers", layers, l_parts), ("trials", trials, t_parts)):
                 self._write_atomic(table, self.path(name), f"part-compact-{uuid.uuid4().hex[:12]}.parquet")
@@ -382,12 +379,12 @@ class ResultStore:
     # ------------------------------------------------------------------ read
     def read(self, name: str) -> pa.Table:
         """The raw dataset (`trials` or `layers`), every part file, no de-duplication."""
-        schema = TRIALS_SCHEMA if name == "trials" else LAYERS_SCHEMA
+        schema = TRIALS_SCHEMA if name == "trials" else layers_schema()
         return read_parts(self.fs, list_parts(self.fs, self.path(name)), schema)
 
     def read_deduped(self, *, replicates: bool = True) -> tuple[pa.Table, pa.Table, list[str]]:
         """(trials, layers, notes) de-duplicated by the one rule (`dedup`)."""
         t_parts, l_parts = list_parts(self.fs, self.path("trials")), list_parts(self.fs, self.path("layers"))
         trials = read_parts(self.fs, t_parts, TRIALS_SCHEMA, with_file=True)
-        layers = read_parts(self.fs, l_parts, LAYERS_SCHEMA)
+        layers = read_parts(self.fs, l_parts, layers_schema())
         return dedup(trials, layers, t_parts, l_parts, self.fs, replicates=replicates)

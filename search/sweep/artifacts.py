@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from search.results import LayerShift, column_names
+from search.results import LayerShift, column_names, layer_metrics
 
 __all__ = ["LAYERS_PNG", "LAYERS_TABLE", "layers_table", "write_layers_png"]
 
@@ -22,11 +22,16 @@ _TABLE_COLUMNS = column_names(LayerShift, table=True)
 def layers_table(layers: list[LayerShift]) -> dict[str, list[Any]]:
     """Column -> values of the BN layers in execution order (the data `MlflowClient.log_table` takes).
 
-    The columns are the table=True fields of the records' class: a LayerShift subclass's own show too.
+    The columns are the table=True fields of the records' class (a LayerShift subclass's own show too), then the
+    registered per-layer metrics declared with table=True (search.results.register_layer_metric).
     """
     rows = sorted(layers, key=lambda x: x.index)
     columns = column_names(type(rows[0]), table=True) if rows else _TABLE_COLUMNS
-    return {c: [_plain(getattr(x, c)) for x in rows] for c in columns}
+    out = {c: [_plain(getattr(x, c)) for x in rows] for c in columns}
+    for e in layer_metrics():
+        if e.meta["table"]:
+            out[e.name] = [_plain(x.metrics.get(e.name, float("nan"))) for x in rows]
+    return out
 
 
 def _plain(v: Any) -> Any:

@@ -349,10 +349,10 @@ class Tracker:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from search.schema import LAYERS_SCHEMA
+        from search.schema import layers_schema
 
         table = pa.Table.from_pylist(layer_rows(cfg, layers, run_id=run_id, space=self.space),
-                                     schema=LAYERS_SCHEMA)
+                                     schema=layers_schema())  # registered per-layer metrics included
         with tempfile.TemporaryDirectory() as d:
             pq.write_table(table, os.path.join(d, _LAYERS_ARTIFACT))
             self._log_folder(run_id, d)
@@ -472,7 +472,7 @@ def _rebuild_locked(client: Any, exp: Any, space: str, root: str) -> tuple[int, 
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from search.schema import LAYERS_SCHEMA, TRIALS_SCHEMA
+    from search.schema import TRIALS_SCHEMA, layers_schema
 
     types = {f.name: str(f.type) for f in dataclasses.fields(TrialConfig)}
     trial_rows, layer_tables = [], []
@@ -501,8 +501,8 @@ def _rebuild_locked(client: Any, exp: Any, space: str, root: str) -> tuple[int, 
                 # Through the client bound to `tracking_uri` (a server's mlflow-artifacts: URIs resolve against it)
                 local = client.download_artifacts(run.info.run_id, _LAYERS_ARTIFACT, dst_path=d)
                 # read_parts: an artifact from before a column was added still conforms (nulls)
-                layer_tables.append(read_parts(pafs.LocalFileSystem(), [(local, 0.0)], LAYERS_SCHEMA))
+                layer_tables.append(read_parts(pafs.LocalFileSystem(), [(local, 0.0)], layers_schema()))
     trials = pa.Table.from_pylist(trial_rows, schema=TRIALS_SCHEMA)
-    layers = pa.concat_tables(layer_tables) if layer_tables else LAYERS_SCHEMA.empty_table()
+    layers = pa.concat_tables(layer_tables) if layer_tables else layers_schema().empty_table()
     ResultStore(root, space).replace_all(trials, layers)
     return trials.num_rows, layers.num_rows

@@ -26,8 +26,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
+from search.results import LayerProbe, LayerShift, compute_layer_metrics, layer_metrics
 from search.trial.dropout.module import VarianceDropout
-from search.results import LayerShift
 
 __all__ = ["measure_variance_shift", "reestimate_bn", "is_active_dropout", "feeding_weights"]
 
@@ -317,6 +317,7 @@ def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.dev
 
     order = trace.order + [m for m in names if m not in trace.sites]
     n = len(order)
+    metrics = bool(layer_metrics())  # registered per-layer metrics (register_layer_metric): computed below
     records = []
     for index, bn in enumerate(order):
         site = trace.sites.get(bn, _Site(None, False))
@@ -325,8 +326,18 @@ def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.dev
         rec.bn_name = own_name(model, names[bn])
         if mech is not None:
             _mechanism_fields(rec, mech, bn, site)
+        if metrics:
+            rec.metrics = compute_layer_metrics(_layer_probe(rec, bn, moments[bn]))
         records.append(rec)
     return records
+
+
+def _layer_probe(rec: LayerShift, bn: _BatchNorm, mom: _Moments) -> LayerProbe:
+    """What a registered per-layer metric reads: the record and the per-channel statistics, as numpy float64."""
+    def arr(t: torch.Tensor | None) -> Any:
+        return None if t is None else t.detach().double().cpu().numpy()
+
+    return LayerProbe(rec, arr(bn.running_var), arr(mom.variance()), arr(mom.mean))
 
 
 def _start_mechanism(model: nn.Module, names: dict, every: int) -> _Mechanism:
