@@ -12,11 +12,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .fit import MeanTest, mean_test
-from .load import DROPOUT_KEYS, Study, context_fields, group_codes
+from .load import DROPOUT_KEYS, Study, column_floats, context_fields, group_codes
 
 __all__ = ["DRow", "DWidth", "d_rows", "d_width", "VARIANTS"]
 
@@ -51,12 +49,6 @@ class DWidth:
     slope: MeanTest
 
 
-def _col(t: pa.Table, name: str) -> np.ndarray:
-    if name not in t.column_names:
-        return np.full(t.num_rows, math.nan)
-    return pc.fill_null(pc.cast(t.column(name), pa.float64()), math.nan).to_numpy(zero_copy_only=False)
-
-
 def d_rows(study: Study, level: float = 0.95) -> list[DRow]:
     """Per configuration, width and variant: D at initialisation and at the end (t over seeds)."""
     t = study.trials
@@ -64,10 +56,10 @@ def d_rows(study: Study, level: float = 0.95) -> list[DRow]:
         return []
     ctx = context_fields(t)
     codes, keys = group_codes(t, ctx + list(DROPOUT_KEYS) + ["width"])
-    ep = _col(t, "epochs_completed")
+    ep = column_floats(t, "epochs_completed")
     out = []
     for variant in VARIANTS:
-        ini, fin = _col(t, f"{variant}_init"), _col(t, f"{variant}_final")
+        ini, fin = column_floats(t, f"{variant}_init"), column_floats(t, f"{variant}_final")
         for g, k in enumerate(keys):
             m = codes == g
             if not np.isfinite(fin[m]).any():
@@ -86,10 +78,10 @@ def d_width(study: Study, level: float = 0.95) -> list[DWidth]:
         return []
     ctx = context_fields(t)
     codes, keys = group_codes(t, ctx + list(DROPOUT_KEYS))
-    width, seed = _col(t, "width"), _col(t, "seed")
+    width, seed = column_floats(t, "width"), column_floats(t, "seed")
     out = []
     for variant in VARIANTS:
-        fin = _col(t, f"{variant}_final")
+        fin = column_floats(t, f"{variant}_final")
         for g, k in enumerate(keys):
             m = (codes == g) & np.isfinite(fin) & (fin > 0)
             widths = tuple(sorted(set(width[m].tolist())))

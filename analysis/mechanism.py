@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from search.results import LayerShift, column_names
 
 from .fit import ShiftFit, _fit_group, mean_ci, ols_from_sufficient, ols_sufficient
-from .load import DROPOUT_KEYS, Study, group_codes
+from .load import DROPOUT_KEYS, Study, column_floats, group_codes
 
 __all__ = ["MECHANISM_COLUMNS", "TARGET", "MechanismRow", "NoiseFloor", "WidthMechanism", "missing_columns",
            "fed_layers", "mechanism_rows", "noise_floor", "width_mechanism", "closed_form"]
@@ -52,11 +52,6 @@ def missing_columns(study: Study) -> list[str]:
         if col.null_count == L.num_rows or not pc.any(pc.is_finite(pc.fill_null(col, math.nan))).as_py():
             out.append(k)
     return out
-
-
-def _col(t: pa.Table, name: str) -> np.ndarray:
-    """A numeric column as floats, nulls as NaN."""
-    return pc.fill_null(pc.cast(t.column(name), pa.float64()), math.nan).to_numpy(zero_copy_only=False)
 
 
 def _median(x: np.ndarray) -> float:
@@ -103,15 +98,15 @@ def mechanism_rows(study: Study) -> list[MechanismRow]:
     L = fed_layers(study)
     if L.num_rows == 0 or missing_columns(study):
         return []
-    fro, th = _col(L, "shift_frozen"), _col(L, "shift_theory")
+    fro, th = column_floats(L, "shift_frozen"), column_floats(L, "shift_theory")
     keep = np.isfinite(fro) & np.isfinite(th) & (fro > 0)
     L = L.filter(pa.array(keep))
     if L.num_rows == 0:
         return []
     codes, keys = group_codes(L, GROUP)
-    fro, th, s = _col(L, "shift_frozen"), _col(L, "shift_theory"), _col(L, "shift")
-    loc, inh = _col(L, "excess_local"), _col(L, "excess_inherited")
-    dc, rho = _col(L, "d_cos2"), _col(L, "rho")
+    fro, th, s = column_floats(L, "shift_frozen"), column_floats(L, "shift_theory"), column_floats(L, "shift")
+    loc, inh = column_floats(L, "excess_local"), column_floats(L, "excess_inherited")
+    dc, rho = column_floats(L, "d_cos2"), column_floats(L, "rho")
     cf = closed_form(L)
     local = 1.0 + loc
     runs = np.asarray(L.column("run_id").to_pylist(), dtype=object)
@@ -143,7 +138,7 @@ def closed_form(L: pa.Table) -> np.ndarray:
     out = np.full(L.num_rows, math.nan)
     if L.num_rows == 0:
         return out
-    c, v, rho, dc, d = (_col(L, k) for k in ("c_in", "v_in", "rho", "d_cos2", "fan_in"))
+    c, v, rho, dc, d = (column_floats(L, k) for k in ("c_in", "v_in", "rho", "d_cos2", "fan_in"))
     codes, keys = group_codes(L, DROPOUT_KEYS)
     kinds = closed_form_kinds()
     for g, (kind, placement, rate) in enumerate(keys):
@@ -180,13 +175,13 @@ def noise_floor(study: Study, level: float = 0.95) -> NoiseFloor | None:
     if t.num_rows == 0:
         return None
     none = t.filter(pc.equal(t.column("dropout_placement"), "none"))
-    m, lo, hi, _, _ = mean_ci(_col(none, "mean_shift"), level) if none.num_rows else (math.nan,) * 3 + (0, 0)
-    fm, flo, fhi, _, _ = mean_ci(_col(t, "shift_floor"), level)
+    m, lo, hi, _, _ = mean_ci(column_floats(none, "mean_shift"), level) if none.num_rows else (math.nan,) * 3 + (0, 0)
+    fm, flo, fhi, _, _ = mean_ci(column_floats(t, "shift_floor"), level)
     flag = pc.fill_null(t.column("bn_unconverged"), False).to_numpy(zero_copy_only=False)
     flagged = [f"{r['backbone']} w{r['width']:g} {r['dropout_placement']}"
                + (f" {r['dropout_type']} {r['dropout_rate']:g}" if r["dropout_placement"] != "none" else "")
                + f" seed {r['seed']}" for r in t.filter(pa.array(flag)).to_pylist()]
-    return NoiseFloor(int(none.num_rows), (m, lo, hi), _median(_col(none, "mean_shift_reest")) if none.num_rows
+    return NoiseFloor(int(none.num_rows), (m, lo, hi), _median(column_floats(none, "mean_shift_reest")) if none.num_rows
                       else math.nan, (fm, flo, fhi), int(t.num_rows), flagged, FLOOR_LIMIT)
 
 
@@ -240,14 +235,14 @@ def width_mechanism(study: Study, *, n_boot: int = 1000, seed: int = 0, level: f
     if L.num_rows == 0 or missing_columns(study):
         return []
     L = L.filter(pc.and_(pc.is_valid(L.column("fan_in")), pc.greater(pc.fill_null(L.column("fan_in"), 0), 0)))
-    fro, th = _col(L, "shift_frozen"), _col(L, "shift_theory")
+    fro, th = column_floats(L, "shift_frozen"), column_floats(L, "shift_theory")
     L = L.filter(pa.array(np.isfinite(fro) & np.isfinite(th)))
     if L.num_rows == 0:
         return []
     codes, keys = group_codes(L, GROUP)
     runs = pc.dictionary_encode(L.column("run_id").combine_chunks()).indices.to_numpy().astype(np.int64)
-    d, fro, th = _col(L, "fan_in"), _col(L, "shift_frozen"), _col(L, "shift_theory")
-    width, rho, dc = _col(L, "width"), _col(L, "rho"), _col(L, "d_cos2")
+    d, fro, th = column_floats(L, "fan_in"), column_floats(L, "shift_frozen"), column_floats(L, "shift_theory")
+    width, rho, dc = column_floats(L, "width"), column_floats(L, "rho"), column_floats(L, "d_cos2")
     out = []
     for g, key in enumerate(keys):
         rows = np.flatnonzero(codes == g)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .fit import MeanTest, mean_test
-from .load import DROPOUT_KEYS, Study, context_fields, group_codes
+from .load import DROPOUT_KEYS, Study, column_floats, context_fields, group_codes
 
 __all__ = ["WidthEffect", "QUANTITIES", "width_effects", "fe_slope"]
 
@@ -89,10 +89,6 @@ def _ols_slope(x: np.ndarray, y: np.ndarray) -> float:
     return fe_slope(x, y, np.zeros(x.size, np.int64))
 
 
-def _col(t: pa.Table, name: str) -> np.ndarray:
-    return pc.fill_null(pc.cast(t.column(name), pa.float64()), math.nan).to_numpy(zero_copy_only=False)
-
-
 def _fed(study: Study, quantity: str) -> pa.Table:
     L = study.layers
     if L.num_rows == 0 or quantity not in L.column_names:
@@ -100,7 +96,7 @@ def _fed(study: Study, quantity: str) -> pa.Table:
     mask = pc.and_(pc.fill_null(L.column("fed_by_dropout"), False),
                    pc.invert(pc.is_in(L.column("dropout_placement"), value_set=pa.array(["none", "head"]))))
     L = L.filter(mask)
-    d, q = _col(L, "fan_in"), _col(L, quantity)
+    d, q = column_floats(L, "fan_in"), column_floats(L, quantity)
     return L.filter(pa.array(np.isfinite(d) & (d > 0) & np.isfinite(q)))
 
 
@@ -128,8 +124,8 @@ def width_effects(study: Study, quantities: tuple[str, ...] = tuple(QUANTITIES),
         cc = np.array([run_ctx.get(r, -1) for r in runs], np.int64)
         L = L.append_column("_ctx", pa.array(cc))
         codes, keys = group_codes(L, ["_ctx", *DROPOUT_KEYS])
-        q, d = _col(L, quantity), _col(L, "fan_in")
-        width, seed, pos = _col(L, "width"), _col(L, "seed"), _col(L, "index")
+        q, d = column_floats(L, quantity), column_floats(L, "fan_in")
+        width, seed, pos = column_floats(L, "width"), column_floats(L, "seed"), column_floats(L, "index")
         run = np.unique(np.asarray(runs, dtype=object), return_inverse=True)[1]
         for g, key in enumerate(keys):
             if key[0] < 0:
