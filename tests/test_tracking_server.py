@@ -1,9 +1,9 @@
 """A live MLflow tracking server as the sweep's tracking store (issue 24), against a real `mlflow server`.
 
 The server is the command ray_cluster.yaml starts on the head node (read from that file, with
-this test's database, artifact folder, loopback address, a free port and one worker): it serves
-the artifacts itself, so every run's artifact URI is `mlflow-artifacts:/...`, resolved against
-the tracking URI. The same smoke sweep runs against it and against `sqlite:///mlflow.db` in
+this test's database, artifact folder, loopback address, a free port and one worker;
+tests/_mlflow_server.py): it serves the artifacts itself, so every run's artifact URI is
+`mlflow-artifacts:/...`, resolved against the tracking URI. The same smoke sweep runs against it and against `sqlite:///mlflow.db` in
 another folder; both are read back with the stock `mlflow.MlflowClient` and must hold the same
 runs (params, tags), the same artifacts per run (and the same layers.parquet), and the same
 Parquet rows. Then `--resume` against the server trains nothing, and `analysis.report
@@ -16,25 +16,18 @@ starts: the same code for all of them, whatever changes in the working tree mean
 from __future__ import annotations
 
 import math
-import os
 import re
-import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import yaml
 
 pytest.importorskip("mlflow")
 
-from _procs import reap, session_pids  # noqa: E402
+from _mlflow_server import mlflow_server  # noqa: E402
 from _sweeps import _dataset, _env, _sweep  # noqa: E402
 
 from search.code_version import ENV_VAR, compute_code_version  # noqa: E402
@@ -56,79 +49,11 @@ PREVIEWS = ["layers.json", "layers.parquet", "shift_by_layer.png"]
 
 
 # --------------------------------------------------------------------------- the server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _head_command() -> tuple[dict[str, str], list[str]]:
-    """(environment, argv) of the `mlflow server` command ray_cluster.yaml starts on the head node."""
-    with open(ROOT / "ray_cluster.yaml") as fh:
-        cfg = yaml.safe_load(fh)
-    cmds = [c for c in cfg["head_start_ray_commands"] if "mlflow server" in c]
-    assert len(cmds) == 1, cmds
-    line = [part for part in cmds[0].split(";") if "mlflow server" in part][0]
-    line = line.split(">")[0].replace("$(hostname -I | awk '{print $1}')", "HEAD_IP")
-    words = shlex.split(line)
-    env = {}
-    while "=" in words[0]:  # VAR=value prefixes
-        k, v = words.pop(0).split("=", 1)
-        env[k] = v
-    while words[0] in ("setsid", "nohup"):
-        words.pop(0)
-    assert words[:2] == ["mlflow", "server"], words
-    return env, words
-
-
-def _server_argv(db: Path, artifacts: Path, port: int) -> tuple[dict[str, str], list[str]]:
-    """The head's command with this test's store, artifact folder, address and one worker."""
-    env, words = _head_command()
-    ours = {"--backend-store-uri": f"sqlite:///{db}", "--artifacts-destination": str(artifacts),
-            "--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
-    flags = words[2::2]
-    assert sorted(flags) == sorted(ours), f"ray_cluster.yaml's mlflow server sets {flags}; this test knows {list(ours)}"
-    mlflow_bin = Path(PY).parent / "mlflow"
-    argv = [str(mlflow_bin)] if mlflow_bin.exists() else [PY, "-m", "mlflow"]
-    return env, argv + ["server"] + [w for f in flags for w in (f, ours[f])]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server on 127.0.0.1 serving its artifacts; stopped by its process group at the end."""
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    extra, argv = _server_argv(d / "srv.db", d / "artifacts", port)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(extra)
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(argv, cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=2).read().strip() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}"
-            assert time.time() < deadline, f"no /health in 180 s:\n{(d / 'server.log').read_text()[-3000:]}"
-            time.sleep(0.5)
+    """A real MLflow tracking server on 127.0.0.1 serving its artifacts (tests/_mlflow_server.py)."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server, uvicorn and its worker: one process group
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        reap(proc.pid, grace=10)  # SIGKILL whatever of its session outlived SIGTERM
-        log.close()
-        assert not session_pids(proc.pid), "processes of the mlflow server are left"
 
 
 # --------------------------------------------------------------------------- the two sweeps
