@@ -23,6 +23,12 @@ from search.sweep.tune import DedupSearcher, DefineByRun
 
 BOILERPLATE = ("ExperimentalWarning", "UserWarning", "Configuration for experiment", "tensorboard",
                "View detailed results", "Warning:")
+# Every line a --quiet sweep writes: its header, one line per finished trial, the summary with its two tables,
+# where everything is. Any other line (Ray's banners and INFO lines, a library's warning) is boilerplate.
+OWN_LINES = (r"sweep '\w+' \(profile \w+, \w+, code [^)]+\): \d+ trial\(s\) to run, .+",
+             r"\[\d+/\d+\] [\w.-]+: \w+  .+", r"sweep '\w+' done in \d+s: .+", r"(best|worst) \d+ by test accuracy:",
+             r"  width  placement  .+", r" +\d[\d.]* +\w+ +\w+ +[\d.]+ +\d+ .+",
+             r"(results|tracking|report|optuna): +\S.+", r"")
 
 
 def test_dry_run_table_is_aligned() -> None:
@@ -79,6 +85,9 @@ def test_quiet_optuna_sweep_prints_no_boilerplate_and_tells_optuna_what_each_tri
     # ---- the terminal: lines only, no library boilerplate or warnings, tables within 100 columns
     for word in BOILERPLATE:
         assert word.lower() not in log.lower(), (word, log[-3000:])
+    alien = [ln for ln in log.splitlines() if not any(re.fullmatch(p, ln) for p in OWN_LINES)]
+    assert not alien, alien
+    assert sum(bool(re.fullmatch(OWN_LINES[1], ln)) for ln in out.stdout.splitlines()) == 4  # one per trial
     tables = re.findall(r"^(?:best|worst) \d+ by test accuracy:\n((?:  .*\n)+)", out.stdout, re.M)
     assert len(tables) == 2, out.stdout
     for t in tables:
