@@ -102,3 +102,28 @@ def test_a_registration_is_checked_and_unregistering_removes_the_name() -> None:
         registry.unregister("dataset", "tmp_ds")
     with pytest.raises(ConfigError, match="field 'dataset' = 'tmp_ds' is not allowed"):
         TrialConfig(dataset="tmp_ds")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("none", "its reader returned NoneType; allowed: a tuple (x_train, y_train, x_test, y_test)"),
+    ("float images", "x_train of torch.float32 (4, 1, 8, 8); allowed: uint8 [N, C, H, W]"),
+    ("labels short", "y_train of torch.int64 (3,); allowed: integer labels [N] with N = 4"),
+    ("labels out of range", "y_train labels 0..3; allowed: 0..2 (classes=3)"),
+])
+def test_a_reader_returning_the_wrong_thing_is_one_line(case: str, message: str) -> None:
+    import torch
+
+    from search.trial.data import load_data
+
+    x, y = torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    returned = {"none": None, "float images": (x.float(), y) * 2, "labels short": (x, y[:3]) * 2,
+                "labels out of range": (x, torch.arange(4)) * 2}[case]
+    registry.register_dataset("bad_reader", lambda cfg: returned, classes=3, channels=1, flip=False)
+    try:
+        cfg = TrialConfig(dataset="bad_reader", image_size=8, in_chans=1, device="cpu")
+        with pytest.raises(ValueError) as e:
+            load_data(cfg, "cpu", reuse=False)
+        assert str(e.value).startswith("dataset 'bad_reader': its reader returned") and message in str(e.value)
+        assert "\n" not in str(e.value)
+    finally:
+        registry.unregister("dataset", "bad_reader")

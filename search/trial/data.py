@@ -429,7 +429,7 @@ def _in_memory(cfg: TrialConfig, device: torch.device, reuse: bool) -> _Resident
         _RESIDENT.clear()  # release the previous dataset before the next one lands on the device
     entry = registry.get("dataset", cfg.dataset, field_name="dataset")
     own = (cfg.num_classes or entry.meta["classes"]) if entry.meta["any_classes"] else entry.meta["classes"]
-    xtr, ytr, xte, yte = entry.obj(cfg)
+    xtr, ytr, xte, yte = _checked(cfg.dataset, entry.obj(cfg), own)
     if own is None:  # a dataset that knows its classes only from its labels
         own = int(max(int(ytr.max()), int(yte.max()))) + 1
     xtr, xte = (_set_chans(_resize_u8(x, cfg.image_size), cfg.in_chans) for x in (xtr, xte))
@@ -443,6 +443,29 @@ def _in_memory(cfg: TrialConfig, device: torch.device, reuse: bool) -> _Resident
     if key is not None:
         _RESIDENT[key] = entry
     return entry
+
+
+def _checked(name: str, parts: object, classes: int | None) -> tuple[torch.Tensor, ...]:
+    """A reader's (x_train, y_train, x_test, y_test), labels as int64; else one line naming what is wrong."""
+    where = f"dataset {name!r}: its reader returned"
+    if not (isinstance(parts, (tuple, list)) and len(parts) == 4 and all(isinstance(t, torch.Tensor) for t in parts)):
+        raise ValueError(f"{where} {type(parts).__name__}; allowed: a tuple (x_train, y_train, x_test, y_test) of "
+                         "tensors")
+    out = []
+    for split, x, y in (("train", parts[0], parts[1]), ("test", parts[2], parts[3])):
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3) or len(x) == 0:
+            raise ValueError(f"{where} x_{split} of {x.dtype} {tuple(x.shape)}; allowed: uint8 [N, C, H, W], N >= 1, "
+                             "C 1 or 3")
+        if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.is_complex():
+            raise ValueError(f"{where} y_{split} of {y.dtype} {tuple(y.shape)}; allowed: integer labels [N] with N = "
+                             f"{len(x)} (one per image)")
+        y = y.long()
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (classes is not None and hi >= classes):
+            raise ValueError(f"{where} y_{split} labels {lo}..{hi}; allowed: 0..{classes - 1 if classes else 'n'} "
+                             f"(classes={classes})")
+        out += [x, y]
+    return tuple(out)
 
 
 def load_data(cfg: TrialConfig, device: torch.device | str, *, reuse: bool = True) -> DataBundle:
