@@ -71,10 +71,12 @@ def _target(name: str) -> str | None:
     return name or None
 
 
-def imports(module: str) -> list[tuple[int, str, str]]:
-    """(line, imported project module, source text) of every import in `module`, function-level ones included."""
-    path = MODULES[module]
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+def imports(module: str, path: Path | None = None) -> list[tuple[int, str, str]]:
+    """(line, imported project module, source text) of every import in `module` (its file: `path`, default the
+    package's), function-level ones included; each imported module once per statement."""
+    path = path or MODULES[module]
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text, str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
@@ -88,10 +90,21 @@ def imports(module: str) -> list[tuple[int, str, str]]:
             names = [f"{base}.{a.name}" for a in node.names]  # `from pkg import mod` imports pkg.mod
         else:
             continue
-        for name in names:
-            if name.split(".")[0] in PACKAGES and (t := _target(name)) and t != module:
-                out.append((node.lineno, t, ast.get_source_segment(path.read_text(encoding="utf-8"), node) or ""))
+        targets = {t for n in names if n.split(".")[0] in PACKAGES and (t := _target(n)) and t != module}
+        out += [(node.lineno, t, ast.get_source_segment(text, node) or "") for t in sorted(targets)]
     return out
+
+
+def upward(modules: dict[str, Path], root: Path = ROOT) -> list[str]:
+    """'file:line: import (floor imports module, its floor)' for every import in `modules` that goes up a floor."""
+    bad = []
+    for module, path in modules.items():
+        mine = floor_of(module)
+        for line, target, text in imports(module, path):
+            theirs = floor_of(target)
+            if RANK[theirs] > RANK[mine]:
+                bad.append(f"{path.relative_to(root)}:{line}: {text.strip()!r} ({mine} imports {target}, {theirs})")
+    return bad
 
 
 def test_every_module_is_on_a_floor() -> None:
@@ -101,13 +114,7 @@ def test_every_module_is_on_a_floor() -> None:
 
 
 def test_imports_only_go_down() -> None:
-    bad = []
-    for module, path in MODULES.items():
-        mine = floor_of(module)
-        for line, target, text in imports(module):
-            theirs = floor_of(target)
-            if RANK[theirs] > RANK[mine]:
-                bad.append(f"{path.relative_to(ROOT)}:{line}: {text.strip()!r} ({mine} imports {target}, {theirs})")
+    bad = upward(MODULES)
     assert not bad, "imports that go up a floor:\n" + "\n".join(bad)
 
 
@@ -170,10 +177,17 @@ def test_no_import_circle() -> None:
 
 
 def test_the_rule_catches_a_lazy_import_going_up(tmp_path: Path) -> None:
-    """The checker itself: a function-level import of a higher floor is reported with file and line."""
-    src = "def f():\n    import os\n    from analysis.fit import mean_test\n    return mean_test\n"
-    tree = ast.parse(src)
-    found = [(n.lineno, n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert found == [(3, "analysis.fit")]
-    assert RANK[floor_of("analysis.fit")] > RANK[floor_of("search.sweep.adaptive")]
+    """The checker itself: a function-level import of a higher floor is reported with file, line and import."""
+    fake = tmp_path / "fake.py"
+    fake.write_text("import os\n\nfrom search.config import TrialConfig\n\n\ndef f():\n"
+                    "    from analysis.fit import mean_test, holm\n    return mean_test, holm, TrialConfig, os\n")
+    assert upward({"search.sweep.fake": fake}, root=tmp_path) == [
+        "fake.py:7: 'from analysis.fit import mean_test, holm' (sweep imports analysis.fit, analysis)"]
+    assert upward({"analysis.fake": fake}, root=tmp_path) == []  # analysis may read analysis and search.config
     assert floor_of("search.trial.dropout.surgery") == "trial" and floor_of("search.trial.cli") == "app"
+    assert floor_of("search.sweep.lock") == "sweep" and floor_of("search.lock") == "records"
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
