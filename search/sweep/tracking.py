@@ -290,11 +290,14 @@ class Tracker:
 
         for d, _, names in sorted(os.walk(folder)):
             for name in sorted(n for n in names if n.endswith(".png")):
-                with Image.open(os.path.join(d, name)) as im:
-                    im.load()
-                    # MLflow's image keys allow letters, digits, _ - . / and spaces
-                    key = re.sub(r"[^A-Za-z0-9_\-. ]", "_", name[:-len(".png")])
-                    self.client.log_image(self.parent_id, im, key=key, step=0)
+                try:
+                    with Image.open(os.path.join(d, name)) as im:
+                        im.load()
+                except OSError:  # not a readable PNG: it stays an artifact like any other file
+                    continue
+                # MLflow's image keys allow letters, digits, _ - . / and spaces
+                key = re.sub(r"[^A-Za-z0-9_\-. ]", "_", name[:-len(".png")])
+                self.client.log_image(self.parent_id, im, key=key, step=0)
 
     def start(self, cfg: TrialConfig, *, trial_id: str = "", algo: str = "") -> str:
         """Create a trial's run (the sweep's child when a parent is open), named by `run_name`; returns its id."""
