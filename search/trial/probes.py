@@ -88,20 +88,31 @@ class _Trace:
 
 
 class _Moments:
-    """Streaming per-channel count, mean and M2 of a BN input, folded in float64 (Chan et al.)."""
+    """Streaming per-channel count, mean and M2 of a BN input, folded in float64 (Chan et al.).
+
+    Every batch is measured as its deviation from one per-channel shift, the first batch's mean: a float32
+    batch mean carries an absolute error of ~1e-7 |mean|, which the between-batch term turns into a relative
+    error of the variance of ~1e-7 |mean| |mean_b - mean| / var (2e-5 where |mean| is 150 std, tests/test_probes.py);
+    deviations from the shift are small numbers whose means float32 holds to ~1e-7 of the std.
+    """
 
     def __init__(self) -> None:
         self.n = 0  # values per channel so far (a Python int: exact, no device sync)
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None  # (1, C, 1, ...) in the input's dtype; float64 copy in shift64
 
     def __call__(self, _module: nn.Module, args: tuple) -> None:
         x = args[0]
         n_b = x.numel() // x.shape[1]
         if n_b == 0:
             return
-        mean_b, var_b = _batch_moments(x)
-        mean_b, m2_b = mean_b.double(), var_b.double().mul_(n_b)
+        if self.shift is None:
+            first, _ = _batch_moments(x)
+            self.shift = first.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+            self.shift64 = self.shift.reshape(-1).double()
+        mean_b, var_b = _batch_moments(x - self.shift)
+        mean_b, m2_b = mean_b.double().add_(self.shift64), var_b.double().mul_(n_b)
         if self.mean is None:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return
