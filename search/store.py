@@ -15,6 +15,7 @@ replicates; layer rows follow the kept trial rows.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -368,13 +369,16 @@ class ResultStore:
         Under the space's lock; `rebuild_parquet` holds it from before its MLflow read, so no part file
         written after that read is deleted here.
         """
-        with self.lock("rebuild"):
-            for name, table in (("layers", layers), ("trials", trials)):
-                folder = self.path(name)
-                old = list_parts(self.fs, folder)
-                self._write_atomic(table, folder, f"part-rebuild-{uuid.uuid4().hex[:12]}.parquet")
-                for p, _ in old:
-                    self.fs.delete_file(p)
+        with self.replacing() as new:
+            new.add_layers(layers)
+            new.finish(trials)
+
+    def replacing(self, rows_per_file: int = 100_000) -> "Replacement":
+        """Swap both datasets for new ones written piecewise: layer rows as they come (`add_layers`, a part
+        file per `rows_per_file` rows, so a rebuild of 10,000 trials never holds all their layers), then the
+        trials (`finish`). The old part files go only after every new one is in place; a replacement that
+        is not finished (an error) deletes its own new files and leaves the old datasets as they were."""
+        return Replacement(self, rows_per_file)
 
     # ------------------------------------------------------------------ read
     def read(self, name: str) -> pa.Table:
@@ -388,3 +392,55 @@ class ResultStore:
         trials = read_parts(self.fs, t_parts, TRIALS_SCHEMA, with_file=True)
         layers = read_parts(self.fs, l_parts, layers_schema())
         return dedup(trials, layers, t_parts, l_parts, self.fs, replicates=replicates)
+
+
+class Replacement:
+    """New datasets written beside the old ones, then swapped in (`ResultStore.replacing`)."""
+
+    def __init__(self, store: ResultStore, rows_per_file: int) -> None:
+        self.store, self.rows_per_file = store, rows_per_file
+        self.pending: list[pa.Table] = []
+        self.rows, self.written, self.done = 0, [], False
+        self.tag = uuid.uuid4().hex[:12]
+
+    def __enter__(self) -> "Replacement":
+        self.lock = self.store.lock("rebuild")
+        self.lock.__enter__()
+        self.old = {name: list_parts(self.store.fs, self.store.path(name)) for name in ("layers", "trials")}
+        return self
+
+    def add_layers(self, table: pa.Table) -> None:
+        """Queue layer rows; a part file is written once `rows_per_file` are queued."""
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= self.rows_per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"part-rebuild-{self.tag}-{len(self.written):05d}.parquet"
+        self.store._write_atomic(pa.concat_tables(self.pending), self.store.path("layers"), name)
+        self.written.append(f"{self.store.path('layers')}/{name}")
+        self.pending, self.rows = [], 0
+
+    def finish(self, trials: pa.Table) -> None:
+        """Write the trials, then delete every part file the datasets had before."""
+        self._flush()
+        if not self.written:  # no layer rows at all: an empty layers dataset, still replacing the old one
+            self.pending = [LAYERS_SCHEMA.empty_table()]
+            self._flush()
+        self.store._write_atomic(trials, self.store.path("trials"), f"part-rebuild-{self.tag}.parquet")
+        self.done = True
+        for name in ("layers", "trials"):
+            for p, _ in self.old[name]:
+                self.store.fs.delete_file(p)
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        try:
+            if not self.done:  # failed midway: the old datasets stay whole, the new pieces go
+                for p in self.written:
+                    with contextlib.suppress(FileNotFoundError, OSError):
+                        self.store.fs.delete_file(p)
+        finally:
+            self.lock.__exit__(kind, *exc)

@@ -47,3 +47,30 @@ def test_empty_store_reads_empty_tables(tmp_path: Path) -> None:
     assert store.read("trials").num_rows == 0 and store.read("layers").num_rows == 0
     store.compact()  # nothing to do, creates nothing
     assert not (tmp_path / "nothing").exists()
+
+
+def test_replacement_writes_layers_piecewise_and_swaps_only_when_finished(tmp_path: Path) -> None:
+    """A rebuild's new datasets: layer rows in bounded part files, the old parts gone only once all is written."""
+    import pytest
+
+    store = ResultStore(str(tmp_path), "s")
+    _write(store, "old", 0.5)
+    new = ResultStore(str(tmp_path / "src"), "s")
+    for i in range(5):
+        _write(new, f"r{i}", 0.1 * i)
+    trials, layers = new.read("trials"), new.read("layers")  # 5 trials, 15 layer rows
+    with pytest.raises(RuntimeError):
+        with store.replacing(rows_per_file=4) as r:
+            r.add_layers(layers.slice(0, 9))
+            raise RuntimeError("MLflow went away mid-rebuild")
+    assert store.read("trials").column("run_id").to_pylist() == ["old"]  # untouched, no new piece left
+    assert not any(p.name.startswith("part-rebuild-") for p in (tmp_path / "s" / "layers").iterdir())
+    with store.replacing(rows_per_file=4) as r:
+        for k in range(5):
+            r.add_layers(layers.slice(3 * k, 3))  # one trial's 3 layer rows at a time
+        r.finish(trials)
+    parts = sorted(p.name for p in (tmp_path / "s" / "layers").iterdir())
+    assert len(parts) == 3 and all(p.startswith("part-rebuild-") for p in parts)  # 6 + 6 + 3 rows
+    assert [pq.read_table(tmp_path / "s" / "layers" / p).num_rows for p in parts] == [6, 6, 3]
+    assert sorted(store.read("trials").column("run_id").to_pylist()) == [f"r{i}" for i in range(5)]
+    assert store.read("layers").num_rows == 15

@@ -172,13 +172,14 @@ def reusable_runs(tracker: Tracker, reuse: str, version: str, algo: str | None =
         (config_hash -> run_id reusable, config_hash -> its test_acc, config_hash -> code version of the
         finished runs that were *not* reusable because other code produced them).
     """
+    from search.sweep.finished import finished_runs
     from search.sweep.tracking import DONE_STATUSES
 
     if reuse == "none":
         return {}, {}, {}
     done, scores, other = {}, {}, {}
-    for r in tracker.runs("FINISHED"):
-        tags = r.data.tags
+    for r in finished_runs(tracker.client, tracker.tracking_uri, tracker.experiment_id):
+        tags = r.tags
         h = tags.get("config_hash")
         if not h or tags.get("status") not in DONE_STATUSES:
             continue
@@ -188,9 +189,8 @@ def reusable_runs(tracker: Tracker, reuse: str, version: str, algo: str | None =
         if reuse == "same-code" and code != version:
             other.setdefault(h, code or "unrecorded")
             continue
-        done[h] = r.info.run_id
-        acc = r.data.metrics.get("test_acc")
-        scores[h] = float(acc) if isinstance(acc, (int, float)) else float("nan")
+        done[h] = r.run_id
+        scores[h] = r.test_acc
     return done, scores, {h: v for h, v in other.items() if h not in done}
 
 

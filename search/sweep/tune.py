@@ -23,7 +23,7 @@ from search.results import TrialResult
 from search.sweep.errors import Interrupted, ResourceWait, SweepFailed
 from search.sweep.tracking import Tracker
 
-__all__ = ["SweepPlan", "SweepOutcome", "run_sweep", "trainable", "DedupSearcher"]
+__all__ = ["SweepPlan", "SweepOutcome", "run_sweep", "trainable", "DedupSearcher", "PlannedSearcher"]
 
 
 @dataclass
@@ -171,7 +171,7 @@ class TrackingCallback(tune.Callback):
         self.history: dict[str, list[dict[str, float]]] = {}
         self.done = 0
         self.total = len(plan.configs) if plan.algo != "optuna" else plan.samples
-        self.meta: dict[str, dict[str, Any]] = {}  # trial_id -> node/pid/time of the final report
+        self.configs: dict[str, TrialConfig] = {}  # trial_id -> its parsed config, while it runs
         self.outcome = SweepOutcome()
         from search.sweep.progress import Progress, trial_cost
 
@@ -189,8 +189,25 @@ class TrackingCallback(tune.Callback):
         self.progress.tick()  # elapsed times and ETA move between events too
 
     def _cfg(self, trial: Any) -> TrialConfig:
-        c = trial.config
-        return TrialConfig.from_dict(c["cfg"] if "cfg" in c else _strip(c))
+        cfg = self.configs.get(trial.trial_id)
+        if cfg is None:  # parsed (validated, hashed) once per trial, not once per event
+            c = trial.config
+            cfg = self.configs[trial.trial_id] = TrialConfig.from_dict(c["cfg"] if "cfg" in c else _strip(c))
+        return cfg
+
+    def _forget(self, trial: Any) -> None:
+        """Drop what this trial held once its result is recorded: the driver's memory stays flat in the trial count.
+
+        Tune keeps every trial's last result for the whole sweep (and writes them into its experiment state);
+        the final one carries the whole TrialResult as JSON (~50 KB for 50 BN layers), which MLflow and
+        Parquet now hold, so only the summary metrics stay with Tune.
+        """
+        last = getattr(trial, "last_result", None)
+        if isinstance(last, dict):
+            for key in ("trial_result", "cfg_json"):
+                last.pop(key, None)
+        self.history.pop(trial.trial_id, None)
+        self.configs.pop(trial.trial_id, None)
 
     def kill_open_runs(self) -> int:
         """Close the runs of trials an interrupt stopped as KILLED (status tag `killed`); returns how many."""
@@ -235,8 +252,6 @@ class TrackingCallback(tune.Callback):
             return  # stopped by the interrupt, not a result: closed as KILLED by the driver
         if "trial_result" in last:
             result = TrialResult.from_dict(json.loads(last["trial_result"]))
-            self.meta[trial.trial_id] = {k: last.get(k) for k in ("node_ip", "node_id", "pid", "started_at",
-                                                                  "ended_at")}
         else:  # stopped early by the scheduler: keep the epochs it did
             hist = self.history.get(trial.trial_id, [])
             result = TrialResult(status="stopped", history=hist, epochs_completed=len(hist))
@@ -245,9 +260,11 @@ class TrackingCallback(tune.Callback):
         tags = {k: str(last.get(k, "")) for k in ("node_ip", "node_id", "pid", "torch_threads")}
         tags.update({k: _iso(last.get(k)) for k in ("started_at", "ended_at")})  # ISO 8601, UTC, as people read
         tags["device"] = result.device
+        tags["tune_iterations"] = str(last.get("training_iteration", ""))  # Tune's count: one per epoch
         self.tracker.finish(self._run(trial, cfg), cfg, result, extra_tags=tags)
         self.closed.add(trial.trial_id)
         self._line(cfg, result, trial.trial_id)
+        self._forget(trial)
 
     @_guarded
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -260,6 +277,7 @@ class TrackingCallback(tune.Callback):
         self.tracker.finish(self._run(trial, cfg), cfg, result)
         self.closed.add(trial.trial_id)
         self._line(cfg, result, trial.trial_id)
+        self._forget(trial)
 
     def _run(self, trial: Any, cfg: TrialConfig) -> str:
         if trial.trial_id not in self.runs:
@@ -299,6 +317,34 @@ def _error_line(trial: Any) -> str:
         pass
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else "trial raised")[:1000]
+
+
+class PlannedSearcher(Searcher):
+    """Hands Tune the planned configurations of a grid or random sweep, one per trial, in order.
+
+    Tune's `grid_search` over a list of whole configurations deep-copies that list for every trial it
+    creates (ray.tune.search.variant_generator._grid_search_generator), so a sweep's set-up grew with the
+    square of its size: 0.65 ms a trial at 100 trials, 9 ms at 1,000, 66 ms at 10,000 (11 driver minutes;
+    docs/performance.md).
+    Here each trial costs one list index. Nothing is pickled into Tune's experiment state: a sweep resumes
+    from MLflow (`--resume`), never from Tune's checkpoint.
+    """
+
+    def __init__(self, configs: list[dict[str, Any]], *, metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.configs, self.next = configs, 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.next >= len(self.configs):
+            return Searcher.FINISHED
+        self.next += 1
+        return {"cfg": self.configs[self.next - 1]}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        return None
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        return None
 
 
 class DefineByRun:
@@ -514,19 +560,13 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
     abort = _Abort(plan.resource_wait_s)
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
     fn = tune.with_resources(trainable, resources)
-    if plan.algo == "optuna":
-        param_space: dict[str, Any] = {}
-        num_samples = plan.samples
-    else:
-        param_space = {"cfg": tune.grid_search(plan.configs)}
-        num_samples = 1
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2)
                  if plan.scheduler == "asha" else FIFOScheduler())
     search_alg = _search_alg(plan, metric, mode)
     tune_config = tune.TuneConfig(
-        metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
-        search_alg=search_alg, max_concurrent_trials=plan.max_concurrent or None,
-        reuse_actors=True)
+        metric=metric, mode=mode, num_samples=plan.samples if plan.algo == "optuna" else len(plan.configs),
+        scheduler=scheduler, search_alg=search_alg or PlannedSearcher(plan.configs, metric=metric, mode=mode),
+        max_concurrent_trials=plan.max_concurrent or None, reuse_actors=True)
     storage = plan.storage if "://" in plan.storage else os.path.abspath(plan.storage)
     callback = TrackingCallback(plan, tracker, abort)
     callback.searcher = search_alg
@@ -540,7 +580,14 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
     # Ray's newer output engine prints its "Configuration for experiment" box, the results path and a TensorBoard
     # hint even at verbose=0; the legacy engine at verbosity 0 prints nothing (ray/tune/experimental/output.py).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    tuner = tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    # Tune's own per-trial loggers (result.json, progress.csv, TensorBoard events) copy every report, the
+    # final one with the whole TrialResult, into a folder per trial: ~160 KB and 5 files a trial that
+    # nothing reads (MLflow and Parquet are the record; benchmarks/control_plane.py, docs/performance.md).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Tune's experiment state (every trial so far, saved again and again) is for restoring a Tune run, which a
+    # sweep never does: at most one save every 10 minutes instead of Tune's "auto" (up to 5% of the wall time).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "600")
+    tuner = tune.Tuner(fn, tune_config=tune_config, run_config=run_config)
     with _stop_on_signals(abort):
         try:
             tuner.fit()
