@@ -428,7 +428,7 @@ class Replacement:
         """Write the trials, then delete every part file the datasets had before."""
         self._flush()
         if not self.written:  # no layer rows at all: an empty layers dataset, still replacing the old one
-            self.pending = [LAYERS_SCHEMA.empty_table()]
+            self.pending = [layers_schema().empty_table()]
             self._flush()
         self.store._write_atomic(trials, self.store.path("trials"), f"part-rebuild-{self.tag}.parquet")
         self.done = True

@@ -478,11 +478,12 @@ def _rebuild_locked(client: Any, exp: Any, space: str, root: str) -> tuple[int, 
     from search.schema import TRIALS_SCHEMA, layers_schema
 
     types = {f.name: str(f.type) for f in dataclasses.fields(TrialConfig)}
-    trial_rows, layer_tables = [], []
-    for run in _search_all(client, exp.experiment_id, "FINISHED") + _search_all(client, exp.experiment_id, "FAILED"):
+
+    def one(run: Any) -> tuple[dict[str, Any], Any] | None:
+        """A run's trial row and its layers.parquet as a table (None: no layers); None for a non-trial run."""
         tags, params = run.data.tags, run.data.params
         if "config_hash" not in tags:
-            continue
+            return None
         cfg = TrialConfig.from_dict({k: parse_value(k, types[k], v) for k, v in params.items() if k in types})
         # Summaries are the unprefixed metrics. A run logged before `epoch/` has no summary of its own for a key
         # its series held (train_loss, test_acc, ...): the unprefixed series' latest value, the last epoch's, is it.
@@ -494,18 +495,46 @@ def _rebuild_locked(client: Any, exp: Any, space: str, root: str) -> tuple[int, 
         # The series kept whole in Parquet (d_cos2_by_epoch, ...): from the runs' epoch series
         result.restore_series(lambda k, r=run: epoch_series(client, r, k))
         end = dt.datetime.fromtimestamp((run.info.end_time or run.info.start_time) / 1000, dt.timezone.utc)
-        trial_rows.append(trial_row(cfg, result, run_id=run.info.run_id, space=space,
-                                    profile=tags.get("profile", ""), finished_at=end,
-                                    code=code_columns_from_tags(tags), algo=tags.get("algo"),
-                                    sweep_id=tags.get("mlflow.parentRunId")))
+        row = trial_row(cfg, result, run_id=run.info.run_id, space=space, profile=tags.get("profile", ""),
+                        finished_at=end, code=code_columns_from_tags(tags), algo=tags.get("algo"),
+                        sweep_id=tags.get("mlflow.parentRunId"))
         names = [a.path for a in client.list_artifacts(run.info.run_id)]
-        if _LAYERS_ARTIFACT in names:
-            with tempfile.TemporaryDirectory() as d:
-                # Through the client bound to `tracking_uri` (a server's mlflow-artifacts: URIs resolve against it)
-                local = client.download_artifacts(run.info.run_id, _LAYERS_ARTIFACT, dst_path=d)
-                # read_parts: an artifact from before a column was added still conforms (nulls)
-                layer_tables.append(read_parts(pafs.LocalFileSystem(), [(local, 0.0)], layers_schema()))
-    trials = pa.Table.from_pylist(trial_rows, schema=TRIALS_SCHEMA)
-    layers = pa.concat_tables(layer_tables) if layer_tables else layers_schema().empty_table()
-    ResultStore(root, space).replace_all(trials, layers)
-    return trials.num_rows, layers.num_rows
+        if _LAYERS_ARTIFACT not in names:
+            return row, None
+        with tempfile.TemporaryDirectory() as d:
+            # Through the client bound to `tracking_uri` (a server's mlflow-artifacts: URIs resolve against it)
+            local = client.download_artifacts(run.info.run_id, _LAYERS_ARTIFACT, dst_path=d)
+            # read_parts: an artifact from before a column was added still conforms (nulls)
+            return row, read_parts(pafs.LocalFileSystem(), [(local, 0.0)], layers_schema())
+
+    runs = _search_all(client, exp.experiment_id, "FINISHED") + _search_all(client, exp.experiment_id, "FAILED")
+    trial_rows, n_layers = [], 0
+    # Each run costs a few round trips (its series, its artifact list, its layers.parquet): four at once, in
+    # order, at most 32 fetched ahead; each run's layers go to the new dataset as they come, so the rebuild
+    # never holds all runs' artifacts (benchmarks/control_plane.py, docs/performance.md).
+    with ResultStore(root, space).replacing() as new:
+        for got in _in_order(one, runs, workers=4, ahead=32):
+            if got is None:
+                continue
+            trial_rows.append(got[0])
+            if got[1] is not None:
+                new.add_layers(got[1])
+                n_layers += got[1].num_rows
+        trials = pa.Table.from_pylist(trial_rows, schema=TRIALS_SCHEMA)
+        new.finish(trials)
+    return trials.num_rows, n_layers
+
+
+def _in_order(fn: Any, items: list[Any], *, workers: int, ahead: int) -> Iterable[Any]:
+    """fn over items on `workers` threads, results yielded in the items' order, at most `ahead` pending."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rebuild") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
