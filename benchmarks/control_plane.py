@@ -174,6 +174,10 @@ class Backend:
                            capture_output=True)
 
 
+def _step(size: int, text: str) -> None:
+    print(f"  {size} trials, {time.strftime('%H:%M:%S')}: {text}", flush=True)
+
+
 def _bytes(folder: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file()) if folder.exists() else 0
 
@@ -196,10 +200,13 @@ def measure(size: int, backend: str, keep: Path | None = None) -> dict[str, Any]
             raise SystemExit(f"size {size}: the sweep failed (exit {run['rc']}):\n{run['out'][-3000:]}")
         phase = run["marks"]["done"] - run["marks"]["start"]
         rows = store.rows()
+        _step(size, f"sweep {run['wall_s']:.1f} s, phase {phase:.1f} s = {1000 * phase / size:.0f} ms/trial, driver peak "
+                    f"{run['peak_mib']:.0f} MiB, MLflow rows {rows}")
         resume = _timed(sweep + ["--resume"], tmp)
         if resume["rc"] != 0 or "trial(s) to run" in resume["out"]:
             raise SystemExit(f"size {size}: --resume did not find everything finished (exit {resume['rc']}):\n"
                              f"{resume['out'][-3000:]}")
+        _step(size, f"resume {resume['wall_s']:.1f} s (peak {resume['peak_mib']:.0f} MiB)")
         parquet = _bytes(storage / "control_plane", "*.parquet")
         rebuild = _timed([sys.executable, "-c",
                           "import sys; from search.plugins import load_plugin; load_plugin(sys.argv[1]); "
@@ -208,6 +215,7 @@ def measure(size: int, backend: str, keep: Path | None = None) -> dict[str, Any]
                           str(PLUGIN), store.uri, str(storage)], tmp)
         if rebuild["rc"] != 0 or f"({size}, {size * 50})" not in rebuild["out"]:
             raise SystemExit(f"size {size}: the rebuild failed or lost rows:\n{rebuild['out'][-3000:]}")
+        _step(size, f"rebuild {rebuild['wall_s']:.1f} s (peak {rebuild['peak_mib']:.0f} MiB)")
         report = _timed([sys.executable, "-m", "analysis.report", "--plugin", str(PLUGIN), "--space",
                          "control_plane", "--storage", str(storage), "--out", str(tmp / "report")], tmp)
         if report["rc"] != 0:
