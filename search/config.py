@@ -81,6 +81,11 @@ class TrialConfig:
     dropout_type: str = field(default="bernoulli", metadata=_meta(help="a registered dropout kind"))
     dropout_placement: str = field(default="none", metadata=_meta(help="a registered placement"))
     dropout_rate: float = field(default=0.0, metadata=_meta(help="drop rate 1-p (uout: beta), in [0, 1)"))
+    # A kind's setting (issue 29). None (the kind's default, or a kind without one) stays out of the hash, and
+    # the kind's default written out is stored as None, so it is the same trial.
+    dropout_block_size: int | None = field(default=None, metadata=_meta(
+        help="block side of kinds that take one (dropblock: 7, clipped to the feature map); None: the kind's"
+             " default", unit="px"))
     dataset: str = field(default="digits", metadata=_meta(
         help="a registered dataset (search/trial/datasets.py, or a plugin's register_dataset)"))
     image_size: int = field(default=32, metadata=_meta(help="input side in pixels", unit="px"))
@@ -250,7 +255,23 @@ class TrialConfig:
         if self.num_workers < 0:
             raise ConfigError(f"field 'num_workers' must be >= 0, got {self.num_workers!r}")
         self._check_recipe()
+        self._check_dropout_settings()
         self._check_backbone()
+
+    def _check_dropout_settings(self) -> None:
+        kind, place = registry.get("dropout", self.dropout_type), registry.get("placement", self.dropout_placement)
+        if kind.meta.get("needs_map") and not place.meta.get("on_map", True):
+            allowed = [e.name for e in registry.entries("placement") if e.meta.get("on_map", True)]
+            raise ConfigError(f"field 'dropout_type' = {self.dropout_type!r} needs (N, C, H, W) feature maps, but"
+                              f" placement {self.dropout_placement!r} feeds it vectors (allowed placements:"
+                              f" {', '.join(allowed)})")
+        if self.dropout_block_size is None:
+            return
+        takes = [e.name for e in registry.entries("dropout") if e.meta.get("block_size") is not None]
+        if kind.meta.get("block_size") is None:
+            raise ConfigError(f"field 'dropout_block_size' = {self.dropout_block_size!r} applies only to dropout kinds"
+                              f" that take a block size ({', '.join(takes) or 'none registered'}); dropout_type is"
+                              f" {self.dropout_type!r} (allowed: None)")
 
     def _check_recipe(self) -> None:
         if self.crop_padding is not None:
@@ -295,6 +316,8 @@ class TrialConfig:
         for name, old in (("lr_factor", 0.1), ("weight_decay_norm_bias", False), ("crop_padding", "zeros")):
             if getattr(self, name) == old:
                 object.__setattr__(self, name, None)
+        if self.dropout_block_size == registry.get("dropout", self.dropout_type).meta.get("block_size"):
+            object.__setattr__(self, "dropout_block_size", None)  # the kind's default
 
     def _check_numbers(self) -> None:
         """Every number finite and inside its field's range, checked before any rule that compares it.
@@ -353,6 +376,7 @@ _INT_MAX = 2**31 - 1
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "depth": (1, 10_000), "width": (None, 1e4), "image_size": (8, 8192),
     "in_chans": (1, 3), "num_classes": (2, 10**6), "train_samples": (1, _INT_MAX), "probe_samples": (1, _INT_MAX),
+    "dropout_block_size": (1, 8192),
     "epochs": (1, 100_000), "batch_size": (1, 2**20), "lr": (0.0, 1e6), "momentum": (0.0, 1.0),
     "weight_decay": (0.0, 1e3), "warmup_epochs": (0.0, 100_000.0),
     "seed": (0, 2**32 - 1), "num_workers": (0, 1024),

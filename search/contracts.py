@@ -1,6 +1,7 @@
 """The contracts every registered implementation must pass, built-in or plugin.
 
-    check_dropout(kind)               train-mode multiplier of mean 1; for element-wise kinds
+    check_dropout(kind)               train-mode multiplier of mean 1 (standard errors from the independent
+                                      masks its declared structure has); for element-wise kinds
                                       (closed_form='elementwise') i.i.d. noise whose variance is
                                       noise_var(rate); the identity in eval mode; input shape kept
     check_placement(placement, fam)   the sites it returns are proven by forward hooks: each inserted
@@ -27,7 +28,7 @@ from search import registry
 from search.trial.dropout.module import VarianceDropout, make_dropout
 from search.trial.dropout.placements import PlacementSite
 
-__all__ = ["ContractError", "check_dropout", "check_placement", "check_backbone", "small_model", "CONTRACT_RATES"]
+__all__ = ["ContractError", "check_dropout", "independent_units", "check_placement", "check_backbone", "small_model", "CONTRACT_RATES"]
 
 CONTRACT_RATES = (0.2, 0.5)
 STOCK_STANDIN = "resnet18"  # the timm model that stands for the `timm_stock` family
@@ -44,7 +45,9 @@ def check_dropout(kind: str, rates: tuple[float, ...] = CONTRACT_RATES, seed: in
     """Check a registered dropout kind's statistics by Monte Carlo.
 
     Train mode on x = 1 (so the output is the multiplier m): E[m] = 1 within 6 standard
-    errors, on (N, C, H, W) and (N, C) inputs; for closed_form 'elementwise' also
+    errors, on (N, C, H, W) and (N, C) inputs (feature maps only for a kind registered with
+    needs_map); the standard error counts the independent masks of the kind's declared
+    structure: elements, (sample, channel) pairs or samples. For closed_form 'elementwise' also
     Var[m] = noise_var(rate) within 5 % and neighbouring elements uncorrelated (|r| < 0.05).
     Eval mode: the output is the input, bit for bit.
 
@@ -61,19 +64,22 @@ def check_dropout(kind: str, rates: tuple[float, ...] = CONTRACT_RATES, seed: in
 
 def _check_dropout(kind: str, rates: tuple[float, ...], seed: int) -> None:
     entry = registry.get("dropout", kind)
-    closed = entry.meta.get("closed_form")
+    closed, structure = entry.meta.get("closed_form"), entry.meta.get("structure", "sample")
     top = float(getattr(entry.obj, "max_rate", 1.0))
+    shapes = [(512, 16, 8, 8)] + ([] if entry.meta.get("needs_map") else [(4096, 64)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for rate in [r for r in rates if r < top] or [top / 2]:
             mod = make_dropout(kind, rate)
-            if not isinstance(mod, VarianceDropout):
+            if not isinstance(mod, VarianceDropout):  # make_dropout wraps every nn.Module; a guard for the future
                 raise ContractError(f"make_dropout({kind!r}, {rate}) returned {type(mod).__name__}, not a "
                                     "VarianceDropout (the probes find dropout sites by that class)")
-            _check_mean(mod, kind, rate, (512, 16, 8, 8), units=(2, 3))
-            _check_mean(mod, kind, rate, (4096, 64), units=None)
+            if closed == "elementwise":  # shared noise first: it is the likelier cause of what follows failing
+                _check_uncorrelated(mod, kind, rate)
+            for shape in shapes:
+                _check_mean(mod, kind, rate, shape, structure)
             if closed == "elementwise":
-                _check_elementwise(mod, entry.obj, kind, rate)
+                _check_noise_var(mod, entry.obj, kind, rate)
             mod.eval()
             x = torch.randn(8, 4, 5, 5)
             if not torch.equal(mod(x), x):
@@ -92,24 +98,42 @@ def _multiplier(mod: nn.Module, kind: str, rate: float, shape: tuple[int, ...]) 
     return y
 
 
-def _check_mean(mod: nn.Module, kind: str, rate: float, shape: tuple[int, ...], units: tuple[int, ...] | None) -> None:
+def independent_units(m: torch.Tensor, structure: str) -> torch.Tensor:
+    """The multiplier averaged over what one mask of `structure` may share: one value per independent unit.
+
+    'element': every element; 'channel': one per (sample, channel) (positions of a channel share a mask);
+    'sample': one per sample (every element of a sample may share or correlate).
+    """
+    if structure == "sample":
+        return m.flatten(1).mean(dim=1)
+    if structure == "channel" and m.dim() > 2:
+        return m.flatten(2).mean(dim=2).flatten()
+    return m.flatten()
+
+
+def _check_mean(mod: nn.Module, kind: str, rate: float, shape: tuple[int, ...], structure: str) -> None:
     m = _multiplier(mod, kind, rate, shape)
-    # Means over H, W first: a kind may share its noise across a channel's positions (spatial
-    # dropout), so the independent units are (sample, channel) pairs, not elements.
-    u = (m.mean(dim=units) if units else m).flatten().double()
+    # The standard error of the mean comes from the independent units, not the elements: a per-sample
+    # (DropPath) mask has N independent draws on an (N, C) input, not N * C.
+    u = independent_units(m, structure).double()
     mean, se = u.mean().item(), u.std().item() / math.sqrt(u.numel())
     if abs(mean - 1.0) > Z * se + 1e-3:
         raise ContractError(f"{kind!r} at rate {rate}: train-mode mean multiplier {mean:.4f} on {shape} inputs, "
-                            f"expected 1 (+- {Z * se + 1e-3:.4f}); scale the kept values so E[m] = 1")
+                            f"expected 1 (+- {Z * se + 1e-3:.4f} from {u.numel()} independent {structure} masks);"
+                            " scale the kept values so E[m] = 1")
 
 
-def _check_elementwise(mod: nn.Module, cls: Any, kind: str, rate: float) -> None:
+def _check_noise_var(mod: nn.Module, cls: Any, kind: str, rate: float) -> None:
     m = _multiplier(mod, kind, rate, (512, 16, 8, 8)).double()
     want = float(cls.noise_var(rate))
     got = m.var().item()
     if abs(got - want) > 0.05 * want + 1e-3:
         raise ContractError(f"{kind!r} at rate {rate}: train-mode variance of the multiplier {got:.4f}, but "
                             f"noise_var({rate}) = {want:.4f} (closed_form='elementwise' promises it)")
+
+
+def _check_uncorrelated(mod: nn.Module, kind: str, rate: float) -> None:
+    m = _multiplier(mod, kind, rate, (512, 16, 8, 8)).double()
     a, b = m[..., :-1].flatten(), m[..., 1:].flatten()
     r = torch.corrcoef(torch.stack([a, b]))[0, 1].item() if a.std() > 0 else 0.0
     if abs(r) > 0.05:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, TypeVar
 __all__ = [
     "Entry", "RegistryError", "register", "unregister", "get", "names", "entries",
     "register_dropout", "register_placement", "register_backbone", "register_space",
-    "register_dataset", "not_allowed", "did_you_mean", "CATEGORIES", "set_owner", "identity_of",
+    "register_dataset", "not_allowed", "did_you_mean", "CATEGORIES", "STRUCTURES", "set_owner", "identity_of",
 ]
 
 CATEGORIES = ("dropout", "placement", "backbone", "space", "dataset", "layer_metric")
@@ -182,27 +182,57 @@ def _caller_module() -> str:
 
 
 # ------------------------------------------------------------------ the decorators users see
+STRUCTURES = ("element", "channel", "sample")  # what one independent mask of a dropout kind covers
+
+
 def register_dropout(name: str, **meta: Any) -> Callable[[type[T]], type[T]]:
     """Class decorator: a dropout kind, built by `make_dropout(name, rate)`.
 
     The class is a `search.DropoutKind` (torch-free: it says how to draw the noise and
-    which closed form applies) or, as before, a `search.VarianceDropout` nn.Module
-    subclass. Its `closed_form` attribute names the theory that applies ('elementwise':
-    i.i.d. multiplicative noise of mean 1, whose variance `noise_var(rate)` the theory
-    uses; None: no closed form, the report shows measurements only).
+    which closed form applies), a `search.VarianceDropout` nn.Module subclass, or any
+    nn.Module whose first constructor argument is the drop rate (timm's `DropBlock2d`,
+    torch's `nn.Dropout2d`): `make_dropout` wraps it so the probes and contracts find it.
+    Metadata (keyword or class attribute of the same name):
+
+    - closed_form: the theory that applies ('elementwise': i.i.d. multiplicative noise of
+      mean 1, whose variance `noise_var(rate)` the theory uses; None: no closed form, the
+      report shows measurements only).
+    - structure: what one independent mask covers, 'element', 'channel' (one per sample and
+      channel) or 'sample' (one per sample, or masks correlated within a sample); the
+      contract's standard errors count these units. Default 'element' with an element-wise
+      closed form, else 'sample' (the least any dropout promises: samples are independent).
+    - block_size: the default of the kind's `block_size` setting (TrialConfig.dropout_block_size),
+      read from the constructor's `block_size` keyword when not given; None: it takes none.
+    - needs_map: True if it runs on (N, C, H, W) feature maps only (DropBlock), not before a classifier.
     """
 
     def deco(cls: type[T]) -> type[T]:
-        cls.kind = name  # type: ignore[attr-defined]
-        register("dropout", name, cls, module=cls.__module__,
-                 closed_form=meta.pop("closed_form", getattr(cls, "closed_form", None)), **meta)
+        if hasattr(cls, "kind"):  # ours; a foreign nn.Module class is left untouched
+            cls.kind = name  # type: ignore[attr-defined]
+        closed = meta.pop("closed_form", getattr(cls, "closed_form", None))
+        structure = meta.pop("structure", getattr(cls, "structure", None)) or (
+            "element" if closed == "elementwise" else "sample")
+        if structure not in STRUCTURES:
+            raise not_allowed(f"dropout {name!r} structure", structure, STRUCTURES)
+        block = meta.pop("block_size", _keyword_default(cls, "block_size"))
+        register("dropout", name, cls, module=cls.__module__, closed_form=closed, structure=structure,
+                 block_size=block, needs_map=bool(meta.pop("needs_map", getattr(cls, "needs_map", False))), **meta)
         return cls
 
     return deco
 
 
-def register_placement(name: str, *, case: str | None = None, paper: str = "",
-                       feeds_bn: bool = True) -> Callable[[Callable[..., T]], Callable[..., T]]:
+def _keyword_default(cls: type, arg: str) -> Any:
+    """The default of `arg` in cls's constructor (None when it has no such argument or no default)."""
+    try:
+        param = inspect.signature(cls).parameters.get(arg)
+    except (TypeError, ValueError):  # a builtin or C-level constructor
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def register_placement(name: str, *, case: str | None = None, paper: str = "", feeds_bn: bool = True,
+                       on_map: bool = True) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Function decorator: a placement, `fn(model, make_dropout, *, input_size=None) -> list[PlacementSite]`.
 
     `make_dropout()` returns a fresh dropout module each call; the function inserts it
@@ -213,12 +243,15 @@ def register_placement(name: str, *, case: str | None = None, paper: str = "",
             'b' (dropout -> weight layer -> BN) or None (feeds no BN, e.g. before the head).
         paper: the paper case it corresponds to, in words (report and docs).
         feeds_bn: False if no BN ever sees its noise (then it needs no BatchNorm in the model).
+        on_map: False if its dropout sees vectors (N, C), not feature maps (before a classifier):
+            kinds registered with needs_map (DropBlock) are refused there.
     """
     if case not in ("a", "b", None):
         raise not_allowed(f"placement {name!r} case", case, ["a", "b", "None"])
 
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
-        register("placement", name, fn, module=fn.__module__, case=case, paper=paper, feeds_bn=feeds_bn)
+        register("placement", name, fn, module=fn.__module__, case=case, paper=paper, feeds_bn=feeds_bn,
+                 on_map=on_map)
         return fn
 
     return deco

@@ -1,4 +1,4 @@
-"""A tiny space for tests and CI: every placement and every dropout kind, seconds per trial."""
+"""A tiny space for tests and CI: every placement and every paper dropout kind (closed form), seconds per trial."""
 from __future__ import annotations
 
 from ._defaults import DROPOUT_TYPES, PLACEMENTS, rate_axis

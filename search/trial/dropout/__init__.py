@@ -7,15 +7,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from search.trial.dropout.kinds import BernoulliKind, DropoutKind, GaussianKind, UoutKind
+from search.trial.dropout.kinds import (BernoulliKind, ChannelKind, DropBlockKind, DropoutKind, DropPathKind,
+                                        GaussianKind, UoutKind)
 from search.trial.dropout.placements import PlacementSite
 
 _LAZY = {
-    "VarianceDropout": "module", "kind_class": "module", "list_dropout_kinds": "module", "make_dropout": "module",
+    "VarianceDropout": "module", "ModuleDropout": "module", "kind_class": "module", "list_dropout_kinds": "module",
+    "make_dropout": "module",
     "apply_placement": "surgery", "block_types": "surgery", "trace_calls": "surgery",
 }
 
-__all__ = ["DropoutKind", "BernoulliKind", "GaussianKind", "UoutKind", "PlacementSite", *_LAZY]
+__all__ = ["DropoutKind", "BernoulliKind", "GaussianKind", "UoutKind", "ChannelKind", "DropPathKind", "DropBlockKind",
+           "PlacementSite", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

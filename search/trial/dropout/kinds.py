@@ -19,7 +19,7 @@ from typing import Any
 
 from search.registry import register_dropout
 
-__all__ = ["DropoutKind", "BernoulliKind", "GaussianKind", "UoutKind"]
+__all__ = ["DropoutKind", "BernoulliKind", "GaussianKind", "UoutKind", "ChannelKind", "DropPathKind", "DropBlockKind"]
 
 
 class DropoutKind:
@@ -28,11 +28,16 @@ class DropoutKind:
     Attributes:
         closed_form: 'elementwise' when the noise is i.i.d. per element with mean 1 (then the
             theory uses `noise_var`), None when no closed form applies.
+        structure: what one independent mask covers: 'element', 'channel' or 'sample'
+            (search.registry.register_dropout; the contract counts these units).
+        needs_map: True if it runs on (N, C, H, W) feature maps only.
         max_rate: rates must lie in [0, max_rate).
     """
 
     kind = "base"
     closed_form: str | None = "elementwise"
+    structure: str | None = None  # None: 'element' with an element-wise closed form, else 'sample'
+    needs_map: bool = False
     max_rate: float = 1.0
 
     def __init__(self, rate: float) -> None:
@@ -98,3 +103,82 @@ class UoutKind(DropoutKind):
         import torch
 
         return torch.rand_like(x).mul_(2.0 * self.rate).add_(1.0 - self.rate)
+
+
+# ---------------------------------------------------------------- structured kinds (issue 29)
+# Their masks are shared across elements, so the paper's element-wise closed form does not apply
+# (docs/theory.md, "Structured kinds"): closed_form = None and the theory, the mechanism table and
+# the report skip them. ChannelKind and DropPathKind still give `noise_var`, the variance of one
+# element's multiplier, which is what the case (a) identity Var_train = v + k (c^2 + v) needs.
+def _bernoulli_mask(x: Any, shape: tuple[int, ...], rate: float) -> Any:
+    import torch
+
+    keep = 1.0 - rate
+    return torch.bernoulli(torch.full(shape, keep, dtype=x.dtype, device=x.device)) / keep
+
+
+@register_dropout("channel")
+class ChannelKind(DropoutKind):
+    """Channel (spatial) dropout, torch's Dropout2d: one Bernoulli(1 - rate) / (1 - rate) per (sample, channel).
+
+    Every position of a channel shares its multiplier; on (N, C) inputs it is element-wise dropout.
+    """
+
+    closed_form = None
+    structure = "channel"
+
+    @classmethod
+    def noise_var(cls, rate: float) -> float:
+        return rate / (1.0 - rate)  # one element's multiplier is Bernoulli's; the sharing is what differs
+
+    def noise(self, x: Any) -> Any:
+        return _bernoulli_mask(x, tuple(x.shape[:2]) + (1,) * (x.dim() - 2), self.rate)
+
+
+@register_dropout("droppath")
+class DropPathKind(DropoutKind):
+    """DropPath / stochastic depth (timm's drop_path): one Bernoulli(1 - rate) / (1 - rate) per sample.
+
+    At a placement inside a residual branch it drops the branch for that sample, which is stochastic depth.
+    """
+
+    closed_form = None
+    structure = "sample"
+
+    @classmethod
+    def noise_var(cls, rate: float) -> float:
+        return rate / (1.0 - rate)
+
+    def noise(self, x: Any) -> Any:
+        return _bernoulli_mask(x, (x.shape[0],) + (1,) * (x.dim() - 1), self.rate)
+
+
+@register_dropout("dropblock")
+class DropBlockKind(DropoutKind):
+    """DropBlock (Ghiasi et al. 2018) as timm's `drop_block_2d`: square blocks of side `block_size` (clipped to
+    the map) dropped at seed rate gamma so that about `rate` of the positions drop, one mask shared by every
+    channel of a sample, kept values scaled by (elements / kept elements) of the whole batch.
+
+    The mask is correlated within blocks and the scale is a batch statistic: no closed form. Feature maps only.
+    """
+
+    closed_form = None
+    structure = "sample"
+    needs_map = True
+
+    def __init__(self, rate: float, block_size: int = 7) -> None:
+        super().__init__(rate)
+        self.block_size = int(block_size)
+
+    def noise(self, x: Any) -> Any:
+        import torch
+
+        return self.apply(torch.ones_like(x))
+
+    def apply(self, x: Any) -> Any:
+        from timm.layers import drop_block_2d
+
+        if x.dim() != 4:
+            raise ValueError(f"dropout kind 'dropblock' needs (N, C, H, W) feature maps, got shape {tuple(x.shape)}"
+                             " (allowed: placements on a feature map, not one before the classifier)")
+        return drop_block_2d(x, self.rate, self.block_size)

@@ -2,7 +2,8 @@
 
 Probes recognise dropout sites by `VarianceDropout`. A kind registered as a torch-free
 `DropoutKind` runs inside `VarianceDropout`; a kind registered (as before) as a
-`VarianceDropout` subclass is instantiated directly.
+`VarianceDropout` subclass is instantiated directly; any other registered nn.Module class
+(timm's `DropBlock2d`, torch's `nn.Dropout2d`, a researcher's own) runs inside `ModuleDropout`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from search import registry
 from search.trial.dropout.kinds import DropoutKind
 
-__all__ = ["VarianceDropout", "make_dropout", "list_dropout_kinds", "kind_class"]
+__all__ = ["VarianceDropout", "ModuleDropout", "make_dropout", "list_dropout_kinds", "kind_class"]
 
 
 class VarianceDropout(nn.Module):
@@ -60,16 +61,49 @@ def kind_class(name: str) -> type:
     return registry.get("dropout", name, field_name="dropout_type").obj
 
 
-def make_dropout(kind: str, rate: float) -> VarianceDropout:
+class ModuleDropout(VarianceDropout):
+    """A registered plain nn.Module dropout class, wrapped so the probes and contracts find it.
+
+    The wrapped module runs in train mode at rate > 0 only; the wrapper is the identity otherwise,
+    whatever the module does in eval mode (the framework's promise for every site).
+    """
+
+    def __init__(self, kind: str, rate: float, inner: nn.Module) -> None:
+        super().__init__(rate)
+        self.kind = kind
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        return self.inner(x)
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.ones_like(x))  # the multiplier, for a module that multiplies its input
+
+
+def make_dropout(kind: str, rate: float, *, block_size: int | None = None) -> VarianceDropout:
     """Build a dropout module of a registered kind.
 
+    Args:
+        block_size: the kind's block size (TrialConfig.dropout_block_size); None: the kind's default.
+
     Raises:
-        ValueError: unknown kind, or rate outside [0, max_rate).
+        ValueError: unknown kind, rate outside [0, max_rate), or a block size for a kind that takes none.
     """
-    cls = kind_class(kind)
+    entry = registry.get("dropout", kind, field_name="dropout_type")
+    cls = entry.obj
     top = float(getattr(cls, "max_rate", 1.0))
     if not 0.0 <= float(rate) < top:
         raise ValueError(f"field 'dropout_rate' must be in [0, {top:g}), got {rate!r}")
+    kwargs = {}
+    if block_size is not None:
+        if entry.meta.get("block_size") is None:
+            raise ValueError(f"field 'dropout_block_size' = {block_size!r}: dropout kind {kind!r} takes no block size"
+                             " (allowed: None)")
+        kwargs["block_size"] = int(block_size)
+    if isinstance(cls, type) and issubclass(cls, VarianceDropout):
+        return cls(float(rate), **kwargs)
     if isinstance(cls, type) and issubclass(cls, nn.Module):
-        return cls(float(rate))
-    return VarianceDropout(float(rate), cls(float(rate)))
+        return ModuleDropout(kind, float(rate), cls(float(rate), **kwargs))
+    return VarianceDropout(float(rate), cls(float(rate), **kwargs))

@@ -39,7 +39,8 @@ def pre_conv(model: Any, make: Callable[[], Any], *,
     return per_block(model, make, target="conv", placement="pre_conv", input_size=input_size)
 
 
-@register_placement("head", case=None, paper="after all BN: one dropout before the classifier", feeds_bn=False)
+@register_placement("head", case=None, paper="after all BN: one dropout before the classifier", feeds_bn=False,
+                    on_map=False)
 def head(model: Any, make: Callable[[], Any], *, input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
     from search.trial.dropout.surgery import wrap_classifier
 

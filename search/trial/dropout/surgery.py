@@ -45,7 +45,8 @@ def block_types() -> dict[type, tuple[str, ...]]:
 
 
 def apply_placement(model: nn.Module, placement: str, kind: str, rate: float, *,
-                    input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
+                    input_size: tuple[int, int, int] | None = None,
+                    block_size: int | None = None) -> list[PlacementSite]:
     """Insert dropout of `kind` and drop `rate` into `model` in place at the registered `placement`.
 
     Args:
@@ -55,6 +56,7 @@ def apply_placement(model: nn.Module, placement: str, kind: str, rate: float, *,
         rate: drop rate; 0 still inserts (identity) modules.
         input_size: (C, H, W) of the dummy input used to trace execution order;
             default (in_chans, 32, 32), then the model's pretrained_cfg input size.
+        block_size: the kind's block size (TrialConfig.dropout_block_size); None: its default.
 
     Returns:
         One PlacementSite per inserted module, in block order; [] for 'none'.
@@ -64,8 +66,8 @@ def apply_placement(model: nn.Module, placement: str, kind: str, rate: float, *,
             without BatchNorm or without a registered block type; no classifier for head.
     """
     entry = registry.get("placement", placement, field_name="dropout_placement")
-    make_dropout(kind, rate)  # validates kind and rate before any surgery
-    return list(entry.obj(model, lambda: make_dropout(kind, rate), input_size=input_size))
+    make_dropout(kind, rate, block_size=block_size)  # validates kind, rate and block size before any surgery
+    return list(entry.obj(model, lambda: make_dropout(kind, rate, block_size=block_size), input_size=input_size))
 
 
 def wrap_classifier(model: nn.Module, make: Callable[[], nn.Module]) -> list[PlacementSite]:

@@ -92,6 +92,7 @@ def build_model(cfg: TrialConfig, num_classes: int | None = None) -> nn.Module:
         torch.manual_seed(cfg.seed)
         model = create_stock(cfg.backbone, num_classes=classes, in_chans=cfg.in_chans, stem=cfg.stem,
                              image_size=cfg.image_size, **extra)
-    sites = apply_placement(model, cfg.dropout_placement, cfg.dropout_type, cfg.dropout_rate)
+    sites = apply_placement(model, cfg.dropout_placement, cfg.dropout_type, cfg.dropout_rate,
+                            block_size=cfg.dropout_block_size)
     model.dropout_sites = sites
     return model
