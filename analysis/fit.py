@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from .theory import predict_layer_shift
+from .theory import closed_form_kinds, predict_layer_shift
 from .load import DROPOUT_KEYS, Study, context_fields, group_codes, varying
 
 __all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "MeanTest", "shift_vs_dim",
@@ -208,6 +208,9 @@ def _ols(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[flo
     return float(slope), float((sy - slope * sx) / sw)
 
 
+NO_CLOSED_FORM = "no closed form (its masks are shared, not element-wise; docs/theory.md): measured only"
+
+
 def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[ShiftFit]:
     """Fit log(shift - 1) against log(fan_in) per (dropout_type, placement, rate).
 
@@ -240,10 +243,14 @@ def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: floa
     theory, rng = predict_layer_shift, np.random.default_rng(seed)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))
-    fits = []
+    fits, closed = [], closed_form_kinds()
     for g, key in enumerate(keys):
         rows = order[bounds[g]:bounds[g + 1]]
         fit = _fit_group(key, rows, d, s, runs, rng, n_boot, level)
+        if key[0] not in closed:  # structured masks (channel, droppath, dropblock): measurement only, said so
+            fit.note = f"{fit.note}; {NO_CLOSED_FORM}" if fit.note else NO_CLOSED_FORM
+            fits.append(fit)
+            continue
         _add_theory(fit, theory, key, d[rows], c[rows], v[rows], cos2[rows], rho[rows])
         fit.closed_form_inputs = "measured" if measured[rows].all() else "rho = 0"
         fits.append(fit)

@@ -26,6 +26,7 @@ from .fit import MIN_UNITS, accuracy_step
 from .guidelines import Analysis, Guideline, analyse, fmt_width, guidelines
 from .layer_metrics import layer_metric_rows
 from .load import ALL_PROFILES, DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, select_profile, varying
+from .theory import closed_form_kinds
 
 __all__ = ["Table", "build_tables", "select_profile", "write_report", "main", "PAPER_REFERENCE"]
 
@@ -305,6 +306,10 @@ def mechanism_tables(a: Analysis) -> list[Table]:
               "feeding dropout alone injects (1 + excess_local); propagation: the local identity plus the noise "
               "earlier dropouts send down the residual stream, carried through the network (shift_theory; "
               "docs/theory.md). error: median |prediction - frozen| / frozen.")
+    skipped = sorted({r.dropout_type for r in a.mechanism} - set(closed_form_kinds()))
+    if skipped:  # their closed-form column is empty on purpose: say why
+        t.note += (f" No closed form for {', '.join(skipped)}: their masks are shared, not element-wise"
+                   " (docs/theory.md): their closed-form columns are empty.")
     for r in a.mechanism:
         t.rows.append([r.backbone, r.dropout_type, r.dropout_placement, f"{r.dropout_rate:g}", str(r.n_layers),
                        str(r.n_trials), _f(r.shift_frozen, 3), _f(r.shift_closed_form, 3), _f(r.shift_local, 3),

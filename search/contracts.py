@@ -28,7 +28,8 @@ from search import registry
 from search.trial.dropout.module import VarianceDropout, make_dropout
 from search.trial.dropout.placements import PlacementSite
 
-__all__ = ["ContractError", "check_dropout", "independent_units", "check_placement", "check_backbone", "small_model", "CONTRACT_RATES"]
+__all__ = ["ContractError", "check_dropout", "independent_units", "check_placement", "check_backbone", "small_model",
+           "CONTRACT_RATES"]
 
 CONTRACT_RATES = (0.2, 0.5)
 STOCK_STANDIN = "resnet18"  # the timm model that stands for the `timm_stock` family
@@ -118,9 +119,15 @@ def _check_mean(mod: nn.Module, kind: str, rate: float, shape: tuple[int, ...], 
     u = independent_units(m, structure).double()
     mean, se = u.mean().item(), u.std().item() / math.sqrt(u.numel())
     if abs(mean - 1.0) > Z * se + 1e-3:
+        s = independent_units(m, "sample").double()
+        hint = "scale the kept values so E[m] = 1"
+        if structure != "sample" and abs(s.mean().item() - 1.0) <= Z * s.std().item() / math.sqrt(s.numel()) + 1e-3:
+            # Counted per sample, the same multipliers pass: the masks are shared more widely than declared.
+            hint = (f"its masks look shared within a sample, not per {structure}: declare structure='channel' or"
+                    " 'sample' in register_dropout")
         raise ContractError(f"{kind!r} at rate {rate}: train-mode mean multiplier {mean:.4f} on {shape} inputs, "
                             f"expected 1 (+- {Z * se + 1e-3:.4f} from {u.numel()} independent {structure} masks);"
-                            " scale the kept values so E[m] = 1")
+                            f" {hint}")
 
 
 def _check_noise_var(mod: nn.Module, cls: Any, kind: str, rate: float) -> None:
