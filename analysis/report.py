@@ -306,10 +306,11 @@ def mechanism_tables(a: Analysis) -> list[Table]:
               "feeding dropout alone injects (1 + excess_local); propagation: the local identity plus the noise "
               "earlier dropouts send down the residual stream, carried through the network (shift_theory; "
               "docs/theory.md). error: median |prediction - frozen| / frozen.")
-    skipped = sorted({r.dropout_type for r in a.mechanism} - set(closed_form_kinds()))
-    if skipped:  # their closed-form column is empty on purpose: say why
-        t.note += (f" No closed form for {', '.join(skipped)}: their masks are shared, not element-wise"
-                   " (docs/theory.md): their closed-form columns are empty.")
+    # Kinds with shared masks have neither a closed form nor a propagation rule, so no row here: say why.
+    skipped = sorted({f.dropout_type for f in a.shift_fits} - set(closed_form_kinds()))
+    if skipped:
+        t.note += (f" Not in this table: {', '.join(skipped)}, whose masks are shared, not element-wise: no closed"
+                   " form and no propagation rule (docs/theory.md); their shift is measured only.")
     for r in a.mechanism:
         t.rows.append([r.backbone, r.dropout_type, r.dropout_placement, f"{r.dropout_rate:g}", str(r.n_layers),
                        str(r.n_trials), _f(r.shift_frozen, 3), _f(r.shift_closed_form, 3), _f(r.shift_local, 3),

@@ -260,6 +260,9 @@ def test_every_structured_kind_runs_a_trial_and_feeds_the_probes(kind: str) -> N
     assert r.status == "ok", r.error
     fed = [layer for layer in r.layers if layer.fed_by_dropout]
     assert len(fed) == 3 and all(math.isfinite(layer.shift) for layer in fed)
+    # The frozen measurement sees the noise; the propagation has no rule for shared masks and says
+    # unknown (NaN) rather than predicting no noise (it predicted exactly 1 before).
+    assert all(layer.shift_frozen > 1.0 and math.isnan(layer.shift_theory) for layer in fed)
 
 
 # ------------------------------------------------------------------ the analysis skips them and says so
@@ -279,5 +282,6 @@ def test_analysis_gives_no_closed_form_for_structured_kinds_and_says_so() -> Non
     fits = {f.dropout_type: f for f in shift_vs_dim(study, n_boot=50)}
     assert NO_CLOSED_FORM in fits["channel"].note and not math.isfinite(fits["channel"].theory_mean)
     assert math.isfinite(fits["bernoulli"].theory_mean) and NO_CLOSED_FORM not in fits["bernoulli"].note
-    (table,) = [t for t in build_tables(analyse(study, n_boot=50), study) if t.key == "shift_fit"]
-    assert f"channel/pre_bn/0.5: {NO_CLOSED_FORM}" in table.note
+    tables = {t.key: t for t in build_tables(analyse(study, n_boot=50), study)}
+    assert f"channel/pre_bn/0.5: {NO_CLOSED_FORM}" in tables["shift_fit"].note
+    assert "Not in this table: channel, whose masks are shared" in tables["mechanism"].note

@@ -71,6 +71,16 @@ def site_noise_var(module: nn.Module) -> float | None:
     return None
 
 
+def _shared_noise(module: nn.Module) -> bool:
+    """An active dropout whose noise has no element-wise rule (channel, droppath, dropblock, nn.Dropout2d).
+
+    Ignoring it would predict no noise where there is some; the BNs it reaches are recorded unknown (NaN).
+    """
+    if isinstance(module, VarianceDropout):
+        return module.rate > 0.0 and site_noise_var(module) is None
+    return isinstance(module, _DropoutNd) and module.p > 0.0 and site_noise_var(module) is None
+
+
 class _Tracer(fx.Tracer):
     """Keeps dropout modules (ours are Python-level branches on `training`) as leaves of the graph."""
 
@@ -164,9 +174,12 @@ class NoisePropagator(fx.Interpreter):
         # The input before an in-place module (ReLU) overwrites it, and x^2 for a dropout site.
         pre = args[0].detach().clone() if noisy and isinstance(module, nn.ReLU) and module.inplace else None
         out = getattr(self, n.op)(n.target, args, kwargs)
+        shared = module is not None and _shared_noise(module)
         special = module is not None and (site_noise_var(module) is not None or isinstance(module, _BatchNorm))
-        if n.op in ("placeholder", "get_attr", "output") or not noisy and not special:
+        if n.op in ("placeholder", "get_attr", "output") or not noisy and not special and not shared:
             state = _State()
+        elif shared:  # masks shared across elements: no propagation rule, so every BN it reaches is unknown
+            state = _State(_UNKNOWN)
         elif isinstance(module, _BatchNorm):
             state = self._bn(module, args[0], noisy[0] if noisy else _State())
         elif any(s.total is _UNKNOWN for s in noisy):
