@@ -285,3 +285,43 @@ def test_analysis_gives_no_closed_form_for_structured_kinds_and_says_so() -> Non
     tables = {t.key: t for t in build_tables(analyse(study, n_boot=50), study)}
     assert f"channel/pre_bn/0.5: {NO_CLOSED_FORM}" in tables["shift_fit"].note
     assert "Not in this table: channel, whose masks are shared" in tables["mechanism"].note
+
+
+SWEEP_PLUGIN = PLUGIN + '''
+from spaces import Profile, Space, register_space
+
+
+@register_space
+def timm_dropblock_pair() -> Space:
+    return Space(
+        name="timm_dropblock_pair", description="timm's DropBlock2d, registered unchanged, at two block sizes",
+        fixed=dict(backbone="cifar_wrn", depth=10, dataset="digits", image_size=8, in_chans=1, epochs=1,
+                   width=1.0, lr=0.05, weight_decay=5e-4, schedule="cosine", train_samples=64, probe_samples=64,
+                   batch_size=32, dropout_type="timm_dropblock",
+                   dropout_placement="pre_bn", dropout_rate=0.3, seed=0),
+        axes=dict(dropout_block_size=[3, 5]),
+        profiles=dict(quick=Profile(text="2 trials"), paper=Profile(text="2 trials")),
+    )
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_two_trial_sweep_with_timms_dropblock_plugin(tmp_path: Path) -> None:
+    """`search.run --plugin`: the Ray workers load the plugin, wrap DropBlock2d and run both block sizes."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.dataset as ds
+
+    path = tmp_path / "timm_dropblock_sweep.py"
+    path.write_text(SWEEP_PLUGIN)
+    out = subprocess.run([sys.executable, "-m", "search.run", "--plugin", str(path), "--space", "timm_dropblock_pair",
+                          "--num-cpus", "2", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=540,
+                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    trials = ds.dataset(str(tmp_path / "results" / "timm_dropblock_pair" / "trials")).to_table().to_pylist()
+    assert sorted((t["dropout_block_size"], t["status"]) for t in trials) == [(3, "ok"), (5, "ok")]
+    layers = ds.dataset(str(tmp_path / "results" / "timm_dropblock_pair" / "layers")).to_table().to_pylist()
+    assert sum(r["fed_by_dropout"] for r in layers) == 6  # 3 sites per trial, found by the probes in the workers
