@@ -28,6 +28,7 @@ import difflib
 import fnmatch
 import importlib
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -76,15 +77,26 @@ _ENTRIES: dict[str, dict[str, Entry]] = {c: {} for c in CATEGORIES}
 # the entries, so TrialConfig reads a trial's plugin identities without importing the plugin machinery.
 _OWNERS: dict[tuple[str, str], str] = {}
 _loaded = False
+_loading: set[int] = set()  # threads importing the built-ins now: their lookups while registering go through
+_load_lock = threading.RLock()
 
 
 def _load_builtins() -> None:
+    # Another thread's first lookup (rebuild_parquet reads runs on 4 threads) waits for the import to finish
+    # instead of seeing a half-filled registry ("field 'dataset' = 'digits' is not allowed (allowed: )").
     global _loaded
-    if _loaded:
+    if _loaded or threading.get_ident() in _loading:
         return
-    _loaded = True  # before importing: those modules look names up while they register
-    for mod in BUILTINS:
-        importlib.import_module(mod)
+    with _load_lock:
+        if _loaded:
+            return
+        _loading.add(threading.get_ident())
+        try:
+            for mod in BUILTINS:
+                importlib.import_module(mod)
+            _loaded = True
+        finally:
+            _loading.discard(threading.get_ident())
 
 
 def did_you_mean(value: Any, allowed: Iterable[str], n: int = 1, cutoff: float = 0.6) -> str:
