@@ -101,6 +101,10 @@ def test_dropblock_drops_blocks_at_timms_seed_rate() -> None:
 def test_dropblock_refuses_vectors_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"'dropblock' needs \(N, C, H, W\) feature maps, got shape \(4, 8\)"):
         make_dropout("dropblock", 0.2).train()(torch.ones(4, 8))
+    # Surgery refuses the pair before inserting anything, so the placement contract says it in one line.
+    with pytest.raises(contracts.ContractError, match="surgery fails: ValueError: field 'dropout_type' = 'dropblock'"
+                                                      " needs \\(N, C, H, W\\) feature maps, but placement 'head'"):
+        contracts.check_placement("head", "cifar_wrn", kind="dropblock")
 
 
 # ------------------------------------------------------------------ the block size is hashed config

@@ -62,11 +62,14 @@ def apply_placement(model: nn.Module, placement: str, kind: str, rate: float, *,
         One PlacementSite per inserted module, in block order; [] for 'none'.
 
     Raises:
-        ValueError: unknown placement, kind or rate; a placement that feeds BN on a model
-            without BatchNorm or without a registered block type; no classifier for head.
+        ValueError: unknown placement, kind or rate; a feature-map kind at a placement on vectors; a placement
+            that feeds BN on a model without BatchNorm or without a registered block type; no classifier for head.
     """
     entry = registry.get("placement", placement, field_name="dropout_placement")
     make_dropout(kind, rate, block_size=block_size)  # validates kind, rate and block size before any surgery
+    if registry.get("dropout", kind).meta.get("needs_map") and not entry.meta.get("on_map", True):
+        raise ValueError(f"field 'dropout_type' = {kind!r} needs (N, C, H, W) feature maps, but placement"
+                         f" {placement!r} feeds it vectors (TrialConfig refuses this pair too)")
     return list(entry.obj(model, lambda: make_dropout(kind, rate, block_size=block_size), input_size=input_size))
 
 
