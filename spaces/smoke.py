@@ -16,7 +16,7 @@ _TINY = dict(
 def smoke() -> Space:
     return Space(
         name="smoke",
-        description="tiny end-to-end check: every placement x every dropout kind, 1 epoch on 256 digits",
+        description="tiny end-to-end check: every placement x every paper dropout kind, 1 epoch on 256 digits",
         fixed=_TINY,
         axes=dict(
             dropout_placement=list(PLACEMENTS),
