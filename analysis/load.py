@@ -137,7 +137,7 @@ def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri:
         t_parts, l_parts = list_parts(fs, tdir), list_parts(fs, ldir)
         rebuilt = ""
         if not t_parts and tracking_uri:
-            rebuilt = _rebuild(space, tracking_uri, root)
+            rebuilt = _rebuild(space, tracking_uri, root, flag=flags["tracking_uri"].rstrip("="))
             t_parts, l_parts = list_parts(fs, tdir), list_parts(fs, ldir)
         if not t_parts:
             how = (f"rebuilding from MLflow at {tracking_uri} gave nothing ({rebuilt})" if tracking_uri
@@ -171,8 +171,15 @@ def _fill_bn_name(layers: pa.Table) -> pa.Table:
     return layers.set_column(i, layers.schema.field(i), pc.coalesce(layers.column("bn_name"), guess))
 
 
-def _rebuild(space: str, tracking_uri: str, root: str) -> str:
-    """Regenerate a space's Parquet from MLflow; returns a reason when nothing came of it."""
+def _rebuild(space: str, tracking_uri: str, root: str, flag: str = "tracking_uri") -> str:
+    """Regenerate a space's Parquet from MLflow; returns a reason when nothing came of it.
+
+    Raises OSError/ValueError naming `flag` when the store is not one to read: it does not exist (a mistyped
+    URI created an empty store before, issue 30), it is not an MLflow store, or its server does not answer."""
+    from search.sweep.preflight import check_tracking
+
+    check_tracking(tracking_uri, reading=True, flag=flag)
+    _check_experiment(space, tracking_uri, flag)
     try:
         from search.sweep.tracking import rebuild_parquet  # lazy: mlflow is heavy
     except ImportError as exc:  # pragma: no cover - depends on the installed stack
@@ -182,6 +189,24 @@ def _rebuild(space: str, tracking_uri: str, root: str) -> str:
     except ValueError as exc:
         return str(exc)
     return "" if n_trials else "the experiment has no finished runs"
+
+
+def _check_experiment(space: str, tracking_uri: str, flag: str) -> None:
+    """Raise ValueError unless the store holds the space's experiment with at least one trial run: a rebuild of
+    nothing wrote empty Parquet and the report exited 0 with no trials in it (issue 30)."""
+    from mlflow.tracking import MlflowClient  # lazy: mlflow is heavy
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(space)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=50) if e.name != "Default")
+        raise ValueError(f"space {space!r}: {flag} {tracking_uri!r} has no MLflow experiment of that name "
+                         f"(experiments there: {', '.join(names) or 'none'}); nothing was rebuilt: give the store "
+                         f"the sweep wrote to, or create the results with `python -m search.run --space {space}`")
+    if not client.search_runs([exp.experiment_id], filter_string="tags.config_hash LIKE '%'", max_results=1):
+        raise ValueError(f"space {space!r}: the MLflow experiment at {flag} {tracking_uri!r} holds no trial runs; "
+                         f"nothing was rebuilt: run `python -m search.run --space {space} --tracking-uri "
+                         f"{tracking_uri}` first")
 
 
 # ------------------------------------------------------------ table helpers

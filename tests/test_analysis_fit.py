@@ -246,6 +246,8 @@ def test_theory_beside_the_fit_scalar_or_vectorised(monkeypatch) -> None:
 
 
 def test_load_rebuilds_missing_parquet_from_tracking(tmp_path, monkeypatch) -> None:
+    import analysis.load
+    import search.sweep.preflight
     import search.sweep.tracking
     from analysis.load import load_study
 
@@ -260,6 +262,9 @@ def test_load_rebuilds_missing_parquet_from_tracking(tmp_path, monkeypatch) -> N
         return trials.num_rows, layers.num_rows
 
     monkeypatch.setattr(search.sweep.tracking, "rebuild_parquet", fake_rebuild)
+    # the store's own checks (it exists, holds the space's trial runs) are tests/test_errors.py's report-tracking-*
+    monkeypatch.setattr(search.sweep.preflight, "check_tracking", lambda *a, **k: None)
+    monkeypatch.setattr(analysis.load, "_check_experiment", lambda *a, **k: None)
     study = load_study("planted", root=str(tmp_path), tracking_uri="sqlite:///x.db")
     assert calls == [("planted", "sqlite:///x.db", str(tmp_path))] and study.trials.num_rows == 1
     load_study("planted", root=str(tmp_path), tracking_uri="sqlite:///x.db")  # Parquet there now: no rebuild

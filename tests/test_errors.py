@@ -198,6 +198,38 @@ CASES = [
          ("--out", "report.md' is a named pipe (FIFO), not a regular file", "writing would replace it")),
     Case("tracking-db-not-regular", "search.run", f"{S} --tracking-uri sqlite:///{{fifo}}",
          ("--tracking-uri", "is a named pipe (FIFO), not a database file")),
+    # a tracking store MLflow would not open, found before anything is written (issue 30: these were exit 3,
+    # "the sweep failed while running", after the lock, logs and results/ were written)
+    Case("tracking-not-a-database", "search.run", f"{S} --tracking-uri sqlite:///{{a_file}}",
+         ("--tracking-uri", "is not an sqlite database", "allowed: a new path or an MLflow sqlite file"), debug=True),
+    Case("tracking-foreign-sqlite", "search.run", f"{S} --tracking-uri sqlite:///{{foreign_db}}",
+         ("--tracking-uri", "is an sqlite database but not an MLflow store (its tables: notes)",
+          "allowed: a new path or an MLflow sqlite file")),
+    Case("tracking-schema-newer", "search.run", f"{S} --tracking-uri sqlite:///{{newer_db}}",
+         ("--tracking-uri", "schema revision 'ffffffffffff'", "does not know (a newer MLflow wrote it?)")),
+    Case("tracking-schema-older", "search.run", f"{S} --tracking-uri sqlite:///{{older_db}}",
+         ("--tracking-uri", "older schema", "then run `mlflow db upgrade sqlite:///")),
+    Case("tracking-scheme-misspelled", "search.run", f"{S} --tracking-uri sqllite:///mlflow.db",
+         ("--tracking-uri 'sqllite:///mlflow.db' is not a well-formed tracking URI",
+          "did you mean 'sqlite:///mlflow.db'?", "allowed: sqlite:///PATH, http(s)://HOST:PORT")),
+    # reading a store: nothing is created, and a store without the space's trials is said so (exit 2, not an
+    # empty report with exit 0)
+    Case("report-tracking-missing", "analysis.report",
+         "--space smoke --root {empty_dir} --tracking-uri sqlite:///{empty_dir}/mlfow.db --no-figures",
+         ("--tracking-uri", "no MLflow store at", "nothing is created when reading")),
+    Case("report-tracking-unreachable", "analysis.report",
+         "--space smoke --root {empty_dir} --tracking-uri http://127.0.0.1:1 --no-figures",
+         ("--tracking-uri 'http://127.0.0.1:1' is not reachable",)),
+    Case("report-tracking-not-a-database", "analysis.report",
+         "--space smoke --root {empty_dir} --tracking-uri sqlite:///{a_file} --no-figures",
+         ("--tracking-uri", "is not an sqlite database")),
+    Case("report-tracking-no-experiment", "analysis.report",
+         "--space uout_beta --root {empty_dir} --tracking-uri sqlite:///{renamed_db} --no-figures",
+         ("space 'uout_beta'", "has no MLflow experiment of that name (experiments there: smoke, wrn_widths)",
+          "nothing was rebuilt")),
+    Case("report-tracking-empty-experiment", "analysis.report",
+         "--space smoke --root {empty_dir} --tracking-uri sqlite:///{renamed_db} --no-figures",
+         ("space 'smoke'", "holds no trial runs", "nothing was rebuilt")),
 ]
 
 
@@ -238,6 +270,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "smoke_store": _profile_store(base / "store"),
         "study": _study(base / "study"),
         "fifo": _fifo(base / "pipe"),
+        **_stores(base / "stores"),
         "out_fifo": _fifo(base / "out" / "report.md").parent,
     }
 
@@ -248,6 +281,38 @@ def _study(root: Path) -> Path:
 
     shutil.copytree(ROOT / "tests" / "data" / "legacy_smoke" / "results", root)
     return root
+
+
+def _stores(folder: Path) -> dict[str, Path]:
+    """sqlite files MLflow would not open, or that hold no trials of space smoke (copies of the legacy store)."""
+    import shutil
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from search.sweep.mlflow_store import mlflow_revisions
+
+    folder.mkdir()
+    legacy = ROOT / "tests" / "data" / "legacy_smoke" / "mlflow.db"
+    out = {k: folder / f"{k}.db" for k in ("foreign_db", "newer_db", "older_db", "renamed_db")}
+    con = sqlite3.connect(out["foreign_db"])
+    con.execute("CREATE TABLE notes (x)")
+    con.commit()
+    con.close()
+    known, head, _version = mlflow_revisions()
+    older = "0a8213491aaa"  # a revision MLflow 3 knows, before the legacy store's (MLflow's head)
+    assert older in known and older != head
+    for key, rev in (("newer_db", "ffffffffffff"), ("older_db", older)):  # a revision no MLflow knows; an older one
+        shutil.copy(legacy, out[key])
+        con = sqlite3.connect(out[key])
+        con.execute("UPDATE alembic_version SET version_num = ?", (rev,))
+        con.commit()
+        con.close()
+    shutil.copy(legacy, out["renamed_db"])  # smoke's trials now under wrn_widths; smoke an empty experiment
+    client = MlflowClient(tracking_uri=f"sqlite:///{out['renamed_db']}")
+    client.rename_experiment(client.get_experiment_by_name("smoke").experiment_id, "wrn_widths")
+    client.create_experiment("smoke")
+    return out
 
 
 def _fifo(path: Path) -> Path:

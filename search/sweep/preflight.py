@@ -51,43 +51,50 @@ def check_storage(storage: str, flag: str = "--storage", shown: str | None = Non
                       f"(need at least {need / 2**20:.0f} MiB)")
 
 
-_TRACKING_ALLOWED = "sqlite:///PATH, http(s)://HOST:PORT"
-
-
-def check_tracking(uri: str) -> None:
-    """Raise ConnectionError/OSError/ValueError naming --tracking-uri unless it is a persistent store MLflow supports.
+def check_tracking(uri: str, *, reading: bool = False, flag: str = "--tracking-uri") -> None:
+    """Raise ConnectionError/OSError/ValueError naming `flag` unless `uri` is a persistent store MLflow opens.
 
     In-memory sqlite (`sqlite://`, `sqlite:///:memory:`) keeps nothing across processes, so every
-    rerun would train everything again; MLflow 3 no longer opens file stores (`file:PATH`, a bare path).
+    rerun would train everything again; MLflow 3 no longer opens file stores (`file:PATH`, a bare path);
+    a misspelled scheme is named with the URI it was probably meant to be. An existing sqlite file must be
+    an MLflow store of a schema this MLflow opens (search/sweep/mlflow_store.py). `reading` (analysis.report
+    rebuilding from MLflow): the store must exist; nothing creates it.
     """
+    from search.sweep.mlflow_store import ALLOWED, check_sqlite_store, check_uri_form
+
     if uri in ("sqlite://", "sqlite:///", "sqlite:///:memory:") or uri.startswith("sqlite:///:memory:"):
-        raise ValueError(f"--tracking-uri {uri!r} is an in-memory database that keeps nothing after the sweep "
-                         f"(every rerun would train everything again); give a file (allowed: {_TRACKING_ALLOWED})")
+        raise ValueError(f"{flag} {uri!r} is an in-memory database that keeps nothing after the sweep "
+                         f"(every rerun would train everything again); give a file (allowed: {ALLOWED})")
+    check_uri_form(uri, flag)
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///"):]
-        check_storage(os.path.dirname(os.path.abspath(db)) or ".", flag="--tracking-uri", shown=uri)
+        if reading and not os.path.exists(db):
+            check_sqlite_store(uri, db, reading=True, flag=flag)  # names the missing store
+        if not reading:
+            check_storage(os.path.dirname(os.path.abspath(db)) or ".", flag=flag, shown=uri)
         if os.path.isdir(db):
-            raise OSError(f"--tracking-uri {uri!r}: {db!r} is a directory, not a database file")
+            raise OSError(f"{flag} {uri!r}: {db!r} is a directory, not a database file")
         from search.outputs import not_regular
 
         kind = not_regular(db)  # a device or FIFO is no store (and MLflow would write into it)
         if kind is not None:
-            raise OSError(f"--tracking-uri {uri!r}: {db!r} is {kind}, not a database file (allowed: a new path or "
+            raise OSError(f"{flag} {uri!r}: {db!r} is {kind}, not a database file (allowed: a new path or "
                           "an MLflow sqlite file)")
-        if os.path.exists(db) and not os.access(db, os.W_OK):
-            raise PermissionError(f"--tracking-uri {uri!r}: {db!r} is not writable")
+        if not reading and os.path.exists(db) and not os.access(db, os.W_OK):
+            raise PermissionError(f"{flag} {uri!r}: {db!r} is not writable")
+        check_sqlite_store(uri, db, reading=reading, flag=flag)
         return
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(f"--tracking-uri {uri!r} is not reachable ({getattr(e, 'reason', e)}); "
+            raise ConnectionError(f"{flag} {uri!r} is not reachable ({getattr(e, 'reason', e)}); "
                                   "start the server or check the address") from None
         return
     if uri.startswith("file:") or "://" not in uri:
-        raise ValueError(f"--tracking-uri {uri!r}: MLflow 3 no longer supports file stores (a folder of runs); "
-                         f"use sqlite:///mlflow.db or a tracking server (allowed: {_TRACKING_ALLOWED})")
-    raise ValueError(f"--tracking-uri {uri!r}: unsupported scheme (allowed: {_TRACKING_ALLOWED})")
+        raise ValueError(f"{flag} {uri!r}: MLflow 3 no longer supports file stores (a folder of runs); "
+                         f"use sqlite:///mlflow.db or a tracking server (allowed: {ALLOWED})")
+    raise ValueError(f"{flag} {uri!r}: unsupported scheme (allowed: {ALLOWED})")
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
