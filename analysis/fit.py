@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from .theory import closed_form_kinds, predict_layer_shift
+from .theory import closed_form_kinds, placement_cases, predict_layer_shift
 from .load import DROPOUT_KEYS, Study, context_fields, group_codes, varying
 
 __all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "MeanTest", "shift_vs_dim",
@@ -208,7 +208,8 @@ def _ols(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[flo
     return float(slope), float((sy - slope * sx) / sw)
 
 
-NO_CLOSED_FORM = "no closed form (its masks are shared, not element-wise; docs/theory.md): measured only"
+NO_CLOSED_FORM = ("no closed form at this placement (its masks are shared, not element-wise; docs/theory.md):"
+                  " measured only")
 
 
 def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[ShiftFit]:
@@ -243,11 +244,11 @@ def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: floa
     theory, rng = predict_layer_shift, np.random.default_rng(seed)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))
-    fits, closed = [], closed_form_kinds()
+    fits, cases = [], placement_cases()
     for g, key in enumerate(keys):
         rows = order[bounds[g]:bounds[g + 1]]
         fit = _fit_group(key, rows, d, s, runs, rng, n_boot, level)
-        if key[0] not in closed:  # structured masks (channel, droppath, dropblock): measurement only, said so
+        if key[0] not in closed_form_kinds(cases.get(key[1])):  # shared masks without a closed form here: said so
             fit.note = f"{fit.note}; {NO_CLOSED_FORM}" if fit.note else NO_CLOSED_FORM
             fits.append(fit)
             continue

@@ -35,9 +35,12 @@ __all__ = [
 
 
 
-def closed_form_kinds() -> tuple[str, ...]:
-    """Registered dropout kinds with an element-wise closed form (search.registry)."""
-    return tuple(e.name for e in registry.entries("dropout") if e.meta.get("closed_form") == "elementwise")
+def closed_form_kinds(case: str | None = None) -> tuple[str, ...]:
+    """Registered dropout kinds with an element-wise closed form (search.registry); with case='a', also the
+    kinds whose closed form holds for case (a) only (closed_form='case_a': masks shared across elements, whose
+    one-element marginal is all a BN's per-channel moments see; docs/theory.md, "Structured kinds")."""
+    ok = ("elementwise", "case_a") if case == "a" else ("elementwise",)
+    return tuple(e.name for e in registry.entries("dropout") if e.meta.get("closed_form") in ok)
 
 
 def placement_cases() -> dict[str, str | None]:
@@ -52,7 +55,7 @@ def noise_var(kind: str, rate: ArrayLike) -> np.ndarray:
     Raises:
         ValueError: a kind without an element-wise closed form, or rate outside [0, 1).
     """
-    rate = _rate(kind, rate)
+    rate = _rate(kind, rate, case="a")  # the one-element variance: defined for case (a)-only kinds too
     cls = registry.get("dropout", kind, field_name="dropout_type").obj
     return _out(np.asarray(np.vectorize(cls.noise_var, otypes=[float])(rate)))
 
@@ -198,10 +201,11 @@ def paper_shift(delta: ArrayLike) -> np.ndarray:
         return _out(np.asarray(np.maximum(delta, 1.0 / delta)))
 
 
-def _rate(kind: str, rate: ArrayLike) -> np.ndarray:
-    kinds = closed_form_kinds()
+def _rate(kind: str, rate: ArrayLike, case: str | None = None) -> np.ndarray:
+    kinds = closed_form_kinds(case)
     if kind not in kinds:
-        raise ValueError(f"field 'dropout_type' = {kind!r} has no closed form (allowed: {', '.join(kinds)})")
+        where = f" for case ({case})" if case else ""
+        raise ValueError(f"field 'dropout_type' = {kind!r} has no closed form{where} (allowed: {', '.join(kinds)})")
     rate = np.asarray(rate, float)
     if np.any((rate < 0) | (rate >= 1)):
         raise ValueError(f"field 'dropout_rate' must be in [0, 1), got {_bad(rate, (rate < 0) | (rate >= 1))}")
@@ -231,8 +235,8 @@ def predict_delta(kind: str, placement: str, rate: ArrayLike, c: ArrayLike, v: A
     if placement not in cases:
         raise ValueError(f"field 'dropout_placement' = {placement!r} is not allowed"
                          f" (allowed: {', '.join(cases)})")
-    rate = _rate(kind, rate)
     case = cases[placement]
+    rate = _rate(kind, rate, case)  # case (b) needs element-wise masks; case (a) only one element's marginal
     if case is None:
         shape = np.broadcast_shapes(rate.shape, np.shape(c), np.shape(v))
         return _out(np.ones(shape))

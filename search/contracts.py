@@ -49,7 +49,8 @@ def check_dropout(kind: str, rates: tuple[float, ...] = CONTRACT_RATES, seed: in
     errors, on (N, C, H, W) and (N, C) inputs (feature maps only for a kind registered with
     needs_map); the standard error counts the independent masks of the kind's declared
     structure: elements, (sample, channel) pairs or samples. For closed_form 'elementwise' also
-    Var[m] = noise_var(rate) within 5 % and neighbouring elements uncorrelated (|r| < 0.05).
+    Var[m] = noise_var(rate) within 5 % and neighbouring elements uncorrelated (|r| < 0.05); for
+    'case_a' (shared masks) one element's E[m^2] - 1 = noise_var(rate) within 6 standard errors.
     Eval mode: the output is the input, bit for bit.
 
     Raises:
@@ -81,6 +82,8 @@ def _check_dropout(kind: str, rates: tuple[float, ...], seed: int) -> None:
                 _check_mean(mod, kind, rate, shape, structure)
             if closed == "elementwise":
                 _check_noise_var(mod, entry.obj, kind, rate)
+            elif closed == "case_a":
+                _check_marginal_var(mod, entry.obj, kind, rate, structure)
             mod.eval()
             x = torch.randn(8, 4, 5, 5)
             if not torch.equal(mod(x), x):
@@ -137,6 +140,18 @@ def _check_noise_var(mod: nn.Module, cls: Any, kind: str, rate: float) -> None:
     if abs(got - want) > 0.05 * want + 1e-3:
         raise ContractError(f"{kind!r} at rate {rate}: train-mode variance of the multiplier {got:.4f}, but "
                             f"noise_var({rate}) = {want:.4f} (closed_form='elementwise' promises it)")
+
+
+def _check_marginal_var(mod: nn.Module, cls: Any, kind: str, rate: float, structure: str) -> None:
+    """E[m^2] - 1 = noise_var(rate) for one element's multiplier, the standard error from independent masks."""
+    m = _multiplier(mod, kind, rate, (16384, 4, 2, 2)).double()  # many samples: per-sample masks are units too
+    u = independent_units(m * m, structure)
+    got, se = u.mean().item() - 1.0, u.std().item() / math.sqrt(u.numel())
+    want = float(cls.noise_var(rate))
+    if abs(got - want) > Z * se + 1e-3:
+        raise ContractError(f"{kind!r} at rate {rate}: one element's multiplier has variance {got:.4f}, but "
+                            f"noise_var({rate}) = {want:.4f} (+- {Z * se + 1e-3:.4f}; closed_form='case_a'"
+                            " promises it)")
 
 
 def _check_uncorrelated(mod: nn.Module, kind: str, rate: float) -> None:

@@ -207,8 +207,9 @@ def register_dropout(name: str, **meta: Any) -> Callable[[type[T]], type[T]]:
     Metadata (keyword or class attribute of the same name):
 
     - closed_form: the theory that applies ('elementwise': i.i.d. multiplicative noise of
-      mean 1, whose variance `noise_var(rate)` the theory uses; None: no closed form, the
-      report shows measurements only).
+      mean 1, whose variance `noise_var(rate)` the theory uses; 'case_a': shared masks whose
+      one-element variance is `noise_var(rate)`, used for dropout -> BN only; None: no closed
+      form, the report shows measurements only).
     - structure: what one independent mask covers, 'element', 'channel' (one per sample and
       channel) or 'sample' (one per sample, or masks correlated within a sample); the
       contract's standard errors count these units. Default 'element' with an element-wise

@@ -142,7 +142,7 @@ def temp_kind():
     """Register throwaway kinds; unregistered afterwards."""
     names: list[str] = []
 
-    def make(name: str, scale: float = 1.0, **meta) -> str:
+    def make(name: str, scale: float = 1.0, noise_var=None, **meta) -> str:
         from search.trial.dropout.kinds import DropoutKind
 
         def noise(self, x):  # DropPath's mask, written as the tutorial's spatial kind; `scale` biases its mean
@@ -150,7 +150,10 @@ def temp_kind():
             shape = (x.shape[0],) + (1,) * (x.dim() - 1)
             return torch.bernoulli(torch.full(shape, keep, dtype=x.dtype)) * scale / keep
 
-        registry.register_dropout(name, **meta)(type(name, (DropoutKind,), {"closed_form": None, "noise": noise}))
+        body = {"closed_form": None, "noise": noise}
+        if noise_var is not None:
+            body["noise_var"] = classmethod(lambda cls, rate: noise_var(rate))
+        registry.register_dropout(name, **meta)(type(name, (DropoutKind,), body))
         names.append(name)
         return name
 
@@ -188,6 +191,15 @@ def test_a_biased_per_sample_kind_fails(temp_kind) -> None:
             r" independent sample masks\)")
     with pytest.raises(contracts.ContractError, match=want):
         contracts.check_dropout(k)
+
+
+def test_a_case_a_kind_is_held_to_its_marginal_noise_var(temp_kind) -> None:
+    ok = temp_kind("t_path_a", closed_form="case_a", noise_var=lambda r: r / (1 - r))
+    contracts.check_dropout(ok)  # DropPath's masks: one element's variance is Bernoulli's
+    wrong = temp_kind("t_path_a_wrong", closed_form="case_a", noise_var=lambda r: r * r / 3)  # uout's
+    with pytest.raises(contracts.ContractError, match=r"one element's multiplier has variance 0\.2[45]\d*, but "
+                                                      r"noise_var\(0\.2\) = 0\.0133"):
+        contracts.check_dropout(wrong)
 
 
 # ------------------------------------------------------------------ any nn.Module dropout class
@@ -271,24 +283,33 @@ def test_every_structured_kind_runs_a_trial_and_feeds_the_probes(kind: str) -> N
 
 # ------------------------------------------------------------------ the analysis skips them and says so
 def test_analysis_gives_no_closed_form_for_structured_kinds_and_says_so() -> None:
+    """channel and droppath: the case (a) closed form only (pre_bn); dropblock: none; the fit says which."""
     from analysis.fit import NO_CLOSED_FORM, shift_vs_dim
     from analysis.guidelines import analyse
     from analysis.report import build_tables
-    from analysis.theory import closed_form_kinds, predict_layer_shift
+    from analysis.theory import closed_form_kinds, predict_layer_shift, shift_case_a
 
     assert not {"channel", "droppath", "dropblock"} & set(closed_form_kinds())
-    with pytest.raises(ValueError, match="field 'dropout_type' = 'channel' has no closed form"):
-        predict_layer_shift("channel", "pre_bn", 0.5, 0.1, 1.0)
+    assert {"channel", "droppath"} <= set(closed_form_kinds("a")) and "dropblock" not in closed_form_kinds("a")
+    # Case (a) with the marginal k = rate / (1 - rate): Bernoulli's formula, the paper's shift max(D, 1/D).
+    delta = float(shift_case_a(0.5, 0.1, 1.0))
+    assert float(predict_layer_shift("channel", "pre_bn", 0.5, 0.1, 1.0)) == pytest.approx(1 / delta, rel=1e-12)
+    with pytest.raises(ValueError, match="field 'dropout_type' = 'channel' has no closed form for case \\(b\\)"):
+        predict_layer_shift("channel", "pre_conv", 0.5, 0.1, 1.0, 9, 0.5, 0.1)
+    with pytest.raises(ValueError, match="field 'dropout_type' = 'dropblock' has no closed form for case \\(a\\)"):
+        predict_layer_shift("dropblock", "pre_bn", 0.5, 0.1, 1.0)
     from test_analysis_fit import _study, planted_study
 
-    study = _study(*planted_study(placements=("none", "pre_bn"), types=("bernoulli", "channel"), seeds=(0, 1, 2),
-                                  widths=(1.0, 2.0), n_layers=6))
-    fits = {f.dropout_type: f for f in shift_vs_dim(study, n_boot=50)}
-    assert NO_CLOSED_FORM in fits["channel"].note and not math.isfinite(fits["channel"].theory_mean)
-    assert math.isfinite(fits["bernoulli"].theory_mean) and NO_CLOSED_FORM not in fits["bernoulli"].note
+    study = _study(*planted_study(placements=("none", "pre_bn", "pre_conv"), types=("bernoulli", "channel",
+                                  "dropblock"), seeds=(0, 1, 2), widths=(1.0, 2.0), n_layers=6))
+    fits = {(f.dropout_type, f.dropout_placement): f for f in shift_vs_dim(study, n_boot=50)}
+    for key in [("channel", "pre_conv"), ("dropblock", "pre_bn"), ("dropblock", "pre_conv")]:
+        assert NO_CLOSED_FORM in fits[key].note and not math.isfinite(fits[key].theory_mean), key
+    for key in [("channel", "pre_bn"), ("bernoulli", "pre_bn"), ("bernoulli", "pre_conv")]:
+        assert math.isfinite(fits[key].theory_mean) and NO_CLOSED_FORM not in fits[key].note, key
     tables = {t.key: t for t in build_tables(analyse(study, n_boot=50), study)}
-    assert f"channel/pre_bn/0.5: {NO_CLOSED_FORM}" in tables["shift_fit"].note
-    assert "Not in this table: channel, whose masks are shared" in tables["mechanism"].note
+    assert f"dropblock/pre_bn/0.5: {NO_CLOSED_FORM}" in tables["shift_fit"].note
+    assert "Not in this table: channel, dropblock, whose masks are shared" in tables["mechanism"].note
 
 
 SWEEP_PLUGIN = PLUGIN + '''

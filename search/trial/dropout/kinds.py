@@ -27,7 +27,8 @@ class DropoutKind:
 
     Attributes:
         closed_form: 'elementwise' when the noise is i.i.d. per element with mean 1 (then the
-            theory uses `noise_var`), None when no closed form applies.
+            theory uses `noise_var`), 'case_a' when masks are shared but one element's multiplier has
+            variance `noise_var` (the theory uses it for dropout -> BN only), None when no closed form applies.
         structure: what one independent mask covers: 'element', 'channel' or 'sample'
             (search.registry.register_dropout; the contract counts these units).
         needs_map: True if it runs on (N, C, H, W) feature maps only.
@@ -106,10 +107,11 @@ class UoutKind(DropoutKind):
 
 
 # ---------------------------------------------------------------- structured kinds (issue 29)
-# Their masks are shared across elements, so the paper's element-wise closed form does not apply
-# (docs/theory.md, "Structured kinds"): closed_form = None and the theory, the mechanism table and
-# the report skip them. ChannelKind and DropPathKind still give `noise_var`, the variance of one
-# element's multiplier, which is what the case (a) identity Var_train = v + k (c^2 + v) needs.
+# Their masks are shared across elements, so the paper's element-wise closed form does not hold through a
+# weight layer (docs/theory.md, "Structured kinds"). A BN right after the dropout (case (a)) sees one
+# element's marginal only: ChannelKind and DropPathKind declare closed_form = "case_a" with `noise_var`,
+# the variance of one element's multiplier, and the theory uses it at case (a) placements only.
+# DropBlockKind has no closed form (position-dependent marginal, batch-wide scale): None.
 def _bernoulli_mask(x: Any, shape: tuple[int, ...], rate: float) -> Any:
     import torch
 
@@ -124,7 +126,7 @@ class ChannelKind(DropoutKind):
     Every position of a channel shares its multiplier; on (N, C) inputs it is element-wise dropout.
     """
 
-    closed_form = None
+    closed_form = "case_a"
     structure = "channel"
 
     @classmethod
@@ -142,7 +144,7 @@ class DropPathKind(DropoutKind):
     At a placement inside a residual branch it drops the branch for that sample, which is stochastic depth.
     """
 
-    closed_form = None
+    closed_form = "case_a"
     structure = "sample"
 
     @classmethod
