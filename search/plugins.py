@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from search import registry
 
 __all__ = ["Plugin", "PluginError", "load_plugin", "load_plugins", "loaded", "owner", "identity_of",
-           "runtime_env", "setup_worker", "split_space", "load_cli_plugins", "unload", "ENV_VAR"]
+           "runtime_env", "setup_worker", "raise_worker_error", "split_space", "load_cli_plugins", "unload", "ENV_VAR"]
 
 ENV_VAR = "DBN_PLUGINS"  # JSON list the driver exports to Ray workers (see runtime_env)
 HASH_CHARS = 16
@@ -327,17 +327,40 @@ def runtime_env(plugins: Sequence[Plugin] | None = None) -> dict[str, Any]:
     return env
 
 
+_WORKER_ERROR: list[str] = []  # why this worker could not load the driver's plugins (setup_worker)
+
+
 def setup_worker() -> None:
     """Load the plugins the driver exported (DBN_PLUGINS); Ray runs this in each worker process.
 
-    Raises:
-        PluginError: a package plugin whose source on this worker differs from the driver's.
+    A plugin that fails here (it imports a module the driver has and this worker lacks, a package plugin
+    whose source on this worker differs from the driver's) does not raise: Ray would report only "The actor
+    never ran - it was cancelled before it started running" with the cause buried in the worker's stderr.
+    The error is kept, and `raise_worker_error` (the trainable's first call) raises it as the trial's
+    error, so the sweep's failed-trial line and the run's `error` tag name the plugin and its import error.
     """
     raw = os.environ.get(ENV_VAR)
     if not raw:
         return
     for p in json.loads(raw):
-        got = load_plugin(p["spec"], source=p["source"] or None)
+        try:
+            got = load_plugin(p["spec"], source=p["source"] or None)
+        except PluginError as e:
+            _WORKER_ERROR.append(str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - whatever breaks a plugin's load, the trial says it in one line
+            _WORKER_ERROR.append(f"--plugin {p['spec']!r}: {type(e).__name__}: {_first_line(e)}")
+            continue
         if got.sha != p["sha"]:
-            raise PluginError(f"plugin {p['name']!r}: this worker's copy (sha {got.sha}) differs from the "
-                              f"driver's (sha {p['sha']}); install the same version on every node")
+            _WORKER_ERROR.append(f"plugin {p['name']!r}: this worker's copy (sha {got.sha}) differs from the "
+                                 f"driver's (sha {p['sha']}); install the same version on every node")
+
+
+def raise_worker_error() -> None:
+    """Raise PluginError with the first plugin that this Ray worker could not load (setup_worker), if any."""
+    if _WORKER_ERROR:
+        import socket
+
+        raise PluginError(f"{_WORKER_ERROR[0]} (on the Ray worker at {socket.gethostname()}, pid {os.getpid()}: "
+                          "the driver loaded it; a module it imports must be importable on every node, e.g. "
+                          "beside it in a package plugin or installed)")
