@@ -67,6 +67,9 @@ def trainable(config: dict[str, Any]) -> None:
     Only new configurations reach it: grid/random runs get the unfinished ones, and
     `DedupSearcher` answers Optuna's repeated proposals without starting a trial.
     """
+    from search.plugins import raise_worker_error
+
+    raise_worker_error()  # a plugin this worker could not import: its own error, before names it registers fail
     cfg = TrialConfig.from_dict(config["cfg"] if "cfg" in config else _strip(config))
     import torch
 
