@@ -158,7 +158,62 @@ def test_runtime_env_carries_the_source_to_a_worker_without_the_file(tmp_path: P
     assert "'spatial')" in out.stdout and p.identity in out.stdout
 
 
+def test_a_plugin_a_worker_cannot_import_is_kept_as_the_trials_error(tmp_path: Path, clean: None) -> None:
+    """setup_worker (Ray's worker_process_setup_hook) does not raise: Ray would only say "The actor never ran";
+    the plugin's one-line error is kept and raise_worker_error (the trainable's first call) raises it."""
+    work = tmp_path / "driver"
+    work.mkdir()
+    write(work, "plughelper", "VALUE = 1\n")
+    path = write(work, "needshelper", "import plughelper  # beside the plugin: the driver's cwd only\n")
+    sys.path.insert(0, str(work))
+    try:
+        plugins.load_plugin(str(path))
+        env = plugins.runtime_env()
+    finally:
+        sys.path.remove(str(work))
+        sys.modules.pop("plughelper", None)
+    code = ("from search import plugins; plugins.setup_worker(); print('setup returned', flush=True); "
+            "plugins.raise_worker_error()")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env["env_vars"]}, cwd=tmp_path)  # a worker: no plughelper here
+    assert "setup returned" in out.stdout and out.returncode == 1, (out.stdout, out.stderr[-2000:])
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("search.plugins.PluginError: --plugin "), last
+    assert "import failed: needshelper.py:1: ModuleNotFoundError: No module named 'plughelper'" in last, last
+    assert "on the Ray worker at" in last and "importable on every node" in last, last
+
+
 # ------------------------------------------------------------------ end to end
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_whose_plugin_fails_to_import_on_workers_names_the_import_error(tmp_path: Path) -> None:
+    """A plugin importing a module only the driver has (beside it in the driver's working directory): every
+    trial fails, and the failed trial's line, its MLflow run's error and the sweep's last line name the plugin
+    and its import error, not "The actor never ran - it was cancelled before it started running" (issue 30).
+    Each trial is one FAILED run and one Parquet row, retries included."""
+    from _sweeps import _dataset, _env, _runs, _sweep
+
+    write(tmp_path, "plughelper", "VALUE = 1\n")
+    write(tmp_path, "needshelper", "import plughelper  # beside the plugin: the driver's cwd only\n")
+    args = ["--space", "smoke", "--set", "dropout_placement=none", "--set", "dropout_type=bernoulli", "--set",
+            "dropout_rate=0", "--set", "epochs=1", "--set", "train_samples=64", "--num-cpus", "2", "--quiet",
+            "--plugin", "./needshelper.py"]
+    rc, log = _sweep(tmp_path, args, env=_env(DBN_SWEEP_REPORT="off"))
+    assert rc == 1, (rc, log[-3000:])
+    cause = "import failed: needshelper.py:1: ModuleNotFoundError: No module named 'plughelper'"
+    errors = [ln for ln in log.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: every trial of this sweep failed (1 failed; first: "
+                                                     "search.plugins.PluginError: --plugin "), errors
+    assert cause in errors[0], errors[0]
+    assert any(ln.startswith("[1/1] ") and "FAILED: search.plugins.PluginError" in ln and cause in ln
+               for ln in log.splitlines()), log[-3000:]
+    assert "The actor never ran" not in log
+    runs = [r for r in _runs(tmp_path) if "config_hash" in r.data.tags]
+    assert [r.info.status for r in runs] == ["FAILED"] and cause in runs[0].data.tags["error"]
+    trials = _dataset(tmp_path / "results", "trials")
+    assert trials.column("status").to_pylist() == ["failed"] and cause in trials.column("error")[0].as_py()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_trial_sweep_with_a_plugin_on_local_ray(tmp_path: Path, clean: None) -> None:
