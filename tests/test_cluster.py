@@ -114,6 +114,96 @@ def test_staging_names_a_missing_uri(tmp_path: Path) -> None:
     assert not (tmp_path / "stage").exists()  # no lock file, no folder for a URI that failed
 
 
+@pytest.mark.timeout(60)
+def test_staging_copies_again_when_the_source_changed(tmp_path: Path, remote_dir: Path) -> None:
+    """A staged copy was keyed by the URI alone and reused forever: after the source was fixed or changed, trials
+    still trained on the old copy, silently (issue 30). Now a changed file (same size, new mtime), an added file or
+    a removed one is copied again; an unchanged source is not."""
+    uri, root = remote_dir.as_uri(), str(tmp_path / "stage")
+    local = Path(stage_data_dir(uri, root=root))
+    marker = (local.parent / "DONE").read_text()
+    assert stage_data_dir(uri, root=root) == str(local) and (local.parent / "DONE").read_text() == marker
+    batch = remote_dir / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(os.urandom(4096))  # same size, new content
+    os.utime(batch, ns=(batch.stat().st_atime_ns, batch.stat().st_mtime_ns + 10**9))
+    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
+    (remote_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"new")
+    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
+    (remote_dir / "README").unlink()
+    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
+    assert not [p for p in local.parent.iterdir() if p.name.startswith(".tmp-")]  # no copy left half-way
+
+
+@pytest.mark.timeout(60)
+def test_staging_copies_again_a_copy_cut_short_or_partly_deleted(tmp_path: Path, remote_dir: Path) -> None:
+    """A DONE marker is not enough: a copy whose files or bytes differ from what the marker recorded (truncated,
+    a file removed by a temp cleaner) is copied again, not trained on."""
+    uri, root = remote_dir.as_uri(), str(tmp_path / "stage")
+    local = Path(stage_data_dir(uri, root=root))
+    (local / "cifar-10-batches-py" / "test_batch").write_bytes(b"cut")  # truncated
+    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
+    (local / "README").unlink()  # removed
+    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
+    (local.parent / "DONE").write_text('{"uri": "')  # a marker cut short
+    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
+
+
+@pytest.mark.timeout(60)
+def test_staging_refuses_a_folder_others_can_write_or_too_small(tmp_path: Path, remote_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staging root must be this user's, not writable by others (they could plant training data for a URI),
+    writable, and hold the data: one line naming the URI, the folder and DBN_STAGE_DIR; nothing copied."""
+    import search.sweep.staging as staging
+
+    uri = remote_dir.as_uri()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match=r"the staging folder .*shared' is writable by group and others "
+                                              r"\(mode 777\).*DBN_STAGE_DIR"):
+        stage_data_dir(uri, root=str(shared))
+    assert list(shared.iterdir()) == []
+    if os.getuid() == 0:  # as root a folder can be given to another user
+        os.chown(shared, 65534, 65534)
+        shared.chmod(0o700)
+        with pytest.raises(PermissionError, match=r"belongs to uid 65534, not to this user"):
+            stage_data_dir(uri, root=str(shared))
+        assert list(shared.iterdir()) == []
+    monkeypatch.setattr(staging, "MIN_SPARE_BYTES", 2**62)
+    with pytest.raises(OSError, match=r"MiB free, the data needs \d+ MiB; set DBN_STAGE_DIR"):
+        stage_data_dir(uri, root=str(tmp_path / "small"))
+    assert not list((tmp_path / "small").iterdir())
+    made = tmp_path / "fresh"
+    monkeypatch.setattr(staging, "MIN_SPARE_BYTES", 0)
+    stage_data_dir(uri, root=str(made))
+    assert made.stat().st_mode & 0o777 == 0o700  # a staging root it creates is private
+
+
+@pytest.mark.timeout(120)
+def test_a_sweep_whose_staging_folder_others_can_write_is_refused_before_anything_runs(
+        tmp_path: Path, remote_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """search.run with a --data-dir URI on a local Ray checks this machine's staging root in preflight: exit 2,
+    one line, nothing written (no mlflow.db, no results/), nothing staged."""
+    import search.sweep.driver
+    from search.sweep import cli
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o775)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("DBN_STAGE_DIR", str(shared))
+    monkeypatch.setattr(search.sweep.driver, "drive", lambda *a, **k: pytest.fail("reached the driver"))
+    rc = cli.main(["--space", "smoke", "--data-dir", remote_dir.as_uri(), "--num-cpus", "2"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: staging --data-dir {remote_dir.as_uri()!r}: the staging folder "), lines[0]
+    assert "is writable by its group (mode 775)" in lines[0] and "DBN_STAGE_DIR" in lines[0], lines[0]
+    assert list(cwd.iterdir()) == [] and list(shared.iterdir()) == []
+
+
 _STAGE_WORKER = textwrap.dedent("""
     import sys, time
     import pyarrow.fs as pafs

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_dir and "://" in args.data_dir:
             from search.sweep.staging import check_data_uri
 
-            check_data_uri(args.data_dir)
+            check_data_uri(args.data_dir, stage_here=not args.address)  # a local Ray's trials stage here
         args.ablation_plan = ablation  # written by the driver once it holds the sweep's lock
     except (ConfigError, UsageError, ValueError, FileNotFoundError, ConnectionError, PermissionError,
             OSError) as e:

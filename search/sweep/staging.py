@@ -6,14 +6,21 @@ number of trials. The first trial on a node copies, the others wait on a file
 lock and then reuse the copy; a completion marker lets later trials skip the
 lock altogether. A plain local path is returned unchanged.
 
-Layout under the staging root (``$DBN_STAGE_DIR``, default ``/tmp/dbn-data``)::
+Layout under the staging root (``$DBN_STAGE_DIR``, default ``/tmp/dbn-data-<uid>``)::
 
     <sha>/data/      the copy that trials read
-    <sha>/DONE       completion marker (JSON: uri, files, bytes, seconds)
+    <sha>/DONE       completion marker (JSON: uri, source fingerprint, files, bytes, seconds)
     <sha>.lock       fcntl lock held while copying
+
+A copy is reused only while it matches (issue 30): the source's fingerprint (every file's path, size and
+mtime) must equal the marker's, else the source changed and it is copied again; the copy's files and
+bytes must equal the marker's, else it was cut short or partly deleted (a temp cleaner) and is copied
+again. The staging root must be this user's own and not writable by others (anyone who can write there
+could plant training data for a URI), writable, and have room for the source, or one line says which.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,9 +30,10 @@ import time
 import uuid
 from typing import Any
 
-__all__ = ["stage_data_dir", "staged_path", "check_data_uri", "DEFAULT_STAGE_ROOT"]
+__all__ = ["stage_data_dir", "staged_path", "check_data_uri", "check_stage_root", "DEFAULT_STAGE_ROOT"]
 
-DEFAULT_STAGE_ROOT = "/tmp/dbn-data"
+DEFAULT_STAGE_ROOT = f"/tmp/dbn-data-{os.getuid()}"  # one per user: another user's folder is refused
+MIN_SPARE_BYTES = 16 * 2**20  # free space left beside a copy: the marker, the lock, other trials' temp files
 
 
 def _root(root: str | None) -> str:
@@ -48,7 +56,7 @@ def stage_data_dir(data_dir: str, *, root: str | None = None) -> str:
     Args:
         data_dir: a local path (returned unchanged) or a URI that
             `pyarrow.fs.FileSystem.from_uri` understands (s3://, gs://, file://, ...).
-        root: the node-local staging folder (default ``$DBN_STAGE_DIR`` or ``/tmp/dbn-data``).
+        root: the node-local staging folder (default ``$DBN_STAGE_DIR`` or ``/tmp/dbn-data-<uid>``).
 
     Returns:
         The local path of the staged copy (or `data_dir` itself when it is a local path).
@@ -56,36 +64,116 @@ def stage_data_dir(data_dir: str, *, root: str | None = None) -> str:
     Raises:
         FileNotFoundError: the URI does not name an existing directory.
         ValueError: pyarrow cannot open the URI (unknown scheme, bad bucket name).
+        PermissionError / OSError: the staging root is another user's, writable by others, not writable,
+            or has no room for the copy (one line naming it and $DBN_STAGE_DIR).
     """
     if "://" not in data_dir:
         return data_dir
-    base = os.path.join(_root(root), _key(data_dir))
-    dest, marker = os.path.join(base, "data"), os.path.join(base, "DONE")
-    if os.path.exists(marker):  # fast path: no lock once a node has its copy
-        return dest
     fs, path = _open(data_dir)  # a bad URI fails here, before any lock file exists
-    os.makedirs(os.path.dirname(base), exist_ok=True)
+    files = _listing(fs, path)
+    source = _fingerprint(files)
+    stage_root = _root(root)
+    base = os.path.join(stage_root, _key(data_dir))
+    dest, marker = os.path.join(base, "data"), os.path.join(base, "DONE")
+    if _current(marker, dest, source):  # fast path: no lock once a node has its copy of this source
+        return dest
+    check_stage_root(stage_root, sum(size for _, size, _ in files), uri=data_dir)
     with open(base + ".lock", "a+") as lock:
         # Blocks while another trial on this node copies; the kernel releases the lock
         # if that process dies, and the next one starts over (see below).
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if os.path.exists(marker):
+            if _current(marker, dest, source):
                 return dest
-            _copy(fs, path, data_dir, base, dest, marker)
+            _copy(fs, path, data_dir, base, dest, marker, source)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return dest
 
 
-def check_data_uri(data_dir: str) -> None:
-    """Preflight for the driver: raise if URI `data_dir` is not a readable directory.
+def check_data_uri(data_dir: str, *, stage_here: bool = False, root: str | None = None) -> None:
+    """Preflight for the driver: raise if URI `data_dir` is not a readable directory, and (`stage_here`: its
+    trials stage on this machine, a local Ray) if this machine's staging root cannot hold it.
 
     Raises:
         FileNotFoundError: nothing (or a file) at the URI.
         ValueError: pyarrow cannot open the URI.
+        PermissionError / OSError: the staging root is not private, not writable or too small.
     """
-    _open(data_dir)
+    fs, path = _open(data_dir)
+    if stage_here:
+        files = _listing(fs, path)
+        marker = os.path.join(_root(root), _key(data_dir), "DONE")
+        if not _current(marker, os.path.join(os.path.dirname(marker), "data"), _fingerprint(files)):
+            check_stage_root(_root(root), sum(size for _, size, _ in files), uri=data_dir, create=False)
+
+
+def check_stage_root(root: str, need: int, *, uri: str, create: bool = True) -> None:
+    """Raise PermissionError/OSError (one line) unless `root` is this user's own folder, not writable by
+    group or others, writable, with `need` bytes free plus MIN_SPARE_BYTES. Creates it (0700) if `create`."""
+    hint = "set DBN_STAGE_DIR to a folder of your own on a local disk with room for the data"
+    where = f"staging --data-dir {uri!r}: the staging folder {root!r}"
+    if create:
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"{where} cannot be created ({e.strerror}); {hint}") from None
+    probe = root
+    while not os.path.exists(probe):  # not created yet (preflight): its nearest existing parent decides
+        probe = os.path.dirname(probe)
+    if probe == root:
+        st = os.lstat(root)
+        if not os.path.isdir(root) or os.path.islink(root):
+            raise OSError(f"{where} is not a directory (a symlink or a file); {hint}")
+        if st.st_uid != os.getuid():
+            raise PermissionError(f"{where} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): "
+                                  f"its owner could plant training data for any URI; {hint}")
+        if st.st_mode & 0o022:
+            raise PermissionError(f"{where} is writable by {'group and others' if st.st_mode & 0o002 else 'its group'}"
+                                  f" (mode {st.st_mode & 0o777:o}): they could plant training data; chmod 700 it "
+                                  f"or {hint}")
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"{where} is not writable (no write permission on {probe!r}); {hint}")
+    free = shutil.disk_usage(probe).free
+    if free < need + MIN_SPARE_BYTES:
+        raise OSError(errno.ENOSPC, f"{where} has {free / 2**20:.0f} MiB free, the data needs "
+                      f"{(need + MIN_SPARE_BYTES) / 2**20:.0f} MiB; {hint}")
+
+
+def _listing(fs: Any, path: str) -> list[tuple[str, int, int]]:
+    """(path relative to `path`, size, mtime in ns) of every file under `path` of `fs`, sorted."""
+    import pyarrow.fs as pafs
+
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            mtime = info.mtime_ns if info.mtime_ns is not None else -1
+            out.append((os.path.relpath(info.path, path), int(info.size or 0), int(mtime)))
+    return sorted(out)
+
+
+def _fingerprint(files: list[tuple[str, int, int]]) -> str:
+    return hashlib.sha256(json.dumps(files).encode("utf-8")).hexdigest()[:16]
+
+
+def _current(marker: str, dest: str, source: str) -> bool:
+    """Whether the copy at `dest` is complete (its files and bytes as the marker says) and of `source`."""
+    try:
+        with open(marker) as fh:
+            done = json.load(fh)
+    except (OSError, ValueError):
+        return False  # no marker (a copy cut short) or a marker cut short
+    if done.get("source") != source:
+        return False  # the source changed since (or a marker from before fingerprints): copy again
+    return _count(dest) == (done.get("files"), done.get("bytes"))
+
+
+def _count(dest: str) -> tuple[int, int]:
+    files, size = 0, 0
+    for folder, _, names in os.walk(dest):
+        files += len(names)
+        size += sum(os.path.getsize(os.path.join(folder, n)) for n in names)
+    return files, size
 
 
 def _open(uri: str) -> tuple[Any, str]:
@@ -103,23 +191,22 @@ def _open(uri: str) -> tuple[Any, str]:
     return fs, path
 
 
-def _copy(fs: Any, path: str, uri: str, base: str, dest: str, marker: str) -> None:
+def _copy(fs: Any, path: str, uri: str, base: str, dest: str, marker: str, source: str) -> None:
     """Copy `path` of `fs` into a private temp folder, then rename it to `dest` and write the marker."""
     import pyarrow.fs as pafs
 
-    # Whatever a killed copier left behind is incomplete (no marker): start over.
+    # Whatever a killed copier left behind is incomplete (no marker), and a copy of an older source is stale:
+    # start over. The marker goes first, so a copier killed from here on leaves no marker.
     shutil.rmtree(base, ignore_errors=True)
-    os.makedirs(base)
+    os.makedirs(base, mode=0o700)
     tmp = os.path.join(base, f".tmp-{uuid.uuid4().hex[:8]}")
     t0 = time.time()
     pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     os.makedirs(tmp, exist_ok=True)  # an empty source directory copies no file
     os.replace(tmp, dest)
-    files, size = 0, 0
-    for folder, _, names in os.walk(dest):
-        files += len(names)
-        size += sum(os.path.getsize(os.path.join(folder, n)) for n in names)
-    done = {"uri": uri, "files": files, "bytes": size, "seconds": round(time.time() - t0, 3), "pid": os.getpid()}
+    files, size = _count(dest)
+    done = {"uri": uri, "source": source, "files": files, "bytes": size, "seconds": round(time.time() - t0, 3),
+            "pid": os.getpid()}
     with open(marker + ".tmp", "w") as fh:
         json.dump(done, fh)
         fh.flush()
