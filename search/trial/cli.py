@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         load_plugins(ns.plugin, check=True)
         cfg = _config_from_args(ns)
         _check_json_path(ns.json)
+        cfg = _preflight(cfg)
+    except (ConfigError, ValueError, OSError) as e:  # bad input, found before any data is loaded
+        if ns.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         result = runner.run_trial(cfg, report=lambda m: print(
             f"  epoch {int(m['epoch']):>3}  train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.4f}  "
             f"{m['throughput']:,.0f} img/s", flush=True))
@@ -70,6 +77,23 @@ def main(argv: list[str] | None = None) -> int:
         _write_json_atomic(ns.json, {"config": cfg.to_dict(), "config_hash": cfg.config_hash,
                                      "result": result.to_dict()})
     return 0 if result.status != "failed" else 1
+
+
+def _preflight(cfg: TrialConfig) -> TrialConfig:
+    """search.run's checks for one trial, before any data is loaded (issue 30: a bad combination ended in a
+    75-line traceback after loading the data): the dataset's files by their headers, the model built on the
+    meta device and run forward once (a placement the backbone cannot take, an input too small for it), a
+    `--data-dir` URI's folder and this machine's staging folder; a URI is then staged as a sweep's trial does.
+    Returns `cfg`, with a URI's data_dir replaced by the staged copy. Raises ValueError/OSError (one line)."""
+    from search.sweep.preflight import check_trials
+
+    check_trials([cfg.to_dict()])  # a URI's files are checked once staged (run_trial's reader)
+    if cfg.data_dir and "://" in cfg.data_dir:
+        from search.sweep.staging import check_data_uri, stage_data_dir
+
+        check_data_uri(cfg.data_dir, stage_here=True)
+        cfg = cfg.replace(data_dir=stage_data_dir(cfg.data_dir))
+    return cfg
 
 
 def _check_json_path(path: str | None) -> None:
