@@ -115,6 +115,22 @@ def test_staging_names_a_missing_uri(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_staging_copies_files_lying_directly_in_the_uri(tmp_path: Path) -> None:
+    """The idx files directly in the folder (the Debian package's layout, /usr/share/datasets/fashion-mnist):
+    pyarrow's copy did not create the destination and every trial failed with a FileNotFoundError inside
+    staging (issue 30). Now the copy holds the four files and the dataset's own check accepts it."""
+    from _idx import write_idx
+
+    from search import registry
+
+    src = tmp_path / "fashion-mnist"
+    write_idx(src, gz=True)
+    local = Path(stage_data_dir(src.as_uri(), root=str(tmp_path / "stage")))
+    assert _tree(local) == _tree(src) and len(_tree(local)) == 4
+    registry.get("dataset", "fashion_mnist").meta["check"](str(local))
+
+
+@pytest.mark.timeout(60)
 def test_staging_copies_again_when_the_source_changed(tmp_path: Path, remote_dir: Path) -> None:
     """A staged copy was keyed by the URI alone and reused forever: after the source was fixed or changed, trials
     still trained on the old copy, silently (issue 30). Now a changed file (same size, new mtime), an added file or

@@ -201,8 +201,10 @@ def _copy(fs: Any, path: str, uri: str, base: str, dest: str, marker: str, sourc
     os.makedirs(base, mode=0o700)
     tmp = os.path.join(base, f".tmp-{uuid.uuid4().hex[:8]}")
     t0 = time.time()
+    # pyarrow creates the subfolders it copies, not the destination itself: files directly in the source (the
+    # Debian dataset packages' layout, /usr/share/datasets/fashion-mnist) failed with FileNotFoundError.
+    os.makedirs(tmp)
     pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    os.makedirs(tmp, exist_ok=True)  # an empty source directory copies no file
     os.replace(tmp, dest)
     files, size = _count(dest)
     done = {"uri": uri, "source": source, "files": files, "bytes": size, "seconds": round(time.time() - t0, 3),
