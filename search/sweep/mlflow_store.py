@@ -27,7 +27,14 @@ def check_uri_form(uri: str, flag: str = "--tracking-uri") -> None:
 
     A scheme typed almost right (`sqllite:///x`, `sqlite:/x`, `sqlite://x`, `htp://h:5000`) is named as a
     misspelling with the URI it was probably meant to be, not as a store kind MLflow does not support."""
-    if uri.startswith(("sqlite:///", "http://", "https://")):
+    if uri.startswith("sqlite:///"):
+        bad = sorted({c for c in uri[len("sqlite:///"):] if c in "?#%"})
+        if bad:  # a database URL reads them as a query, a fragment, an escape: MLflow opened another file (exit 3)
+            raise ValueError(f"{flag} {uri!r}: the path holds {', '.join(map(repr, bad))}, which a database URL "
+                             "reads as a query, a fragment or an escape (MLflow would open another file); rename "
+                             "or move the store (allowed: sqlite:///PATH with no ?, # or % in PATH)")
+        return
+    if uri.startswith(("http://", "https://")):
         return
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/*(.*)$", uri, re.S)
     if m is None:
