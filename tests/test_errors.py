@@ -222,6 +222,10 @@ CASES = [
     Case("tracking-path-needs-quoting", "search.run", f"{S} --tracking-uri 'sqlite:///{{empty_dir}}/runs?v2.db'",
          ("--tracking-uri", "the path holds '?', which a database URL reads as a query",
           "allowed: sqlite:///PATH with no ?, # or % in PATH")),
+    # where Ray keeps its files (a full or unwritable RAY_TMPDIR was exit 3, "rerun with --resume")
+    Case("ray-tmpdir-unusable", "search.run", S,
+         ("RAY_TMPDIR '/proc/nope'", "Ray keeps its session files there", "set RAY_TMPDIR to one"),
+         env=(("RAY_TMPDIR", "/proc/nope"),)),
     Case("tracking-scheme-misspelled", "search.run", f"{S} --tracking-uri sqllite:///mlflow.db",
          ("--tracking-uri 'sqllite:///mlflow.db' is not a well-formed tracking URI",
           "did you mean 'sqlite:///mlflow.db'?", "allowed: sqlite:///PATH, http(s)://HOST:PORT")),

@@ -278,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(configs)} trials ({args.space}, profile {args.profile}, algo {args.algo})")
             return EXIT_OK
         from search.code_version import code_version
-        from search.sweep.preflight import (check_address, check_resources, check_storage, check_tracking,
-                                            check_trials)
+        from search.sweep.preflight import (check_address, check_environment, check_resources, check_storage,
+                                            check_tracking, check_trials)
 
         code_version()  # recorded on every run; a malformed DBN_CODE_VERSION is refused here, before any write
         check_storage(args.storage)
         check_tracking(args.tracking_uri)
+        check_environment(args.address)
         check_address(args.address)
         check_resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, num_cpus=args.num_cpus,
                         address=args.address, configs=configs)

@@ -10,7 +10,7 @@ import shutil
 import urllib.error
 import urllib.request
 
-__all__ = ["check_storage", "check_tracking", "check_address", "check_trials", "check_resources", "local_gpus"]
+__all__ = ["check_storage", "check_tracking", "check_environment", "check_address", "check_trials", "check_resources", "local_gpus"]
 
 MIN_FREE_BYTES = 200 * 2**20  # below this a sweep cannot even write its first results
 
@@ -95,6 +95,22 @@ def check_tracking(uri: str, *, reading: bool = False, flag: str = "--tracking-u
         raise ValueError(f"{flag} {uri!r}: MLflow 3 no longer supports file stores (a folder of runs); "
                          f"use sqlite:///mlflow.db or a tracking server (allowed: {ALLOWED})")
     raise ValueError(f"{flag} {uri!r}: unsupported scheme (allowed: {ALLOWED})")
+
+
+def check_environment(address: str | None) -> None:
+    """Raise OSError naming the variable unless a local Ray can keep its session files (RAY_TMPDIR, default /tmp):
+    a folder there that cannot be written, or whose disk is (nearly) full, ended the sweep as "failed while
+    running ... rerun with --resume" (exit 3) after the lock and mlflow.db were written (issue 30).
+    A cluster's nodes (`address`) keep theirs on their own disks."""
+    if address:
+        return
+    shown = os.environ.get("RAY_TMPDIR") or "/tmp"
+    flag = "RAY_TMPDIR" if os.environ.get("RAY_TMPDIR") else "Ray's temporary folder"
+    try:
+        check_storage(shown, flag=flag, shown=shown)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e}: Ray keeps its session files there (allowed: a writable "
+                      "folder on a disk with room; set RAY_TMPDIR to one)") from None
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
