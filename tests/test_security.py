@@ -298,3 +298,44 @@ def test_ray_cluster_yaml_binds_nothing_to_all_interfaces() -> None:
     assert not [v for v in values if "0.0.0.0" in v or "--host=::" in v or "--host ::" in v]
     starts = [v for v in values if "ray start --head" in v]
     assert starts and all("--dashboard-host=127.0.0.1" in v for v in starts), starts
+
+
+# --------------------------------------------------------------------------- Ray's token file
+def test_ray_token_file_is_made_private_where_the_project_starts_ray(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray 2.60 writes ~/.ray/auth_token readable by all (0644), and the token is all it takes to run code on
+    the cluster (issue 30). init_ray, after ray.init (local or a cluster), makes this user's token files 0600:
+    ~/.ray/auth_token and RAY_AUTH_TOKEN_PATH; a symlink, a file it does not own or one not there is left alone."""
+    import stat
+
+    import ray
+
+    from search.sweep import driver
+    from search.sweep.ray_token import make_private
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    token, other = home / ".ray" / "auth_token", tmp_path / "job_token"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+
+    def fake_init(*_a: object, **_k: object) -> None:  # what Ray 2.60's ray.init does to the token
+        for p in (token, other):
+            p.write_text("t" * 64)
+            p.chmod(0o644)
+
+    import ray._private.ray_constants as ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)  # restored after
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(driver, "_runtime_env", lambda: None)
+    for address in (None, "10.0.0.1:6379"):
+        driver.init_ray(address, 1)
+        assert {stat.S_IMODE(p.stat().st_mode) for p in (token, other)} == {0o600}, address
+    link = tmp_path / "link"
+    link.symlink_to(token)
+    token.chmod(0o644)
+    assert make_private([str(link), str(tmp_path / "missing")]) == []
+    assert stat.S_IMODE(token.stat().st_mode) == 0o644  # through a symlink: left to its owner
+    assert make_private([str(token)]) == [str(token)] and make_private([str(token)]) == []
