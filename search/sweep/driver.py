@@ -24,6 +24,8 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         return
     import ray._private.ray_constants as ray_constants
 
+    from search.sweep.ray_token import make_private
+
     runtime_env = _runtime_env()
     if address:
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
@@ -34,6 +36,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address {address!r}: no Ray cluster reachable there "
                                   f"({str(e).splitlines()[0][:200]})") from None
+        make_private()  # Ray writes its token file readable by all (0644)
         return
     # Ray binds its node services to the IP it detects (all interfaces on Linux); a local sweep
     # needs none of them reachable from the network, so keep the node on loopback. There is no
@@ -42,6 +45,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     # address="local": always a fresh local Ray, never a cluster someone else started on this machine.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
              log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+    make_private()  # a new local Ray with token auth writes ~/.ray/auth_token readable by all (0644)
 
 
 def _runtime_env() -> dict[str, Any] | None:
