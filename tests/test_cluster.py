@@ -220,6 +220,40 @@ def test_a_sweep_whose_staging_folder_others_can_write_is_refused_before_anythin
     assert list(cwd.iterdir()) == [] and list(shared.iterdir()) == []
 
 
+@pytest.mark.timeout(120)
+def test_a_sweep_checks_the_staged_copy_of_a_uri_before_anything_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """On a local Ray, search.run stages a --data-dir URI in preflight and runs the dataset's own file checks on
+    the copy: a corrupt idx file is one line naming the URI and the file, exit 2, before the lock, mlflow.db or
+    results/ (it was every trial's failure). A good one passes and leaves the copy the trials reuse."""
+    import search.sweep.driver
+    from _idx import write_idx
+
+    from search.sweep import cli
+
+    src = tmp_path / "fashion"
+    write_idx(src, gz=False)
+    (src / "train-labels-idx1-ubyte").write_bytes((src / "t10k-images-idx3-ubyte").read_bytes())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("DBN_STAGE_DIR", str(tmp_path / "stage"))
+    reached = []
+    monkeypatch.setattr(search.sweep.driver, "drive", lambda *a, **k: reached.append(1) or 0)
+    argv = ["--space", "smoke", "--set", "dataset=fashion_mnist", "--set", "image_size=16", "--data-dir",
+            src.as_uri(), "--num-cpus", "2"]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and not reached, err
+    assert lines[0].startswith(f"error: --data-dir {src.as_uri()!r} (staged at {tmp_path / 'stage'}"), lines[0]
+    assert "train-labels-idx1-ubyte: not a readable idx file of dataset 'fashion_mnist'" in lines[0], lines[0]
+    assert list(cwd.iterdir()) == []
+    write_idx(src, gz=False)  # fixed: the source changed, so the copy is staged again and passes
+    assert cli.main(argv) == 0 and reached == [1], capsys.readouterr().err
+    assert list(cwd.iterdir()) == []
+
+
 _STAGE_WORKER = textwrap.dedent("""
     import sys, time
     import pyarrow.fs as pafs

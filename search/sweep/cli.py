@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             from search.sweep.staging import check_data_uri
 
             check_data_uri(args.data_dir, stage_here=not args.address)  # a local Ray's trials stage here
+            if not args.address:
+                _check_staged(args.data_dir, configs + ([] if args.algo == "grid" else
+                                                        reachable_configs(args, overrides)))
         args.ablation_plan = ablation  # written by the driver once it holds the sweep's lock
     except (ConfigError, UsageError, ValueError, FileNotFoundError, ConnectionError, PermissionError,
             OSError) as e:
@@ -306,6 +309,20 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted before the sweep started: nothing was trained", file=sys.stderr)
         return EXIT_SIGINT
     return _drive(args, configs, overrides, gpus)
+
+
+def _check_staged(uri: str, configs: list[dict[str, Any]]) -> None:
+    """Stage a --data-dir URI on this machine (a local Ray's trials would, each in turn) and run the datasets'
+    file checks on the copy, so a missing or corrupt file is one line before the sweep, not every trial's
+    failure (issue 30). Raises ValueError naming the URI and the staged copy."""
+    from search.sweep.preflight import check_data_files
+    from search.sweep.staging import stage_data_dir
+
+    local = stage_data_dir(uri)
+    try:
+        check_data_files([{**c, "data_dir": local} for c in configs if c.get("data_dir") == uri])
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--data-dir {uri!r} (staged at {local}): {e}") from None
 
 
 def _drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],

@@ -199,6 +199,14 @@ def check_trials(configs: list[dict]) -> None:
     Raises:
         FileNotFoundError / ValueError (DatasetNotFoundError, CorruptDatasetError, ConfigError): one line.
     """
+    check_data_files(configs)
+    _check_models(configs)
+
+
+def check_data_files(configs: list[dict]) -> None:
+    """Each dataset's own file check (search/trial/datasets.py: every file present, its header read before
+    the file), once per (dataset, data_dir); a URI is skipped (checked once staged: search.run stages it in
+    preflight on a local Ray)."""
     from search import registry
 
     seen: set = set()
@@ -208,8 +216,7 @@ def check_trials(configs: list[dict]) -> None:
         if key in seen or check is None or "://" in (c.get("data_dir") or ""):
             continue  # no files; or a URI, staged per node (check_data_uri checked the folder)
         seen.add(key)
-        check(key[1])  # the dataset's own file check (search/trial/datasets.py)
-    _check_models(configs)
+        check(key[1])
 
 
 def _check_models(configs: list[dict]) -> None:
