@@ -215,6 +215,9 @@ CASES = [
     Case("tracking-foreign-sqlite", "search.run", f"{S} --tracking-uri sqlite:///{{foreign_db}}",
          ("--tracking-uri", "is an sqlite database but not an MLflow store (its tables: notes)",
           "allowed: a new path or an MLflow sqlite file")),
+    Case("tracking-half-created", "search.run", f"{S} --tracking-uri sqlite:///{{half_db}}",
+         ("--tracking-uri", "is an MLflow store cut short while being created",
+          "if it holds no runs, delete it and run again")),
     Case("tracking-schema-newer", "search.run", f"{S} --tracking-uri sqlite:///{{newer_db}}",
          ("--tracking-uri", "schema revision 'ffffffffffff'", "does not know (a newer MLflow wrote it?)")),
     Case("tracking-schema-older", "search.run", f"{S} --tracking-uri sqlite:///{{older_db}}",
@@ -311,7 +314,7 @@ def _stores(folder: Path) -> dict[str, Path]:
 
     folder.mkdir()
     legacy = ROOT / "tests" / "data" / "legacy_smoke" / "mlflow.db"
-    out = {k: folder / f"{k}.db" for k in ("foreign_db", "newer_db", "older_db", "renamed_db")}
+    out = {k: folder / f"{k}.db" for k in ("foreign_db", "newer_db", "older_db", "renamed_db", "half_db")}
     con = sqlite3.connect(out["foreign_db"])
     con.execute("CREATE TABLE notes (x)")
     con.commit()
@@ -325,6 +328,11 @@ def _stores(folder: Path) -> dict[str, Path]:
         con.execute("UPDATE alembic_version SET version_num = ?", (rev,))
         con.commit()
         con.close()
+    shutil.copy(legacy, out["half_db"])  # MLflow's tables, no schema revision: a store cut short while created
+    con = sqlite3.connect(out["half_db"])
+    con.execute("DROP TABLE alembic_version")
+    con.commit()
+    con.close()
     shutil.copy(legacy, out["renamed_db"])  # smoke's trials now under wrn_widths; smoke an empty experiment
     client = MlflowClient(tracking_uri=f"sqlite:///{out['renamed_db']}")
     client.rename_experiment(client.get_experiment_by_name("smoke").experiment_id, "wrn_widths")

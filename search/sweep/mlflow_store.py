@@ -114,6 +114,10 @@ def check_sqlite_store(uri: str, db: str, *, reading: bool = False, flag: str = 
         if reading:
             raise ValueError(f"{flag} {uri!r}: {db!r} holds no MLflow store (no tables) ({allowed})")
         return
+    if "experiments" in tables and not rows or any(t.startswith("_alembic_tmp_") for t in tables):
+        raise ValueError(f"{flag} {uri!r}: {db!r} is an MLflow store cut short while being created (no schema "
+                         "revision, or a migration's temporary table); if it holds no runs, delete it and run "
+                         f"again ({allowed})")
     if "experiments" not in tables or not rows:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
         raise ValueError(f"{flag} {uri!r}: {db!r} is an sqlite database but not an MLflow store (its tables: "
