@@ -385,6 +385,29 @@ def test_corrupt_idx_file_is_one_line_naming_it(tmp_path, case, why):
     assert "dataset-fashion-mnist" in msg  # says how to get a good copy
 
 
+def test_idx_header_is_checked_before_the_file_is_read_whole(tmp_path, monkeypatch):
+    """A header promising more data than any idx dataset holds is refused from its 16 bytes, and a gzip stream
+    holding more than its header promises is read only up to that length plus one byte (issue 30: files were
+    read, and decompressed, whole before their header was checked)."""
+    import gzip
+
+    from search.trial import mnist
+
+    huge = tmp_path / "huge-idx3-ubyte"
+    huge.write_bytes((0x0803).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (100_000, 1000, 1000)))
+    with pytest.raises(CorruptDatasetError, match=r"header says 100000 x 1000 x 1000 = 100000000000 bytes of data, "
+                                                  r"more than the 2147483648 an idx dataset may hold"):
+        mnist.read_idx(huge, 3)
+    longer = tmp_path / "longer-idx1-ubyte.gz"
+    longer.write_bytes(gzip.compress((0x0801).to_bytes(4, "big") + (4).to_bytes(4, "big") + bytes(10**6)))
+    reads = []
+    real = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, n=-1: (reads.append(n), real(self, n))[1])
+    with pytest.raises(CorruptDatasetError, match="header says 4 = 4 bytes of data, file holds more than 4"):
+        mnist.read_idx(longer, 1)
+    assert reads == [8, 5]  # the header, then the promised data and one byte: never the whole stream
+
+
 def test_preflight_checks_idx_files_before_anything_runs(tmp_path, monkeypatch):
     from search.sweep import preflight
 

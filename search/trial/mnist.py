@@ -95,30 +95,49 @@ def _bad(path: Path, name: str, why: str) -> CorruptDatasetError:
                                f"{_how_to_get(name)}")
 
 
+# The largest idx data a file may declare: 2 GiB of pixels, far above any MNIST-format dataset (Fashion-MNIST's
+# training images are 47 MB); a header promising more is refused before anything is read or decompressed.
+MAX_IDX_BYTES = 2**31
+
+
 def read_idx(path: Path, ndim: int, name: str = "fashion_mnist") -> np.ndarray:
-    """One idx file of unsigned bytes with `ndim` dimensions, checked against its header.
+    """One idx file of unsigned bytes with `ndim` dimensions, checked against its header before its data is read.
+
+    The header (magic number, dimensions) is read first; the data is then read up to the length the header
+    promises (one byte more, to see a longer file), so a damaged or hostile file (a header promising more than
+    MAX_IDX_BYTES, a gzip stream that inflates without end) is refused without reading it whole (issue 30).
 
     Raises:
         CorruptDatasetError: unreadable gzip, wrong magic number or dimensions, or a length the header
             does not promise (one line naming the file).
     """
+    head = 4 + 4 * ndim
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            header = fh.read(head)
+            if len(header) < head:
+                raise _bad(path, name, f"{len(header)} bytes, shorter than the {head}-byte header")
+            magic = int.from_bytes(header[:4], "big")
+            want = (_UBYTE << 8) | ndim
+            if magic != want:
+                raise _bad(path, name, f"magic number 0x{magic:08x}, expected 0x{want:08x} (unsigned bytes, "
+                                       f"{ndim} dims)")
+            dims = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+            size = int(np.prod(dims, dtype=np.int64))
+            shape = " x ".join(map(str, dims))
+            if size > MAX_IDX_BYTES:
+                raise _bad(path, name, f"header says {shape} = {size} bytes of data, more than the "
+                                       f"{MAX_IDX_BYTES} an idx dataset may hold")
+            if path.suffix != ".gz" and os.path.getsize(path) - head != size:
+                raise _bad(path, name, f"header says {shape} = {size} bytes of data, file holds "
+                                       f"{os.path.getsize(path) - head}")
+            data = fh.read(size + 1)
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; truncated streams raise EOFError
         raise _bad(path, name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated'}") from None
-    head = 4 + 4 * ndim
-    if len(raw) < head:
-        raise _bad(path, name, f"{len(raw)} bytes, shorter than the {head}-byte header")
-    magic = int.from_bytes(raw[:4], "big")
-    want = (_UBYTE << 8) | ndim
-    if magic != want:
-        raise _bad(path, name, f"magic number 0x{magic:08x}, expected 0x{want:08x} (unsigned bytes, {ndim} dims)")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(dims, dtype=np.int64))
-    if len(raw) != head + size:
-        raise _bad(path, name, f"header says {' x '.join(map(str, dims))} = {size} bytes of data, file holds "
-                               f"{len(raw) - head}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
+    if len(data) != size:
+        held = f"more than {size}" if len(data) > size else str(len(data))
+        raise _bad(path, name, f"header says {shape} = {size} bytes of data, file holds {held}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _split(name: str, images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
