@@ -408,6 +408,25 @@ def test_idx_header_is_checked_before_the_file_is_read_whole(tmp_path, monkeypat
     assert reads == [8, 5]  # the header, then the promised data and one byte: never the whole stream
 
 
+def test_cifar_file_larger_than_any_batch_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A CIFAR batch file is a pickle, read whole to be unpickled: one larger than any CIFAR batch (CIFAR-100's
+    train file, 155 MB) is refused from its size, one line, before a byte of it is read (issue 30)."""
+    import builtins
+
+    from search.trial import data
+
+    big = tmp_path / "data_batch_1"
+    with open(big, "wb") as fh:
+        fh.truncate(data.MAX_CIFAR_FILE_BYTES + 1)  # sparse: no disk used
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    with pytest.raises(CorruptDatasetError, match=rf"data_batch_1: not a readable CIFAR batch \({big.stat().st_size} "
+                                                  r"bytes, more than the 268435456 any CIFAR batch file holds\)"):
+        data._read_cifar_file(big, "labels")
+    assert str(big) not in opened
+
+
 def test_preflight_checks_idx_files_before_anything_runs(tmp_path, monkeypatch):
     from search.sweep import preflight
 

@@ -312,7 +312,17 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# The largest CIFAR batch file: CIFAR-100's train file is 155 MB; a larger one is refused before it is unpickled
+# (read whole) rather than after (issue 30: files were read whole before anything about them was checked).
+MAX_CIFAR_FILE_BYTES = 256 * 2**20
+
+
 def _read_cifar_file(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    size = path.stat().st_size
+    if size > MAX_CIFAR_FILE_BYTES:
+        raise CorruptDatasetError(f"{path}: not a readable CIFAR batch ({size} bytes, more than the "
+                                  f"{MAX_CIFAR_FILE_BYTES} any CIFAR batch file holds); delete it and untar the "
+                                  "archive again")
     try:
         with open(path, "rb") as f:
             raw = _NumpyOnlyUnpickler(f, encoding="latin1").load()  # latin1: the files come from Python 2
