@@ -587,6 +587,11 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
     # final one with the whole TrialResult, into a folder per trial: ~160 KB and 5 files a trial that
     # nothing reads (MLflow and Parquet are the record; benchmarks/control_plane.py, docs/performance.md).
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # ...so the ExperimentAnalysis Tune builds at the end of fit() finds no per-trial files to read back and says so,
+    # once per trial, as a warning about files deliberately not written (it also used to read all of them back).
+    import logging
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # Tune's experiment state (every trial so far, saved again and again) is for restoring a Tune run, which a
     # sweep never does: at most one save every 10 minutes instead of Tune's "auto" (up to 5% of the wall time).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "600")
