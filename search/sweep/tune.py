@@ -595,6 +595,13 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
     # Tune's experiment state (every trial so far, saved again and again) is for restoring a Tune run, which a
     # sweep never does: at most one save every 10 minutes instead of Tune's "auto" (up to 5% of the wall time).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "600")
+    if search_alg is None and "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ:
+        # Tune queues one pending trial for any searcher but its own grid/random generator (200, or 1.1 x the
+        # cluster's CPUs): PlannedSearcher's trials get the grid's queue, or they start one at a time and
+        # fractional-GPU trials never fill the GPUs (tests/test_cluster.py packs 8 on 2).
+        import ray
+
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(200, int(ray.cluster_resources().get("CPU", 1.0) * 1.1)))
     tuner = tune.Tuner(fn, tune_config=tune_config, run_config=run_config)
     with _stop_on_signals(abort):
         try:
