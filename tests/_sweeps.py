@@ -41,7 +41,13 @@ def _env(**extra: str) -> dict[str, str]:
 def _popen(cwd: Path, args: list[str], env: dict[str, str], log: Path, hook: str | None = None) -> subprocess.Popen:
     cmd = [PY, "-c", hook, *args] if hook else [PY, "-m", "search.run", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_terminal_signals)
+
+
+def _terminal_signals() -> None:
+    """The sweep gets SIGINT as from a terminal: a test run started in the background (`cmd &`, nohup) hands its
+    children SIGINT ignored, and Python then never raises KeyboardInterrupt (the Ctrl-C tests failed so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> int:
