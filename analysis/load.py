@@ -149,11 +149,28 @@ def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri:
         layers_parts += l_parts
         paths += [tdir, ldir]
     trials = read_parts(fs, trials_parts, TRIALS_SCHEMA, with_file=True)
+    _check_rows(trials, dict.fromkeys(names), base, root, tracking_uri, flags)
     layers = read_parts(fs, layers_parts, layers_schema())  # registered per-layer metrics included
     trials, layers, notes = dedup(trials, layers, trials_parts, layers_parts, fs)
     study = Study(trials, _fill_bn_name(layers), tuple(dict.fromkeys(names)), tuple(paths), tuple(notes))
     study, text = select_profile(study, profile, flag=flags["profile"])
     return dataclasses.replace(study, selection=text)
+
+
+def _check_rows(trials: pa.Table, spaces: Sequence[str], base: str, root: str, tracking_uri: str | None,
+                flags: dict[str, str]) -> None:
+    """Raise ValueError for a space whose part files hold no trial row: a report of nothing exited 0 (issue 30).
+
+    `trials` carries `__filename` (read_parts with_file), so the rows are counted per space's folder."""
+    files = pc.value_counts(trials.column("__filename")).to_pylist() if trials.num_rows else []
+    held = [str(d["values"]) for d in files]
+    for space in spaces:
+        tdir = f"{base.rstrip('/')}/{space}/trials"
+        if not any(f.startswith(tdir + "/") for f in held):
+            src = f" (rebuilt from {_arg(flags, 'tracking_uri', tracking_uri)})" if tracking_uri else ""
+            raise ValueError(f"space {space!r}: the trials dataset {tdir}{src} holds no trial rows (its part files "
+                             f"are empty): nothing to report, nothing was written; run `python -m search.run "
+                             f"--space {space} --storage {root}` (or --resume it) until a trial finishes")
 
 
 def _fill_bn_name(layers: pa.Table) -> pa.Table:
@@ -207,6 +224,13 @@ def _check_experiment(space: str, tracking_uri: str, flag: str) -> None:
         raise ValueError(f"space {space!r}: the MLflow experiment at {flag} {tracking_uri!r} holds no trial runs; "
                          f"nothing was rebuilt: run `python -m search.run --space {space} --tracking-uri "
                          f"{tracking_uri}` first")
+    # The rebuild takes FINISHED and FAILED runs only: with none, it wrote empty Parquet (issue 30)
+    if not any(client.search_runs([exp.experiment_id], max_results=1,
+                                  filter_string=f"tags.config_hash LIKE '%' AND attributes.status = '{status}'")
+               for status in ("FINISHED", "FAILED")):
+        raise ValueError(f"space {space!r}: the MLflow experiment at {flag} {tracking_uri!r} holds no finished "
+                         f"trial run (every trial run is RUNNING or KILLED); nothing was rebuilt: finish the sweep "
+                         f"with `python -m search.run --space {space} --tracking-uri {tracking_uri} --resume`")
 
 
 # ------------------------------------------------------------ table helpers

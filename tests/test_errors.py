@@ -250,6 +250,11 @@ CASES = [
     Case("report-tracking-empty-experiment", "analysis.report",
          "--space smoke --root {empty_dir} --tracking-uri sqlite:///{renamed_db} --no-figures",
          ("space 'smoke'", "holds no trial runs", "nothing was rebuilt")),
+    Case("report-tracking-no-finished-trial", "analysis.report",
+         "--space smoke --root {empty_dir} --tracking-uri sqlite:///{unfinished_db} --no-figures",
+         ("space 'smoke'", "holds no finished trial run", "RUNNING or KILLED", "nothing was rebuilt")),
+    Case("report-parquet-empty", "analysis.report", "--space smoke --root {parquet_empty} --no-figures",
+         ("space 'smoke'", "smoke/trials holds no trial rows", "nothing was written")),
 ]
 
 
@@ -263,7 +268,9 @@ def _parquet_root(root: Path, kind: str) -> Path:
     for name in ("trials", "layers"):
         (root / "smoke" / name).mkdir(parents=True)
     part = root / "smoke" / "trials" / "part-0.parquet"
-    if kind == "corrupt":
+    if kind == "empty":  # a dataset of the right schema and no row (a sweep stopped before any trial finished)
+        pq.write_table(TRIALS_SCHEMA.empty_table(), part)
+    elif kind == "corrupt":
         part.write_bytes(b"PAR1" + b"\0" * 64)  # magic at the start, no footer
     elif kind == "foreign":
         pq.write_table(pa.table({"a": [1, 2], "b": ["x", "y"]}), part)
@@ -286,6 +293,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "parquet_corrupt": _parquet_root(base / "pq_corrupt", "corrupt"),
         "parquet_foreign": _parquet_root(base / "pq_foreign", "foreign"),
         "parquet_wrong_type": _parquet_root(base / "pq_type", "type"),
+        "parquet_empty": _parquet_root(base / "pq_empty", "empty"),
         "idx_corrupt": _idx_corrupt(base / "idx"),
         "smoke_store": _profile_store(base / "store"),
         "study": _study(base / "study"),
@@ -314,7 +322,8 @@ def _stores(folder: Path) -> dict[str, Path]:
 
     folder.mkdir()
     legacy = ROOT / "tests" / "data" / "legacy_smoke" / "mlflow.db"
-    out = {k: folder / f"{k}.db" for k in ("foreign_db", "newer_db", "older_db", "renamed_db", "half_db")}
+    out = {k: folder / f"{k}.db"
+           for k in ("foreign_db", "newer_db", "older_db", "renamed_db", "half_db", "unfinished_db")}
     con = sqlite3.connect(out["foreign_db"])
     con.execute("CREATE TABLE notes (x)")
     con.commit()
@@ -337,6 +346,13 @@ def _stores(folder: Path) -> dict[str, Path]:
     client = MlflowClient(tracking_uri=f"sqlite:///{out['renamed_db']}")
     client.rename_experiment(client.get_experiment_by_name("smoke").experiment_id, "wrn_widths")
     client.create_experiment("smoke")
+    shutil.copy(legacy, out["unfinished_db"])  # smoke's trial runs all KILLED: none the rebuild would take
+    client = MlflowClient(tracking_uri=f"sqlite:///{out['unfinished_db']}")
+    exp = client.get_experiment_by_name("smoke").experiment_id
+    runs = client.search_runs([exp], filter_string="tags.config_hash LIKE '%'")
+    assert runs
+    for run in runs:
+        client.set_terminated(run.info.run_id, "KILLED")
     return out
 
 
