@@ -12,7 +12,7 @@ from search import registry
 
 from ._space import Range
 
-__all__ = ["QUICK", "FASHION", "FASHION_RATES", "FASHION_WIDTHS", "PAPER", "PLACEMENTS", "DROPOUT_TYPES", "PAPER_RATES", "rate_axis"]
+__all__ = ["QUICK", "FASHION", "FASHION_RATES", "FASHION_WIDTHS", "PAPER", "PLACEMENTS", "FOLLOW_UP_PLACEMENTS", "DROPOUT_TYPES", "PAPER_RATES", "rate_axis"]
 
 # 2-core laptop CPU, scikit-learn's bundled digits (1437 train / 360 test images, 8x8 upscaled).
 QUICK: dict = dict(
@@ -78,8 +78,11 @@ PAPER: dict = dict(
 )
 
 # The registered names (search.registry), read once when the spaces register: a kind or placement
-# added in search/trial/dropout/ enters the spaces that vary over "all of them" without an edit here.
-PLACEMENTS: tuple[str, ...] = registry.names("placement")
+# added in search/trial/dropout/ enters the spaces that vary over "all of them" without an edit here,
+# except the follow-up literature's positions (Kim et al. 2023, issue 29): the `literature` space names
+# those, so every shipped space keeps its grid and its pinned hashes (tests/data/config_hashes.json).
+FOLLOW_UP_PLACEMENTS: tuple[str, ...] = ("post_conv", "post_bn", "post_add", "pre_pool")
+PLACEMENTS: tuple[str, ...] = tuple(n for n in registry.names("placement") if n not in FOLLOW_UP_PLACEMENTS)
 # The kinds the shipped spaces vary: the paper's, those with its element-wise closed form. The structured
 # kinds (channel, droppath, dropblock; issue 29) are named by the spaces that study them, so every shipped
 # space keeps its trials and their pinned hashes (tests/data/config_hashes.json).

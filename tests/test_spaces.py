@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from analysis.theory import closed_form_kinds
-from search.config import PLACEMENTS, TrialConfig
+from search.config import TrialConfig
 from spaces import (
     DEFAULT_PROFILES,
     REQUIRED_FIELDS,
@@ -23,6 +23,7 @@ from spaces import (
     list_spaces,
     register_space,
 )
+from spaces._defaults import PLACEMENTS
 
 SHIPPED = ("backbones", "paper_cifar", "smoke", "uout_beta", "wrn_widths")
 CASES = [(name, prof) for name in list_spaces() for prof in get_space(name).profiles]
