@@ -427,6 +427,91 @@ def test_cifar_file_larger_than_any_batch_is_refused_before_it_is_read(tmp_path,
     assert str(big) not in opened
 
 
+class _Counted:
+    """A binary file that counts the bytes read from it (seeks past payloads are not reads)."""
+
+    def __init__(self, fh, counts):
+        self.fh, self.counts = fh, counts
+
+    def read(self, n=-1):
+        got = self.fh.read(n)
+        self.counts.append(len(got))
+        return got
+
+    def readline(self, n=-1):
+        got = self.fh.readline(n)
+        self.counts.append(len(got))
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def _cifar_pickle_cases():
+    data = np.random.default_rng(0).integers(0, 256, (64, 3072), dtype=np.uint8)
+    good = pickle.dumps({b"batch_label": b"fake", b"data": data, b"labels": list(range(64))})
+    cut = good[:len(good) // 2]  # ends inside the images' payload
+    return {
+        # 64 MiB of zeros (sparse), under the size cap: refused from its first two bytes
+        "not-a-pickle": (None, r"byte 0: starts with b'\\x00\\x00', not a pickle header"),
+        "images-past-the-end": (cut, r"byte \d+: BINBYTES8? promises 196608 bytes where the file has \d+ left"),
+        "not-a-dict": (pickle.dumps([data, list(range(64))]), r"the top level is EMPTY_LIST, not the dict"),
+        "bytes-after-stop": (good + b"junk", r"STOP with 4 bytes after it"),
+        "no-stop": (good[:-1], r"the file ends before the pickle's STOP"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not-a-pickle", "images-past-the-end", "not-a-dict", "bytes-after-stop", "no-stop"])
+def test_cifar_pickle_is_checked_by_header_and_structure_before_it_is_unpickled(tmp_path, monkeypatch, case):
+    """Every CIFAR batch file, whatever its size under the cap, is checked by its pickle header and opcode
+    structure before it is unpickled (read whole): the payloads (the images) are skipped, not read, the
+    unpickler never runs, one line names the file, the byte and what is wrong (issue 30)."""
+    import builtins
+
+    from search.trial import data
+
+    content, match = _cifar_pickle_cases()[case]
+    path = tmp_path / "data_batch_1"
+    if content is None:
+        with open(path, "wb") as fh:
+            fh.truncate(64 * 2**20)
+    else:
+        path.write_bytes(content)
+    counts: list[int] = []
+    monkeypatch.setattr(data, "open", lambda f, *a, **k: _Counted(builtins.open(f, *a, **k), counts), raising=False)
+
+    class NoUnpickling:
+        def __init__(self, *a, **k):
+            raise AssertionError("unpickled before its structure was checked")
+
+    monkeypatch.setattr(data, "_NumpyOnlyUnpickler", NoUnpickling)
+    with pytest.raises(CorruptDatasetError, match=match) as e:
+        data._read_cifar_file(path, "labels")
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: not a readable CIFAR batch (byte ")
+    assert sum(counts) < 4096 < path.stat().st_size  # the opcodes only: the images were never read
+
+
+def test_cifar_pickle_structure_check_accepts_every_protocol_a_batch_is_written_in(tmp_path):
+    """Protocols 2 (the published files, written by Python 2) to 5 pass the structure check and load."""
+    from search.trial import data
+
+    x = np.random.default_rng(1).integers(0, 256, (3, 3072), dtype=np.uint8)
+    for proto in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"batch_{proto}"
+        path.write_bytes(pickle.dumps({b"data": x, b"labels": [1, 2, 3]}, protocol=proto))
+        data._check_cifar_pickle(path, path.stat().st_size)
+        if proto >= 3:  # Python 3 writes bytes at protocol 2 through _codecs.encode, a global the reader refuses
+            imgs, labels = data._read_cifar_file(path, "labels")
+            assert imgs.shape == (3, 3, 32, 32) and labels.tolist() == [1, 2, 3]
+            assert torch.equal(imgs.reshape(3, -1), torch.from_numpy(x))
+
+
 def test_preflight_checks_idx_files_before_anything_runs(tmp_path, monkeypatch):
     from search.sweep import preflight
 

@@ -24,6 +24,7 @@ worker never holds two. `clear_resident()` empties it.
 from __future__ import annotations
 
 import pickle
+import pickletools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -317,12 +318,78 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 MAX_CIFAR_FILE_BYTES = 256 * 2**20
 
 
+# pickletools' argument lengths: a fixed byte count (>= 0), a line (-1), or a payload whose length comes first
+# in 1, 4 (signed), 4 or 8 bytes (-2 .. -5)
+_PICKLE_OPS = {op.code.encode("latin1")[0]: op for op in pickletools.opcodes}
+_LENGTH_PREFIX = {-2: (1, False), -3: (4, True), -4: (4, False), -5: (8, False)}
+_MAX_PICKLE_LINE = 1024  # a text argument (an int, a global's module and name) of a CIFAR batch is short
+_EMPTY_DICT, _PROTO, _FRAME, _STOP = ord("}"), 0x80, 0x95, ord(".")
+
+
+def _check_cifar_pickle(path: Path, size: int) -> None:
+    """Check a CIFAR batch's pickle by its header and opcode structure before it is unpickled (read whole).
+
+    The header must be a pickle of protocol 2 to 5 whose top level is a dict (`\\x80 N }`, a protocol-4+
+    FRAME allowed between); every opcode must be one pickle knows, every payload (the images are one) must fit
+    in the file, and STOP must be its last byte. Payloads are skipped, not read, so a file is refused after
+    reading its opcodes only, whatever its size (issue 30: files were read whole before anything was checked).
+    Which globals are allowed stays `_NumpyOnlyUnpickler`'s check.
+
+    Raises:
+        CorruptDatasetError: one line naming the file, the byte offset and what is wrong.
+    """
+    def bad(pos: int, what: str) -> CorruptDatasetError:
+        return CorruptDatasetError(f"{path}: not a readable CIFAR batch (byte {pos}: {what}); delete it and untar "
+                                   "the archive again")
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if len(head) < 2 or head[0] != _PROTO or not 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+            raise bad(0, f"starts with {head!r}, not a pickle header (\\x80 and protocol 2 to "
+                         f"{pickle.HIGHEST_PROTOCOL})")
+        first = True
+        while True:
+            pos = f.tell()
+            code = f.read(1)
+            if not code:
+                raise bad(pos, "the file ends before the pickle's STOP")
+            op = _PICKLE_OPS.get(code[0])
+            if op is None:
+                raise bad(pos, f"{code!r} is no pickle opcode")
+            if first and code[0] != _FRAME:
+                if code[0] != _EMPTY_DICT:
+                    raise bad(pos, f"the top level is {op.name}, not the dict a CIFAR batch is")
+                first = False
+            if code[0] == _STOP:
+                if pos + 1 != size:
+                    raise bad(pos, f"STOP with {size - pos - 1} bytes after it")
+                return
+            n = op.arg.n if op.arg is not None else 0
+            if n >= 0:
+                got = f.read(n)
+                if len(got) != n:
+                    raise bad(pos, f"{op.name} is cut short by the end of the file")
+            elif n == -1:  # a text argument ends at a newline (a global's module and name: two lines)
+                for _ in range(2 if op.arg.name.endswith("_pair") else 1):
+                    line = f.readline(_MAX_PICKLE_LINE)
+                    if not line.endswith(b"\n"):
+                        raise bad(pos, f"{op.name}'s argument is not a line of at most {_MAX_PICKLE_LINE} bytes")
+            else:
+                width, signed = _LENGTH_PREFIX[n]
+                raw = f.read(width)
+                length = int.from_bytes(raw, "little", signed=signed) if len(raw) == width else -1
+                if length < 0 or f.tell() + length > size:
+                    raise bad(pos, f"{op.name} promises {length} bytes where the file has {size - f.tell()} left")
+                f.seek(length, 1)  # the payload (the images) is skipped, not read
+
+
 def _read_cifar_file(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     size = path.stat().st_size
     if size > MAX_CIFAR_FILE_BYTES:
         raise CorruptDatasetError(f"{path}: not a readable CIFAR batch ({size} bytes, more than the "
                                   f"{MAX_CIFAR_FILE_BYTES} any CIFAR batch file holds); delete it and untar the "
                                   "archive again")
+    _check_cifar_pickle(path, size)  # header and structure first, for every size
     try:
         with open(path, "rb") as f:
             raw = _NumpyOnlyUnpickler(f, encoding="latin1").load()  # latin1: the files come from Python 2
