@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from .fit import MIN_UNITS, accuracy_step
 from .guidelines import Analysis, Guideline, analyse, fmt_width, guidelines
 from .layer_metrics import layer_metric_rows
+from .literature import placement_comparison, schedule_comparison
 from .load import ALL_PROFILES, DROPOUT_KEYS, EXPERIMENT_FIELDS, Study, load_study, select_profile, varying
 from .theory import closed_form_kinds
 
@@ -190,10 +191,59 @@ def build_tables(a: Analysis, full: Study) -> list[Table]:
     tabs += mechanism_tables(a)
     tabs.append(width_table(a))
     tabs += d_tables(a)
+    tabs += literature_tables(a)
     tabs.append(_paper_table(a))
     if (got := layer_metric_rows(a.study.layers)) is not None:  # the registered per-layer metrics
         tabs.append(Table("layer_metrics", "Per-layer metrics (registered)", got[0], got[1], note=got[2]))
     return tabs
+
+
+_LITERATURE = {
+    "dropout_placement": ("kim2023", "Where one dropout goes in a residual network (Kim et al. 2023): each placement "
+                          "against no dropout and against pre_conv, paired by seed", "placement"),
+    "schedule": ("liu2023", "Early and late dropout (Liu et al. 2023): each drop-rate schedule against no dropout "
+                 "and against dropout for the whole run, paired by seed", "schedule"),
+}
+
+
+def literature_tables(a: Analysis) -> list[Table]:
+    """The follow-up literature's comparisons (analysis/literature.py), where the study ran them."""
+    lvl = f"{a.level:.0%} CI"
+    tabs = []
+    for comps in (placement_comparison(a.study.trials, a.level), schedule_comparison(a.study.trials, a.level)):
+        if not comps:
+            continue
+        key, title, name = _LITERATURE[comps[0].factor]
+        ref = comps[0].reference
+        t = Table(key, title, ["setting", name, "n", "acc (%)", "vs none (pp)", lvl, f"vs {ref} (pp)", lvl,
+                               "test loss vs none", "mean shift fed", "method"])
+        for c in comps:
+            setting = ", ".join(f"{k}={fmt_width(v) if k == 'width' else v}" for k, v in c.setting) or "-"
+            for lv in c.levels:
+                dn, dr, dl = lv.vs_none["test_acc"], lv.vs_reference["test_acc"], lv.vs_none["test_loss"]
+                t.rows.append([setting, lv.label, str(lv.n), _f(lv.means["test_acc"], 2, 100),
+                               _f(dn.mean, 2, 100, True), _ci(dn.low, dn.high, 2, 100),
+                               _f(dr.mean, 2, 100, True), _ci(dr.low, dr.high, 2, 100),
+                               _f(dl.mean, 3, sign=True), _f(lv.means["mean_shift_fed"], 3),
+                               _method(dn, dr)])
+        t.note = (f"n: seeds with an ok trial. Differences are paired by seed (the same weights, data order and "
+                  f"masks' seed) over the seeds both levels ran; method: t over the pairs (a {lvl}), sign-flip "
+                  f"where every pair differs alike (no interval), not testable below {MIN_UNITS} pairs. The "
+                  f"reference rows compare with themselves (n/a). mean shift fed: the mean variance shift of the "
+                  f"BN layers the dropout feeds (n/a where it feeds none).")
+        if comps[0].factor == "schedule":
+            t.note += (" The shift is measured as the network ends training, with the rate in force then: an "
+                       "early schedule ends at rate 0, so its sites inject nothing and it has no fed shift.")
+        tabs.append(t)
+    return tabs
+
+
+def _method(*tests: Any) -> str:
+    """The tests' method, once, and each pair's detectable effect (pp)."""
+    methods = [m.method for m in tests if m.n]
+    mdes = [_f(m.mde, 2, 100) for m in tests if m.n and math.isfinite(m.mde)]
+    text = "; ".join(dict.fromkeys(methods)) or NA
+    return text + (f" (detects {' / '.join(mdes)} pp)" if mdes else "")
 
 
 def d_tables(a: Analysis) -> list[Table]:
