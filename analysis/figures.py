@@ -28,17 +28,21 @@ import pyarrow.compute as pc  # noqa: E402
 
 from .fit import mean_ci  # noqa: E402
 from .guidelines import Analysis, fmt_width  # noqa: E402
+from .literature import PLACEMENT_ORDER, placement_comparison, schedule_comparison  # noqa: E402
 from .load import group_codes  # noqa: E402
 
 __all__ = ["Figure", "write_figures"]
 
-PLACEMENT_ORDER = ("none", "pre_bn", "pre_conv", "head")
-COLORS = {"none": "black", "pre_bn": "tab:red", "pre_conv": "tab:blue", "head": "tab:green"}
+COLORS = {"none": "black", "pre_bn": "tab:red", "pre_conv": "tab:blue", "head": "tab:green", "post_conv": "tab:purple",
+          "post_bn": "tab:orange", "post_add": "tab:brown", "pre_pool": "tab:olive"}
 MARKERS = ("o", "s", "^", "D", "v", "P")  # per dropout type, where one panel holds several
 LAYER_CONTEXT = ("backbone", "depth", "dataset")  # context columns the layers table carries
 LEGEND = dict(fontsize=8, framealpha=0.85)  # 8 pt: readable when a panel is printed at a column's width
 PLACEMENT_LABELS = {"none": "no dropout", "pre_bn": "dropout before BN (pre_bn)",
-                    "pre_conv": "dropout before conv (pre_conv)", "head": "dropout before the classifier (head)"}
+                    "pre_conv": "dropout before conv (pre_conv)", "head": "dropout before the classifier (head)",
+                    "post_conv": "dropout after conv (post_conv)", "post_bn": "dropout after BN (post_bn)",
+                    "post_add": "dropout after the residual add (post_add)",
+                    "pre_pool": "dropout before global pooling (pre_pool)"}
 # Human axis labels for the columns a figure may put on an axis.
 AXIS_LABELS = {"mean_shift_fed": "mean variance shift, BN layers fed by dropout",
                "mean_shift": "mean variance shift over BN layers", "max_shift": "largest variance shift of a BN layer"}
@@ -142,7 +146,7 @@ def write_figures(a: Analysis, folder: str, *, max_points: int = 4000, seed: int
     os.makedirs(folder, exist_ok=True)
     figs: list[Figure] = []
     for make in (_shift_by_layer, _shift_vs_width, _d_cos2_vs_epoch, _shift_vs_dim, _accuracy_vs_width, _reestimation,
-                 _decomposition):
+                 _decomposition, _literature):
         for stem, caption, fig in make(a, max_points=max_points, seed=seed):
             fig.tight_layout()  # once; constrained layout would redo it for every file written
             # PNG at PNG_DPI (report.md); PDF vector (report.tex). Atomically: no half-written figure on a kill.
@@ -554,3 +558,33 @@ def _match(t: pa.Table, where: dict) -> pa.Array:
         m = pc.equal(t.column(k), v)
         mask = m if mask is None else pc.and_(mask, m)
     return mask
+
+
+def _literature(a: Analysis, **_: object):
+    """The literature comparisons (analysis/literature.py): each level's accuracy minus no dropout's and minus the
+    reference's, paired by seed, with the t interval where the pairs carry one."""
+    for comps, stem, what in ((placement_comparison(a.study.trials, a.level), "literature_placements", "placement"),
+                              (schedule_comparison(a.study.trials, a.level), "literature_schedules", "schedule")):
+        for i, c in enumerate(comps):
+            levels = [lv for lv in c.levels if lv.label != "none"]
+            fig, axes = _grid(1, 2, w=3.9, h=0.9 + 0.32 * len(levels), sharey=True)
+            y = np.arange(len(levels))[::-1]
+            for ax, side, ref in ((axes[0][0], "vs_none", "no dropout"), (axes[0][1], "vs_reference", c.reference)):
+                for yi, lv in zip(y, levels):
+                    m = getattr(lv, side)["test_acc"]
+                    color = COLORS.get(lv.label, "tab:blue") if what == "placement" else "tab:blue"
+                    if math.isfinite(m.low):
+                        ax.errorbar(100 * m.mean, yi, xerr=[[100 * (m.mean - m.low)], [100 * (m.high - m.mean)]],
+                                    fmt="o", color=color, ms=4, capsize=2, lw=1)
+                    elif math.isfinite(m.mean):  # a point without an interval: hollow, so it never reads as one
+                        ax.plot(100 * m.mean, yi, "o", mfc="white", color=color, ms=4)
+                ax.axvline(0, color="grey", lw=0.8)
+                ax.set_xlabel(f"test accuracy minus {ref} (pp)")
+                ax.tick_params(labelsize=8)
+            axes[0][0].set_yticks(y, [f"{lv.label} (n = {lv.n})" for lv in levels])
+            setting = ", ".join(f"{k}={v}" for k, v in c.setting)
+            fig.suptitle(setting, fontsize=8)
+            suffix = f"_{i}" if len(comps) > 1 else ""
+            yield (f"{stem}{suffix}", f"Each {what} against no dropout (left) and against {c.reference} (right): "
+                   f"test accuracy difference paired by seed, mean and {a.level:.0%} t interval over the seeds "
+                   f"(hollow: fewer than 3 pairs or no spread, no interval); {setting}", fig)

@@ -28,8 +28,10 @@ from .fit import MeanTest, mean_test
 from .load import EXPERIMENT_FIELDS, column_floats
 
 __all__ = ["Comparison", "Level", "placement_comparison", "schedule_comparison", "KIM_REFERENCE",
-           "FOLLOW_UP_PLACEMENTS", "schedule_label", "METRICS"]
+           "FOLLOW_UP_PLACEMENTS", "PLACEMENT_ORDER", "schedule_label", "METRICS"]
 
+# Block order: the paper's placements, then the follow-up literature's (tables and figures list them so).
+PLACEMENT_ORDER = ("none", "pre_bn", "pre_conv", "post_conv", "post_bn", "post_add", "pre_pool", "head")
 KIM_REFERENCE = "pre_conv"  # Kim et al.'s recommended branch position (their code and ours put it in one place)
 
 METRICS = ("test_acc", "test_loss", "mean_shift_fed")  # compared per pair (train_loss is not: see the note)
@@ -144,7 +146,7 @@ def _compare(t: pa.Table, fields: list[str], *, factor: str, reference: str, lab
             ref = seeds.get(reference, {})
             base = seeds.get("none", {})
             levels = []
-            for lv in sorted(seeds, key=lambda s: (s != "none", s != reference, s)):
+            for lv in sorted(seeds, key=lambda s: (s != "none", _rank(s), s)):
                 per = seeds[lv]
                 means = {m: float(np.mean([v[m] for v in per.values()])) if per else math.nan for m in METRICS}
                 levels.append(Level(lv, len(per), means,
@@ -152,6 +154,13 @@ def _compare(t: pa.Table, fields: list[str], *, factor: str, reference: str, lab
                                     {m: _paired(per, ref, m, level) for m in METRICS}))
             out.append(Comparison(factor, reference, setting + g, levels))
     return out
+
+
+def _rank(label: str) -> int:
+    """Placements in block order; schedules as constant, early, late (by their label's first word)."""
+    order = (*PLACEMENT_ORDER, "constant", "early", "late")
+    word = label.split(" ")[0]
+    return order.index(word) if word in order else len(order)
 
 
 def _key(v: Any) -> Any:

@@ -46,7 +46,8 @@ def test_each_placement_is_compared_with_none_and_pre_conv_paired_by_seed() -> N
     assert comp.factor == "dropout_placement" and comp.reference == "pre_conv"
     assert dict(comp.setting) == {"dropout_type": "bernoulli", "dropout_rate": 0.2}
     levels = {lv.label: lv for lv in comp.levels}
-    assert [lv.label for lv in comp.levels][:2] == ["none", "pre_conv"] and set(levels) == set(PLACED)
+    assert [lv.label for lv in comp.levels] == ["none", "pre_bn", "pre_conv", "post_conv", "post_bn", "post_add", "pre_pool",
+                                               "head"]  # block order
     for name, effect in PLACED.items():
         lv = levels[name]
         assert lv.n == len(SEEDS)
@@ -145,6 +146,28 @@ def test_report_has_a_section_for_each_comparison() -> None:
         a = SimpleNamespace(study=Study(trials, pa.table({}), ("planted",)), level=0.95)  # what the tables read
         (t,) = literature_tables(a)
         assert t.key == key and t.rows[0][1] == "none" and all(len(r) == len(t.headers) for r in t.rows)
+        ref = next(i for i, r in enumerate(t.rows) if r[1] in ("pre_conv", "constant"))
         assert "paired by seed" in t.note
-        assert t.rows[0][4] == "n/a" and t.rows[1][6] == "n/a"  # none vs none, the reference vs itself
-        assert all(r[10].startswith("t (detects") for r in t.rows[2:])
+        assert t.rows[0][4] == "n/a" and t.rows[ref][6] == "n/a"  # none vs none, the reference vs itself
+        assert all(r[10].startswith("t (detects") for i, r in enumerate(t.rows) if i not in (0, ref))
+
+
+def test_figures_show_each_level_in_block_order_with_its_n() -> None:
+    from types import SimpleNamespace
+
+    from analysis import figures
+    from analysis.load import Study
+
+    got = []
+    for trials in (placement_study(), schedule_study()):
+        a = SimpleNamespace(study=Study(trials, pa.table({}), ("planted",)), level=0.95)
+        for stem, caption, fig in figures._literature(a):
+            ax = fig.axes[0]
+            top_down = sorted(zip(ax.get_yticks(), [t.get_text() for t in ax.get_yticklabels()]), reverse=True)
+            got.append((stem, [label for _, label in top_down]))
+            assert "paired by seed" in caption
+            figures.plt.close(fig)
+    assert got == [("literature_placements", [f"{p} (n = 5)" for p in ("pre_bn", "pre_conv", "post_conv", "post_bn",
+                                                                       "post_add", "pre_pool", "head")]),
+                   ("literature_schedules", ["constant (n = 5)", "early (cutoff 2) (n = 5)",
+                                             "early (cutoff 2, linear) (n = 5)", "late (cutoff 2) (n = 5)"])]
