@@ -272,3 +272,92 @@ def test_two_reports_into_one_out_folder_both_succeed(study: Path, figures: bool
     if figures:
         pngs = sorted(out_dir.joinpath("figures").glob("*.png"))
         assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+@pytest.mark.timeout(600)
+def test_two_sweeps_on_one_tracking_server_do_not_both_write(tmp_path: Path) -> None:
+    """Two drivers of one space on one http tracking server, each with its own --storage, at once (issue 30: an
+    http store took no lock, so both trained and wrote the same experiment). The lock is the server's identity
+    and the space: the second driver, given the same server spelled `http://localhost:PORT/`, exits 2 with one
+    line naming the server and the first driver's pid, and writes nothing (its working directory stays empty);
+    the first one finishes, its 4 trials in MLflow and Parquet once each; the lock is free afterwards."""
+    import fcntl
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _mlflow_server import mlflow_server
+    from _sweeps import N_KILL_TRIALS, _popen
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "srv").mkdir()
+    a_dir, b_dir, locks = tmp_path / "a", tmp_path / "b", tmp_path / "locks"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    env = _env(DBN_LOCK_DIR=str(locks))
+    with mlflow_server(tmp_path / "srv") as url:
+        port = url.rsplit(":", 1)[1]
+        a = _popen(a_dir, [*KILL_ARGS, "--tracking-uri", url], env, tmp_path / "a.log")
+        try:
+            held = lambda: [p for p in locks.glob("mlflow-*.smoke.lock") if p.read_text() == f"{a.pid} sweep"]  # noqa: E731
+            _wait_for(lambda: held() or a.poll() is not None, timeout=300, what="sweep A to take the server's lock")
+            assert a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+            b = subprocess.run([PY, "-m", "search.run", *KILL_ARGS, "--tracking-uri", f"http://localhost:{port}/"],
+                               cwd=b_dir, env=env, capture_output=True, text=True, timeout=400)
+            assert b.returncode == 2, (b.returncode, b.stdout[-2000:], b.stderr[-2000:])
+            line = _one_line(b.stderr, "error: ")
+            assert (f"another sweep of this space is running against the tracking server http://localhost:{port}/"
+                    in line and f"pid {a.pid}" in line and "then use --resume" in line), line
+            assert list(b_dir.iterdir()) == []  # nothing written: no results/, no logs, no lock beside it
+            rc = _finish(a, 400)
+        finally:
+            _finish(a, 60)
+        assert rc == 0, (tmp_path / "a.log").read_text()[-3000:]
+        client = MlflowClient(tracking_uri=url)
+        exp = client.get_experiment_by_name("smoke")
+        trials = client.search_runs([exp.experiment_id], filter_string="tags.config_hash LIKE '%'")
+        assert len(trials) == N_KILL_TRIALS and {r.info.status for r in trials} == {"FINISHED"}
+        assert len({r.data.tags["config_hash"] for r in trials}) == N_KILL_TRIALS  # each trained once
+    from search.store import read_space
+
+    rows = read_space(str(a_dir / "results"), "smoke")[0]
+    assert sorted(rows.column("run_id").to_pylist()) == sorted(r.info.run_id for r in trials)
+    (lock,) = locks.glob("mlflow-*.smoke.lock")
+    with open(lock) as fh:  # released with its driver: the next sweep may take it
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_tracking_servers_lock_is_keyed_by_its_normalized_uri_and_space(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One server spelled several ways is one lock per space; another host, port, path or space is another; a
+    lock folder others can write is refused (they could hold or fake any sweep's lock)."""
+    from search.lock import SweepLock, lock_paths, tracking_identity
+
+    same = ["http://127.0.0.1:5000", "http://LOCALHOST:5000/", "http://user:pw@localhost:5000//?x=1#y",
+            "http://[::1]:5000/"]
+    assert {tracking_identity(u) for u in same} == {"http://localhost:5000/"}
+    assert tracking_identity("https://MLflow.Example.org/team/") == "https://mlflow.example.org:443/team"
+    assert tracking_identity("http://example.org") == "http://example.org:80/"
+    assert tracking_identity("sqlite:///mlflow.db") is None
+    monkeypatch.setenv("DBN_LOCK_DIR", str(tmp_path / "locks"))
+    server = lambda uri, space="smoke": lock_paths(str(tmp_path / "r"), space, uri)[0]  # noqa: E731
+    assert {server(u) for u in same} == {server(same[0])}
+    for other in ("http://localhost:5001", "http://example.org:5000", "http://localhost:5000/team"):
+        assert server(other) != server(same[0])
+    assert server(same[0], "other") != server(same[0])
+    import search.lock
+
+    with SweepLock(str(tmp_path / "r1"), "smoke", same[0]):  # a second --storage, the same server: refused
+        held, search.lock._HELD = search.lock._HELD, {}  # as another process would: it does not hold the lock
+        try:
+            with pytest.raises(OSError, match=r"^another sweep of this space is running against the tracking server "
+                                              r"http://localhost:5000/ \(lock .*mlflow-localhost-5000-\w+\.smoke\."
+                                              rf"lock, pid {os.getpid()}\)"):
+                SweepLock(str(tmp_path / "r2"), "smoke", same[1]).__enter__()
+        finally:
+            search.lock._HELD = held
+    assert not (tmp_path / "r2").exists()  # refused before its --storage was touched
+    (tmp_path / "locks").chmod(0o777)
+    with pytest.raises(OSError, match=r"the lock folder .* mode 777: only this user .* may write there; set "
+                                      r"DBN_LOCK_DIR"):
+        SweepLock(str(tmp_path / "r3"), "smoke", same[0]).__enter__()
+    assert not (tmp_path / "r3").exists()
