@@ -175,7 +175,12 @@ def _list_spaces() -> None:
 def _print_table(configs: list[dict[str, Any]]) -> None:
     cols = ["backbone", "depth", "width", "dropout_placement", "dropout_type", "dropout_rate", "dataset", "epochs",
             "seed"]
-    rows = [["hash"] + cols] + [[TrialConfig.from_dict(c).config_hash] + [str(c[k]) for k in cols] for c in configs]
+    # Any other field the trials differ in (a schedule, a normalization, a recipe field) gets a column too, after
+    # the dropout ones: two rows never read the same while they are different trials.
+    extra = [k for k in dict.fromkeys(k for c in configs for k in c)
+             if k not in cols and len({repr(c.get(k)) for c in configs}) > 1]
+    cols[6:6] = extra
+    rows = [["hash"] + cols] + [[TrialConfig.from_dict(c).config_hash] + [str(c.get(k)) for k in cols] for c in configs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]  # each column as wide as its widest cell
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
