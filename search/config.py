@@ -36,6 +36,10 @@ DEVICES = ("auto", "cpu", "cuda")
 STEMS = ("auto", "cifar", "imagenet")
 CUDA_GRAPHS = ("auto", "on", "off")
 CROP_PADDINGS = ("zeros", "reflect")
+# The drop-rate schedule axis (issue 29), after Liu et al. 2023's drop_scheduler (facebookresearch/dropout):
+# `dropout_schedule` is their drop_mode (standard = constant), `dropout_decay` their drop_schedule.
+DROPOUT_SCHEDULES = ("constant", "early", "late")
+DROPOUT_DECAYS = ("constant", "linear")
 
 
 def backbone_family(name: str) -> registry.Entry | None:
@@ -81,6 +85,17 @@ class TrialConfig:
     dropout_type: str = field(default="bernoulli", metadata=_meta(help="a registered dropout kind"))
     dropout_placement: str = field(default="none", metadata=_meta(help="a registered placement"))
     dropout_rate: float = field(default=0.0, metadata=_meta(help="drop rate 1-p (uout: beta), in [0, 1)"))
+    # The drop-rate schedule (issue 29; docs/training.md, "Drop-rate schedules"). None (constant, as before)
+    # stays out of the hash, and 'constant' written out is stored as None, so it is the same trial.
+    dropout_schedule: str | None = field(default=None, metadata=_meta(
+        help="|".join(DROPOUT_SCHEDULES) + ": early = dropout_rate for the steps before dropout_cutoff, then 0;"
+             " late = 0 before it, then dropout_rate (Liu et al. 2023's drop_mode); None: constant"))
+    dropout_cutoff: float | None = field(default=None, metadata=_meta(
+        help="early/late only: the epoch (> 0, fractions allowed) where early dropout ends / late dropout starts;"
+             " round(cutoff x steps per epoch) steps come before it", unit="epochs"))
+    dropout_decay: str | None = field(default=None, metadata=_meta(
+        help="|".join(DROPOUT_DECAYS) + ": the rate within early dropout's phase: linear = from dropout_rate down"
+             " to 0 at the phase's last step (Liu et al.'s drop_schedule); None: constant"))
     # A kind's setting (issue 29). None (the kind's default, or a kind without one) stays out of the hash, and
     # the kind's default written out is stored as None, so it is the same trial.
     dropout_block_size: int | None = field(default=None, metadata=_meta(
@@ -255,6 +270,7 @@ class TrialConfig:
         if self.num_workers < 0:
             raise ConfigError(f"field 'num_workers' must be >= 0, got {self.num_workers!r}")
         self._check_recipe()
+        self._check_dropout_schedule()
         self._check_dropout_settings()
         self._check_backbone()
 
@@ -272,6 +288,35 @@ class TrialConfig:
             raise ConfigError(f"field 'dropout_block_size' = {self.dropout_block_size!r} applies only to dropout kinds"
                               f" that take a block size ({', '.join(takes) or 'none registered'}); dropout_type is"
                               f" {self.dropout_type!r} (allowed: None)")
+
+    def _check_dropout_schedule(self) -> None:
+        schedule, cutoff, decay = self.dropout_schedule, self.dropout_cutoff, self.dropout_decay
+        if schedule is not None:
+            _choice("dropout_schedule", schedule, DROPOUT_SCHEDULES)
+        if decay is not None:
+            _choice("dropout_decay", decay, DROPOUT_DECAYS)
+        if schedule in (None, "constant"):
+            if cutoff is not None:
+                raise ConfigError(f"field 'dropout_cutoff' = {cutoff!r} applies to dropout_schedule early or late"
+                                  f" only (dropout_schedule is {schedule!r}; allowed: None)")
+            if decay not in (None, "constant"):
+                raise ConfigError(f"field 'dropout_decay' = {decay!r} applies to dropout_schedule 'early' only"
+                                  f" (dropout_schedule is {schedule!r}; allowed: None, constant)")
+            return
+        if self.dropout_placement == "none" or self.dropout_rate == 0.0:
+            why = "dropout_placement is 'none'" if self.dropout_placement == "none" else "dropout_rate is 0"
+            raise ConfigError(f"field 'dropout_schedule' = {schedule!r} needs dropout to schedule ({why}; allowed:"
+                              " None, constant)")
+        # Late dropout starting as training ends would never drop (cutoff < epochs); early may span every epoch.
+        early = schedule == "early"
+        if cutoff is None or not (0.0 < cutoff <= self.epochs if early else 0.0 < cutoff < self.epochs):
+            rule = "<=" if early else "<"
+            raise ConfigError(f"field 'dropout_cutoff' = {cutoff!r} is not allowed for dropout_schedule {schedule!r}"
+                              f" (allowed: an epoch > 0 and {rule} epochs = {self.epochs})")
+        if schedule == "late" and decay not in (None, "constant"):
+            # Liu et al.'s drop_scheduler asserts a constant rate for late dropout; no linear form is published.
+            raise ConfigError(f"field 'dropout_decay' = {decay!r} is not allowed with dropout_schedule 'late'"
+                              " (Liu et al. define late dropout at a constant rate; allowed: None, constant)")
 
     def _check_recipe(self) -> None:
         if self.crop_padding is not None:
@@ -313,7 +358,8 @@ class TrialConfig:
         # its old hash whichever way it was written (as `depth` resolves to the family's default).
         if self.lr_milestones is not None:
             object.__setattr__(self, "lr_milestones", ",".join(map(str, self.milestone_epochs())))
-        for name, old in (("lr_factor", 0.1), ("weight_decay_norm_bias", False), ("crop_padding", "zeros")):
+        for name, old in (("lr_factor", 0.1), ("weight_decay_norm_bias", False), ("crop_padding", "zeros"),
+                          ("dropout_schedule", "constant"), ("dropout_decay", "constant")):
             if getattr(self, name) == old:
                 object.__setattr__(self, name, None)
         if self.dropout_block_size == registry.get("dropout", self.dropout_type).meta.get("block_size"):
@@ -383,8 +429,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
-_OPEN_RANGES = {"dropout_rate": "[0, 1)", "label_smoothing": "[0, 1)", "width": "> 0 and <= 10000",
-                "lr_factor": "(0, 1]"}
+_OPEN_RANGES = {"dropout_rate": "[0, 1)", "dropout_cutoff": "an epoch > 0 and <= epochs", "label_smoothing": "[0, 1)",
+                "width": "> 0 and <= 10000", "lr_factor": "(0, 1]"}
 
 
 def _range_text(lo: float | None, hi: float | None) -> str:

@@ -289,6 +289,12 @@ class TrialResult:
         "placement)", group="mechanism"))
     d_cos2_all_final: float = field(default=float("nan"), metadata=column_meta(
         "d_cos2_all_init's D after the last completed epoch", group="mechanism"))
+    # The drop-rate schedule's end (TrialConfig.dropout_schedule): the probes measure the network at this rate.
+    dropout_rate_final: float = field(default=float("nan"), metadata=column_meta(
+        "the drop rate every dropout site applied at the last training step, which the probes and the mechanism "
+        "then see: dropout_rate without a schedule, 0 after early dropout, dropout_rate after late dropout; 0 "
+        "without dropout sites (placement none); per epoch: history's dropout_rate_applied; NaN in files written "
+        "before it was recorded", group="dropout"))
     # Images each stage used (None: the stage did not run). The probes take whole batches, so n_probe is
     # probe_samples rounded up to a batch (capped at n_train); the mechanism sees every 8th of those batches.
     n_train: int | None = field(default=None, metadata=column_meta(
@@ -316,7 +322,8 @@ class TrialResult:
         "mean_shift", "max_shift", "mean_shift_fed", "mean_shift_reest", "shift_floor", "shift_floor_reest",
         "bn_unconverged", "throughput",
         "wall_time_s", "train_time_s", "probe_time_s", "params", "epochs_completed",
-        "d_cos2_init", "d_cos2_final", "d_cos2_all_init", "d_cos2_all_final", "n_train", "n_test", "n_probe", "n_reest",
+        "d_cos2_init", "d_cos2_final", "d_cos2_all_init", "d_cos2_all_final", "dropout_rate_final", "n_train",
+        "n_test", "n_probe", "n_reest",
     )
     # Epoch keys kept whole as list columns of the trials dataset (`<key>_by_epoch`, `series`): value 0 is
     # `<key>_init`, value e the history's after epoch e.

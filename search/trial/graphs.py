@@ -17,7 +17,11 @@ What a graph needs, and how this module provides it:
   which is exact (eval mode: each image's output does not depend on the batch).
 - No host work inside the step: the learning rate lives in a device tensor the
   fused SGD kernel reads (`lr.fill_()` before each replay is one tiny kernel,
-  not a sync), and loss/accuracy are summed into device tensors.
+  not a sync), and loss/accuracy are summed into device tensors. A drop-rate
+  schedule's rate likewise lives in one device tensor every dropout site reads
+  with no branch on its value (search.trial.train.DropoutSchedule, the choice
+  argued in search.trial.dropout.module); schedules of sites that can only take
+  a host float run without graphs.
 - Warm-up before capture: a few eager steps on a side stream (real training
   steps, counted) initialise momentum buffers, cuDNN autotuning and autograd's
   lazy state, as the PyTorch CUDA-graphs notes prescribe.

@@ -33,9 +33,15 @@ __all__ = ["measure_variance_shift", "reestimate_bn", "is_active_dropout", "feed
 
 
 def is_active_dropout(module: nn.Module) -> bool:
-    """True for a dropout module that injects noise in training (ours with rate > 0, torch's with p > 0)."""
+    """True for a dropout module that injects noise in training (ours built with rate > 0, torch's with p > 0).
+
+    Ours count by `peak_rate`, the rate they were built with: a drop-rate schedule that ended at 0 (early
+    dropout) leaves its sites present, and the BN layers they feed stay `fed_by_dropout`, so a report compares
+    the same layers across schedules. What those layers measure is the network as it ends training: the sites
+    then hold the final rate (`rate`), which the mechanism's noise model uses (0: no injected noise).
+    """
     if isinstance(module, VarianceDropout):
-        return module.rate > 0.0
+        return getattr(module, "peak_rate", module.rate) > 0.0
     return isinstance(module, _DropoutNd) and module.p > 0.0
 
 

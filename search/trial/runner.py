@@ -57,6 +57,7 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
     result.epochs_completed = outcome.epochs_completed
     result.train_loss, result.train_acc = outcome.train_loss, outcome.train_acc
     result.train_time_s, result.throughput = outcome.train_time_s, outcome.throughput
+    result.dropout_rate_final = outcome.dropout_rate_final  # the sites now hold it: the probes measure that network
     result.d_cos2_init = outcome.weights_init.get("d_cos2", math.nan)
     result.d_cos2_all_init = outcome.weights_init.get("d_cos2_all", math.nan)
     if outcome.history:

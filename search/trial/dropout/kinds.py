@@ -5,6 +5,11 @@ imported when a forward runs) and which closed form of the variance shift applie
 `rate` is the user-facing drop rate 1 - p for bernoulli and gaussian, and beta for
 uout (PAPER.md conventions). Every kind is the identity in eval mode.
 
+A drop-rate schedule (TrialConfig.dropout_schedule) changes the rate while training; the rate then lives in a
+0-dim device tensor that a captured CUDA graph reads, and a kind draws its noise from it with `apply_rate(x,
+rate)`: tensor arithmetic only, no Python branch on the rate's value, and at rate 0 the multiplier is exactly 1
+(the identity). Every built-in kind has one; a kind without it runs a schedule eagerly (search.trial.train).
+
 Adding a kind is one decorated class, here or in a plugin:
 
     @register_dropout("spatial")
@@ -57,6 +62,18 @@ class DropoutKind:
         """Train-mode output; override for a fused kernel."""
         return x * self.noise(x)
 
+    def apply_rate(self, x: Any, rate: Any) -> Any:
+        """Train-mode output at `rate`, a 0-dim tensor on x's device (a schedule's rate in force).
+
+        Device arithmetic only (CUDA-graph safe); exactly `x` at rate 0. Kinds without it run schedules eagerly.
+        """
+        raise NotImplementedError(f"dropout kind {self.kind!r} has no apply_rate")
+
+    @classmethod
+    def reads_rate_tensor(cls) -> bool:
+        """Whether `apply_rate` is implemented (a schedule's rate can stay on the device)."""
+        return cls.apply_rate is not DropoutKind.apply_rate
+
 
 @register_dropout("bernoulli")
 class BernoulliKind(DropoutKind):
@@ -77,6 +94,9 @@ class BernoulliKind(DropoutKind):
 
         return F.dropout(x, self.rate, True)  # the fused kernel; same distribution as noise()
 
+    def apply_rate(self, x: Any, rate: Any) -> Any:
+        return x * _keep_mask(x, tuple(x.shape), rate)
+
 
 @register_dropout("gaussian")
 class GaussianKind(DropoutKind):
@@ -90,6 +110,11 @@ class GaussianKind(DropoutKind):
         import torch
 
         return torch.randn_like(x).mul_((self.rate / (1.0 - self.rate)) ** 0.5).add_(1.0)
+
+    def apply_rate(self, x: Any, rate: Any) -> Any:
+        import torch
+
+        return x * (torch.randn_like(x) * torch.sqrt(rate / (1.0 - rate)) + 1.0)
 
 
 @register_dropout("uout")
@@ -105,6 +130,11 @@ class UoutKind(DropoutKind):
 
         return torch.rand_like(x).mul_(2.0 * self.rate).add_(1.0 - self.rate)
 
+    def apply_rate(self, x: Any, rate: Any) -> Any:
+        import torch
+
+        return x * (torch.rand_like(x) * (2.0 * rate) + (1.0 - rate))
+
 
 # ---------------------------------------------------------------- structured kinds (issue 29)
 # Their masks are shared across elements, so the paper's element-wise closed form does not hold through a
@@ -117,6 +147,16 @@ def _bernoulli_mask(x: Any, shape: tuple[int, ...], rate: float) -> Any:
 
     keep = 1.0 - rate
     return torch.bernoulli(torch.full(shape, keep, dtype=x.dtype, device=x.device)) / keep
+
+
+def _keep_mask(x: Any, shape: tuple[int, ...], rate: Any) -> Any:
+    """`_bernoulli_mask` at a 0-dim tensor rate: U >= rate keeps (probability 1 - rate), kept / (1 - rate).
+
+    U ~ U[0, 1), so at rate 0 every element is kept and divided by 1: exactly the identity.
+    """
+    import torch
+
+    return (torch.rand(shape, dtype=x.dtype, device=x.device) >= rate).to(x.dtype) / (1.0 - rate)
 
 
 @register_dropout("channel")
@@ -136,6 +176,9 @@ class ChannelKind(DropoutKind):
     def noise(self, x: Any) -> Any:
         return _bernoulli_mask(x, tuple(x.shape[:2]) + (1,) * (x.dim() - 2), self.rate)
 
+    def apply_rate(self, x: Any, rate: Any) -> Any:
+        return x * _keep_mask(x, tuple(x.shape[:2]) + (1,) * (x.dim() - 2), rate)
+
 
 @register_dropout("droppath")
 class DropPathKind(DropoutKind):
@@ -153,6 +196,9 @@ class DropPathKind(DropoutKind):
 
     def noise(self, x: Any) -> Any:
         return _bernoulli_mask(x, (x.shape[0],) + (1,) * (x.dim() - 1), self.rate)
+
+    def apply_rate(self, x: Any, rate: Any) -> Any:
+        return x * _keep_mask(x, (x.shape[0],) + (1,) * (x.dim() - 1), rate)
 
 
 @register_dropout("dropblock")
@@ -184,3 +230,29 @@ class DropBlockKind(DropoutKind):
             raise ValueError(f"dropout kind 'dropblock' needs (N, C, H, W) feature maps, got shape {tuple(x.shape)}"
                              " (allowed: placements on a feature map, not one before the classifier)")
         return drop_block_2d(x, self.rate, self.block_size)
+
+    def apply_rate(self, x: Any, rate: Any) -> Any:
+        """timm's `drop_block_2d` (couple_channels, scale_by_keep) with the seed rate gamma a device tensor.
+
+        Two departures, both for a rate read on the device: seeds are U < gamma rather than bernoulli_(gamma)
+        (the same distribution, another draw), and the batch scale divides by max(kept, 1) rather than
+        kept + 1e-7, so rate 0 is exactly the identity.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if x.dim() != 4:
+            raise ValueError(f"dropout kind 'dropblock' needs (N, C, H, W) feature maps, got shape {tuple(x.shape)}"
+                             " (allowed: placements on a feature map, not one before the classifier)")
+        n, _, h, w = x.shape
+        kh, kw = min(self.block_size, h), min(self.block_size, w)
+        gamma = rate * (h * w / (kh * kw) / ((h - kh + 1) * (w - kw + 1)))
+        with torch.no_grad():
+            seeds = (torch.rand((n, 1, h, w), dtype=torch.float32, device=x.device) < gamma).to(x.dtype)
+            block = F.max_pool2d(seeds, kernel_size=(kh, kw), stride=1, padding=(kh // 2, kw // 2))
+            if kh % 2 == 0 or kw % 2 == 0:  # an even kernel pads one too many (timm's fix)
+                block = block[..., (kh + 1) % 2:, (kw + 1) % 2:]
+            keep = 1.0 - block
+            # positions / kept positions over the whole batch, as timm's (every channel shares its sample's mask)
+            keep = keep * (keep.numel() / keep.float().sum().clamp_min(1.0)).to(x.dtype)
+        return x * keep
