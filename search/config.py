@@ -21,6 +21,7 @@ __all__ = [
     "TrialConfig",
     "ConfigError",
     "DATASETS",
+    "NORMALIZATIONS",
     "backbone_family",
     "family_names",
     "parse_override",
@@ -40,6 +41,9 @@ CROP_PADDINGS = ("zeros", "reflect")
 # `dropout_schedule` is their drop_mode (standard = constant), `dropout_decay` their drop_schedule.
 DROPOUT_SCHEDULES = ("constant", "early", "late")
 DROPOUT_DECAYS = ("constant", "linear")
+# The normalization axis (issue 29; docs/normalization.md); a config's None means batchnorm, the families' own.
+NORMALIZATIONS = ("batchnorm", "groupnorm", "none")
+DEFAULT_NORM_GROUPS = 32  # norm_groups None: each layer gets gcd(32, its channels) groups
 
 
 def backbone_family(name: str) -> registry.Entry | None:
@@ -101,6 +105,15 @@ class TrialConfig:
     dropout_block_size: int | None = field(default=None, metadata=_meta(
         help="block side of kinds that take one (dropblock: 7, clipped to the feature map); None: the kind's"
              " default", unit="px"))
+    # The normalization axis (issue 29). None (batchnorm, the families' own) stays out of the hash, and
+    # 'batchnorm' written out is stored as None, so it is the same trial; likewise norm_groups 32.
+    normalization: str | None = field(default=None, metadata=_meta(
+        help="|".join(NORMALIZATIONS) + ": what every BatchNorm of the built model (after dropout placement)"
+             " becomes: groupnorm = torch GroupNorm with the BN's affine init, none = Identity (a norm-act layer"
+             " keeps its activation); None: batchnorm (docs/normalization.md)"))
+    norm_groups: int | None = field(default=None, metadata=_meta(
+        help="groupnorm only: G; a layer of C channels gets gcd(G, C) groups, and G must divide the channels"
+             f" of at least one layer; None: {DEFAULT_NORM_GROUPS}"))
     dataset: str = field(default="digits", metadata=_meta(
         help="a registered dataset (search/trial/datasets.py, or a plugin's register_dataset)"))
     image_size: int = field(default=32, metadata=_meta(help="input side in pixels", unit="px"))
@@ -271,6 +284,7 @@ class TrialConfig:
             raise ConfigError(f"field 'num_workers' must be >= 0, got {self.num_workers!r}")
         self._check_recipe()
         self._check_dropout_schedule()
+        self._check_normalization()
         self._check_dropout_settings()
         self._check_backbone()
 
@@ -288,6 +302,13 @@ class TrialConfig:
             raise ConfigError(f"field 'dropout_block_size' = {self.dropout_block_size!r} applies only to dropout kinds"
                               f" that take a block size ({', '.join(takes) or 'none registered'}); dropout_type is"
                               f" {self.dropout_type!r} (allowed: None)")
+
+    def _check_normalization(self) -> None:
+        if self.normalization is not None:
+            _choice("normalization", self.normalization, NORMALIZATIONS)
+        if self.norm_groups is not None and self.normalization != "groupnorm":
+            raise ConfigError(f"field 'norm_groups' = {self.norm_groups!r} applies to normalization 'groupnorm' only"
+                              f" (normalization is {self.normalization or 'batchnorm'!r}; allowed: None)")
 
     def _check_dropout_schedule(self) -> None:
         schedule, cutoff, decay = self.dropout_schedule, self.dropout_cutoff, self.dropout_decay
@@ -362,6 +383,10 @@ class TrialConfig:
                           ("dropout_schedule", "constant"), ("dropout_decay", "constant")):
             if getattr(self, name) == old:
                 object.__setattr__(self, name, None)
+        if self.normalization == "batchnorm":  # the default written out
+            object.__setattr__(self, "normalization", None)
+        if self.norm_groups == DEFAULT_NORM_GROUPS:
+            object.__setattr__(self, "norm_groups", None)
         if self.dropout_block_size == registry.get("dropout", self.dropout_type).meta.get("block_size"):
             object.__setattr__(self, "dropout_block_size", None)  # the kind's default
 
@@ -422,7 +447,7 @@ _INT_MAX = 2**31 - 1
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "depth": (1, 10_000), "width": (None, 1e4), "image_size": (8, 8192),
     "in_chans": (1, 3), "num_classes": (2, 10**6), "train_samples": (1, _INT_MAX), "probe_samples": (1, _INT_MAX),
-    "dropout_block_size": (1, 8192),
+    "dropout_block_size": (1, 8192), "norm_groups": (1, 8192),
     "epochs": (1, 100_000), "batch_size": (1, 2**20), "lr": (0.0, 1e6), "momentum": (0.0, 1.0),
     "weight_decay": (0.0, 1e3), "warmup_epochs": (0.0, 100_000.0),
     "seed": (0, 2**32 - 1), "num_workers": (0, 1024),

@@ -231,7 +231,7 @@ def _check_models(configs: list[dict]) -> None:
     for c in configs:
         cfg = TrialConfig.from_dict(c)
         key = (cfg.backbone, cfg.depth, cfg.width, cfg.stem, cfg.image_size, cfg.in_chans, cfg.dropout_placement,
-               cfg.dropout_type)
+               cfg.dropout_type, cfg.normalization, cfg.norm_groups)
         if key in seen:
             continue
         seen.add(key)

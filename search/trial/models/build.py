@@ -1,4 +1,5 @@
-"""`build_model(cfg)`: the registered backbone family (or any timm model), then dropout placement.
+"""`build_model(cfg)`: the registered backbone family (or any timm model), then dropout placement, then the
+normalization axis (search/trial/models/normalization.py).
 
 Importing this module registers `cifar_wrn`, `cifar_preresnet`, `cifar_resnext` and
 `cifar_densenet_bc` with timm, so `timm.create_model` serves both kinds.
@@ -18,6 +19,7 @@ from search.trial.models.cifar_densenet import DenseNetBC
 from search.trial.models.cifar_preresnet import PreResNet
 from search.trial.models.cifar_resnext import ResNeXt
 from search.trial.models.cifar_wrn import WideResNet
+from search.trial.models.normalization import apply_normalization
 from search.trial.models.stock import STOCK_BACKBONES, create_stock, timm_family, width_kwargs
 
 __all__ = [
@@ -63,10 +65,13 @@ def resolve_num_classes(cfg: TrialConfig, num_classes: int | None = None) -> int
 
 
 def build_model(cfg: TrialConfig, num_classes: int | None = None) -> nn.Module:
-    """Build cfg.backbone with weights seeded by cfg.seed, then insert dropout per cfg.
+    """Build cfg.backbone with weights seeded by cfg.seed, insert dropout per cfg, then swap its BatchNorms
+    per cfg.normalization.
 
     Same cfg gives bit-identical weights. The inserted sites are stored as
-    `model.dropout_sites` (a list of PlacementSite).
+    `model.dropout_sites` (a list of PlacementSite); the paths of the BatchNorms the normalization replaced
+    as `model.replaced_norms` (empty under batchnorm). The swap comes after the placement, so every site's
+    `feeds_bn` names the layer now at that path (a GroupNorm or an Identity).
 
     Args:
         cfg: the trial's configuration.
@@ -95,4 +100,5 @@ def build_model(cfg: TrialConfig, num_classes: int | None = None) -> nn.Module:
     sites = apply_placement(model, cfg.dropout_placement, cfg.dropout_type, cfg.dropout_rate,
                             block_size=cfg.dropout_block_size)
     model.dropout_sites = sites
+    model.replaced_norms = apply_normalization(model, cfg.normalization, cfg.norm_groups)
     return model
