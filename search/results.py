@@ -130,6 +130,11 @@ class LayerShift:
         "the BN module's own path, the same under every placement (name without the level a dropout wrapper "
         "adds: bn2 where name is bn2.1 under pre_bn): the key to compare one layer across placements; null in "
         "files written before it was recorded (analysis.load_study fills it)", group="layer"))
+    norm_type: str | None = field(default=None, metadata=column_meta(
+        "the layer's normalization (TrialConfig.normalization): batchnorm, or groupnorm, which has no running "
+        "statistics and so no variance shift (moving_var, shift, shift_channelwise NaN; shift_frozen is its "
+        "train-vs-eval input variance ratio); null in files written before it was recorded (batchnorm)",
+        group="layer", table=True))
 
     def __post_init__(self) -> None:
         # The registered per-layer metrics' values (register_layer_metric), by name: not fields, so the

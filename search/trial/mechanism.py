@@ -85,7 +85,8 @@ class _Tracer(fx.Tracer):
     """Keeps dropout modules (ours are Python-level branches on `training`) as leaves of the graph."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (VarianceDropout, _DropoutNd, _BatchNorm, _ConvNd, nn.Linear)) or \
+        # GroupNorm a leaf too: traced through, its module hooks (the probes' statistics) would never fire.
+        return isinstance(m, (VarianceDropout, _DropoutNd, _BatchNorm, nn.GroupNorm, _ConvNd, nn.Linear)) or \
             super().is_leaf_module(m, qualname)
 
 

@@ -1,5 +1,12 @@
 """Per-BatchNorm variance shift (PAPER.md, "The empirical metric") and BN statistics re-estimation.
 
+A GroupNorm layer (TrialConfig.normalization = groupnorm) normalises with each sample's own statistics in
+train and eval alike: it has no running statistics, so no variance shift in the paper's sense. It still gets
+a record (norm_type 'groupnorm'): its input's eval-mode moments, the feeding weight layer and the mechanism's
+train-vs-eval input-variance ratio (`shift_frozen`), with the running-statistics columns (moving_var, shift,
+shift_channelwise) NaN. A model without normalization layers (normalization = none) gets no records, and
+`reestimate_bn` reports 0 layers re-estimated (docs/normalization.md).
+
 `measure_variance_shift` passes data through the frozen network in eval mode
 (dropout off, BN on its running statistics) and compares, at every BatchNorm
 layer, the variance of the layer's actual input with the running variance it
@@ -28,6 +35,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from search.results import LayerProbe, LayerShift, compute_layer_metrics, layer_metrics
 from search.trial.dropout.module import VarianceDropout
+from search.trial.models.normalization import NORM_LAYERS, norm_kind
 
 __all__ = ["measure_variance_shift", "reestimate_bn", "is_active_dropout", "feeding_weights"]
 
@@ -59,7 +67,8 @@ class _Site:
 
 
 class _Trace:
-    """Execution order of BN layers plus the weight layer and dropout feeding each (first forward only)."""
+    """Execution order of the normalization layers (BN, GroupNorm) plus the weight layer and dropout feeding each
+    (first forward only)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.order: list[nn.Module] = []
@@ -68,7 +77,7 @@ class _Trace:
         self._dropout: nn.Module | None = None
         self._handles = []
         for m in model.modules():
-            if isinstance(m, _BatchNorm):
+            if isinstance(m, NORM_LAYERS):
                 self._handles.append(m.register_forward_pre_hook(self._on_bn))
             elif _is_weight_layer(m):
                 self._handles.append(m.register_forward_hook(self._on_weight))
@@ -295,8 +304,8 @@ def measure_variance_shift(model: nn.Module, loader: Iterable, device: torch.dev
     """
     if every < 1:
         raise ValueError(f"argument 'every' = {every!r} is invalid: must be an int >= 1")
-    names = {m: n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
-    if not names:
+    names = {m: n for n, m in model.named_modules() if isinstance(m, NORM_LAYERS)}
+    if not names:  # normalization none: no layer to measure
         return []
     moments = {m: _Moments() for m in names}
     trace = _Trace(model)
@@ -354,7 +363,7 @@ def _layer_probe(rec: LayerShift, bn: _BatchNorm, mom: _Moments) -> LayerProbe:
     def arr(t: torch.Tensor | None) -> Any:
         return None if t is None else t.detach().double().cpu().numpy()
 
-    return LayerProbe(rec, arr(bn.running_var), arr(mom.variance()), arr(mom.mean))
+    return LayerProbe(rec, arr(getattr(bn, "running_var", None)), arr(mom.variance()), arr(mom.mean))
 
 
 def _start_mechanism(model: nn.Module, names: dict, every: int) -> _Mechanism:
@@ -493,14 +502,15 @@ def _record(name: str, index: int, n: int, bn: _BatchNorm, mom: _Moments, fan_in
         if bool(ok.any()):
             shift_cw = float(_ratio(real[ok], moving[ok]).mean())
     return LayerShift(
-        name=name, index=index, rel_depth=index / (n - 1) if n > 1 else 0.0, channels=int(bn.num_features),
+        name=name, index=index, rel_depth=index / (n - 1) if n > 1 else 0.0,
+        channels=int(bn.num_features if isinstance(bn, _BatchNorm) else bn.num_channels),
         fan_in=fan_in, fed_by_dropout=fed, moving_var=moving_var, real_var=real_var, shift=shift,
-        shift_channelwise=shift_cw, real_mean=real_mean, cos2=cos2,
+        shift_channelwise=shift_cw, real_mean=real_mean, cos2=cos2, norm_type=norm_kind(bn),
     )
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, loader: Iterable, device: torch.device | str | None) -> None:
+def reestimate_bn(model: nn.Module, loader: Iterable, device: torch.device | str | None) -> int:
     """Recompute every BN's running statistics on `loader`; weights frozen, dropout off.
 
     BN layers run in train mode with momentum=None, which makes torch keep an
@@ -514,12 +524,17 @@ def reestimate_bn(model: nn.Module, loader: Iterable, device: torch.device | str
         loader: iterable of (x, y) batches (or bare x), typically the training data.
         device: where to run; None leaves x where it is.
 
+    Returns:
+        The number of BN layers re-estimated: 0 when the model has none with running statistics
+        (normalization groupnorm or none), and then nothing ran and the loader was not read; the
+        caller records no re-estimation (test_acc_reest NaN: no gain, rather than a gain of 0).
+
     Raises:
         ValueError: `loader` yielded no batch.
     """
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
-        return
+        return 0
     modes = _modes(model)
     momenta = {m: m.momentum for m in bns}
     saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in bns}
@@ -544,3 +559,4 @@ def reestimate_bn(model: nn.Module, loader: Iterable, device: torch.device | str
                 for k, b in saved[m].items():
                     getattr(m, k).copy_(b)
         _restore(modes)
+    return len(bns)

@@ -72,14 +72,17 @@ def run_trial(cfg: TrialConfig | Mapping[str, Any], report: Report | None = None
         # The paper's protocol: training data, eval mode, dropout off (probe_samples None: all of it).
         probe_data = _first(data.train_eval, cfg.probe_samples)
         result.layers = measure_variance_shift(model, probe_data, device)
-        result.n_probe = probe_data.seen
+        result.n_probe = probe_data.seen or None  # None: no normalization layer, the probe read no batch
         if not outcome.history:  # no per-epoch eval happened
             result.test_loss, result.test_acc = evaluate(model, data.test, device, amp=amp)
-        reestimate_bn(model, probe_data, device)
-        result.n_reest = probe_data.seen
-        result.test_loss_reest, result.test_acc_reest = evaluate(model, data.test, device, amp=amp)
         result.n_test = data.n_test
-        after = measure_variance_shift(model, probe_data, device, mechanism=False)
+        after = []
+        # No BN with running statistics (normalization groupnorm or none): nothing to re-estimate, so the
+        # *_reest columns stay NaN and n_reest None (a gain of 0 would claim a re-estimation that never ran).
+        if reestimate_bn(model, probe_data, device):
+            result.n_reest = probe_data.seen
+            result.test_loss_reest, result.test_acc_reest = evaluate(model, data.test, device, amp=amp)
+            after = measure_variance_shift(model, probe_data, device, mechanism=False)
         result.probe_time_s = time.perf_counter() - t_probe
         _summarise_shift(result, after)
     if device.type == "cuda":
@@ -121,6 +124,7 @@ def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str
     """A readable multi-line summary of one trial."""
     lines = [
         f"trial {cfg.config_hash}: {cfg.backbone} depth={cfg.depth} width={cfg.width:g} "
+        f"{'' if cfg.normalization is None else cfg.normalization + ' '}"
         f"{cfg.dropout_placement}/{cfg.dropout_type}@{cfg.dropout_rate:g} on {cfg.dataset} ({r.device})",
         f"  status            {r.status}" + (f" ({r.error})" if r.error else ""),
         f"  epochs            {r.epochs_completed}/{cfg.epochs}   params {r.params:,}",
