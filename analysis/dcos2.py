@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .fit import MeanTest, mean_test
-from .load import DROPOUT_KEYS, Study, column_floats, context_fields, group_codes
+from .load import DROPOUT_KEYS, Study, column_floats, context_fields, context_key, group_codes
 
 __all__ = ["DRow", "DWidth", "d_rows", "d_width", "VARIANTS"]
 
@@ -67,7 +67,7 @@ def d_rows(study: Study, level: float = 0.95) -> list[DRow]:
             n = len(ctx)
             out.append(DRow(tuple(zip(ctx, k[:n])), k[n], k[n + 1], k[n + 2], k[n + 3], variant,
                             mean_test(ini[m], level), mean_test(fin[m], level), int(np.nanmax(ep[m]))))
-    return sorted(out, key=lambda r: (r.variant, r.context, r.dropout_type, r.dropout_placement, r.dropout_rate,
+    return sorted(out, key=lambda r: (r.variant, context_key(r.context), r.dropout_type, r.dropout_placement, r.dropout_rate,
                                       r.width))
 
 

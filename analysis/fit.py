@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from scipy import stats
 
 from .theory import closed_form_kinds, placement_cases, predict_layer_shift
-from .load import DROPOUT_KEYS, Study, context_fields, group_codes, varying
+from .load import DROPOUT_KEYS, Study, context_fields, context_key, group_codes, varying
 
 __all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "MeanTest", "shift_vs_dim",
            "accuracy_cost", "bn_reestimation", "mean_ci", "mean_test", "not_testable", "holm", "MIN_UNITS",
@@ -426,7 +426,7 @@ def accuracy_cost(study: Study, *, tol: float = 0.005, level: float = 0.95, adju
         c.p_adj = float(pa_)
         # A tested cell harms on its (Holm-adjusted) test; an untested one is decided on the point, and says so.
         c.harm = bool(c.cost <= -tol and (c.p_adj < 1 - level if c.tested else True))
-    cells.sort(key=lambda c: (c.context, c.dropout_type, c.dropout_placement, c.dropout_rate, c.width))
+    cells.sort(key=lambda c: (context_key(c.context), c.dropout_type, c.dropout_placement, c.dropout_rate, c.width))
     return cells, _critical(cells, tol)
 
 

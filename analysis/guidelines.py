@@ -143,6 +143,17 @@ def _unflagged(ok: Study) -> tuple[Study, int, bool]:
     return dataclasses.replace(ok, trials=trials, layers=layers), n, False
 
 
+def _without_running_stats(trials: pa.Table) -> dict[str, int]:
+    """Trials per normalization that has no running statistics (groupnorm, none; null or batchnorm has them)."""
+    if "normalization" not in trials.column_names:  # results written before the axis existed
+        return {}
+    counts: dict[str, int] = {}
+    for v in trials.column("normalization").to_pylist():
+        if v not in (None, "batchnorm"):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, tol: float = 0.005,
             adjust: str = "holm") -> Analysis:
     """Run every fit on the study's ok trials; `notes` name each analysis the data could not support."""
@@ -162,6 +173,13 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
     elif n_flagged:
         out.notes.append(f"{n_flagged} ok trial(s) flagged bn_unconverged (BN running statistics not converged) "
                          "are left out of every fit and guideline: see the noise floor")
+    unnormed = _without_running_stats(ok.trials)
+    if unnormed:
+        out.notes.append(f"{sum(unnormed.values())} ok trial(s) with normalization "
+                         f"{', '.join(f'{k} ({v})' for k, v in sorted(unnormed.items()))}: no running statistics: no "
+                         "variance shift to measure, and nothing to re-estimate; the shift fits, the shift figures, "
+                         "the noise floor and BN re-estimation skip them (their shift columns are NaN), the "
+                         "accuracy tables keep them, compared within their normalization (docs/normalization.md)")
     out.mechanism_missing = missing_columns(ok)
     if out.mechanism_missing:
         out.notes.append("these results predate the mechanism probe (columns missing: "

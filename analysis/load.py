@@ -22,7 +22,8 @@ from search.config import TrialConfig
 from search.schema import TRIALS_SCHEMA, layers_schema
 from search.store import dedup, list_parts, read_parts, resolve_fs
 
-__all__ = ["Study", "load_study", "select_profile", "group_codes", "column_floats", "context_fields", "varying",
+__all__ = ["Study", "load_study", "select_profile", "group_codes", "column_floats", "context_fields", "context_key",
+           "varying",
            "DROPOUT_KEYS",
            "EXPERIMENT_FIELDS", "ALL_PROFILES", "PYTHON_NAMES"]
 
@@ -152,7 +153,8 @@ def load_study(spaces: str | Sequence[str], root: str = "results", tracking_uri:
     _check_rows(trials, dict.fromkeys(names), base, root, tracking_uri, flags)
     layers = read_parts(fs, layers_parts, layers_schema())  # registered per-layer metrics included
     trials, layers, notes = dedup(trials, layers, trials_parts, layers_parts, fs)
-    study = Study(trials, _fill_bn_name(layers), tuple(dict.fromkeys(names)), tuple(paths), tuple(notes))
+    trials, layers = _fill_normalization(trials, _fill_bn_name(layers))
+    study = Study(trials, layers, tuple(dict.fromkeys(names)), tuple(paths), tuple(notes))
     study, text = select_profile(study, profile, flag=flags["profile"])
     return dataclasses.replace(study, selection=text)
 
@@ -186,6 +188,20 @@ def _fill_bn_name(layers: pa.Table) -> pa.Table:
     guess = pc.if_else(pc.fill_null(wrapped, False), stripped, name)
     i = layers.schema.get_field_index("bn_name")
     return layers.set_column(i, layers.schema.field(i), pc.coalesce(layers.column("bn_name"), guess))
+
+
+def _fill_normalization(trials: pa.Table, layers: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """In a study where some trial names a normalization (groupnorm, none), the others' null (the default,
+    TrialConfig stores batchnorm as None) reads `batchnorm`, and so does a layer row's null `norm_type`;
+    the tables and captions then say batchnorm, not None. A study of BN trials only is left as it is."""
+    if "normalization" not in trials.schema.names or trials.column("normalization").null_count == trials.num_rows:
+        return trials, layers
+    i = trials.schema.get_field_index("normalization")
+    trials = trials.set_column(i, trials.schema.field(i), pc.fill_null(trials.column(i), "batchnorm"))
+    if "norm_type" in layers.schema.names:
+        j = layers.schema.get_field_index("norm_type")
+        layers = layers.set_column(j, layers.schema.field(j), pc.fill_null(layers.column(j), "batchnorm"))
+    return trials, layers
 
 
 def _rebuild(space: str, tracking_uri: str, root: str, flag: str = "tracking_uri") -> str:
@@ -258,6 +274,12 @@ def context_fields(trials: pa.Table) -> list[str]:
     """Experiment fields other than the dropout axes, width and seed: what a baseline must match."""
     skip = set(DROPOUT_KEYS) | {"width", "seed"}
     return [f for f in EXPERIMENT_FIELDS if f not in skip and f in trials.schema.names]
+
+
+def context_key(context: tuple[tuple[str, object], ...]) -> tuple:
+    """A sort key for a context ((field, value), ...) whose values may be null beside values (a field at its None
+    default in some trials, e.g. normalization): null sorts first, and None is never compared with a str."""
+    return tuple((k, v is not None, v if v is not None else 0) for k, v in context)
 
 
 def varying(trials: pa.Table, fields: list[str]) -> list[str]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .fit import MeanTest, mean_test
-from .load import DROPOUT_KEYS, Study, column_floats, context_fields, group_codes
+from .load import DROPOUT_KEYS, Study, column_floats, context_fields, context_key, group_codes
 
 __all__ = ["WidthEffect", "QUANTITIES", "width_effects", "fe_slope"]
 
@@ -171,5 +171,5 @@ def width_effects(study: Study, quantities: tuple[str, ...] = tuple(QUANTITIES),
         by_seed = dict(zip(fro.seeds, fro.per_seed))
         eff.diff = mean_test(np.array([b - by_seed[s] for s, b in zip(eff.seeds, eff.per_seed) if s in by_seed]),
                              level)
-    return sorted(out, key=lambda e: (e.context, e.dropout_type, e.dropout_placement, e.dropout_rate,
+    return sorted(out, key=lambda e: (context_key(e.context), e.dropout_type, e.dropout_placement, e.dropout_rate,
                                       list(QUANTITIES).index(e.quantity)))
