@@ -486,11 +486,12 @@ def own_name(model: nn.Module, path: str) -> str:
     return path
 
 
-def _record(name: str, index: int, n: int, bn: _BatchNorm, mom: _Moments, fan_in: int | None,
+def _record(name: str, index: int, n: int, bn: nn.Module, mom: _Moments, fan_in: int | None,
             fed: bool, cos2: float) -> LayerShift:
     nan = math.nan
     real = mom.variance()
-    moving = bn.running_var.detach().double() if bn.running_var is not None else None
+    running = getattr(bn, "running_var", None)  # a GroupNorm has none: the shift columns stay NaN
+    moving = running.detach().double() if running is not None else None
     moving_var = float(moving.mean()) if moving is not None else nan
     real_var = float(real.mean()) if real is not None else nan
     real_mean = float(mom.mean.mean()) if mom.mean is not None else nan
