@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 from scipy import stats
 
 from .theory import closed_form_kinds, placement_cases, predict_layer_shift
-from .load import DROPOUT_KEYS, Study, context_fields, context_key, group_codes, varying
+from .load import (DROPOUT_KEYS, SCHEDULE_FIELDS, Study, constant_schedule, context_fields, context_key, group_codes,
+                   varying)
 
 __all__ = ["ShiftFit", "CostCell", "CriticalWidth", "ReestRow", "Correlation", "MeanTest", "shift_vs_dim",
            "accuracy_cost", "bn_reestimation", "mean_ci", "mean_test", "not_testable", "holm", "MIN_UNITS",
@@ -225,7 +226,7 @@ def shift_vs_dim(study: Study, *, n_boot: int = 1000, seed: int = 0, level: floa
     fan = L.column("fan_in")
     mask = pc.and_(pc.and_(pc.fill_null(L.column("fed_by_dropout"), False), pc.is_valid(fan)),
                    pc.not_equal(L.column("dropout_placement"), "none"))
-    L = L.filter(mask)
+    L = L.filter(pc.and_(mask, constant_schedule(L)))  # dropout_rate is the rate in force (load.constant_schedule)
     L = L.filter(pc.and_(pc.greater(L.column("fan_in"), 0), pc.is_finite(L.column("shift"))))
     if L.num_rows == 0:
         return []
@@ -401,12 +402,15 @@ def accuracy_cost(study: Study, *, tol: float = 0.005, level: float = 0.95, adju
     ctx = context_fields(t)
     codes, keys = group_codes(t, ctx + ["width"] + list(DROPOUT_KEYS))
     acc, seed, members, nc = t.column("test_acc").to_numpy(), t.column("seed").to_numpy(), _members(codes), len(ctx)
-    base = {k[:nc + 1]: _by_seed(acc, seed, members[g]) for g, k in enumerate(keys) if k[nc + 2] == "none"}
+    # A no-dropout baseline has no drop-rate schedule: a scheduled cell is matched with its schedule fields unset.
+    sched = {i for i, f in enumerate(ctx) if f in SCHEDULE_FIELDS}
+    unscheduled = lambda k: tuple(None if i in sched else v for i, v in enumerate(k[:nc + 1]))  # noqa: E731
+    base = {unscheduled(k): _by_seed(acc, seed, members[g]) for g, k in enumerate(keys) if k[nc + 2] == "none"}
     cells: list[CostCell] = []
     for g, k in enumerate(keys):
-        if k[nc + 2] == "none" or k[:nc + 1] not in base:
+        if k[nc + 2] == "none" or unscheduled(k) not in base:
             continue
-        a, b = _by_seed(acc, seed, members[g]), base[k[:nc + 1]]
+        a, b = _by_seed(acc, seed, members[g]), base[unscheduled(k)]
         common = sorted(set(a) & set(b))
         va, vb = np.array(list(a.values())), np.array(list(b.values()))
         if len(common) >= 2:

@@ -24,7 +24,7 @@ from search.store import dedup, list_parts, read_parts, resolve_fs
 
 __all__ = ["Study", "load_study", "select_profile", "group_codes", "column_floats", "context_fields", "context_key",
            "varying",
-           "DROPOUT_KEYS",
+           "DROPOUT_KEYS", "SCHEDULE_FIELDS", "constant_schedule",
            "EXPERIMENT_FIELDS", "ALL_PROFILES", "PYTHON_NAMES"]
 
 ALL_PROFILES = "all"
@@ -40,6 +40,9 @@ def _arg(names: dict[str, str], key: str, value: object = None) -> str:
     return f"{name}{value!r}" if name.endswith("=") else f"{name} {value!r}"
 
 DROPOUT_KEYS = ("dropout_type", "dropout_placement", "dropout_rate")
+# The drop-rate schedule (TrialConfig, issue 29): experiment fields, so context (cells split by them); the
+# no-dropout baseline has none, and the per-layer closed-form fits keep constant-rate trials (`constant_schedule`).
+SCHEDULE_FIELDS = ("dropout_schedule", "dropout_cutoff", "dropout_decay")
 # Fields that change the experiment (TrialConfig's hashed ones); the seed is replication, not a factor.
 EXPERIMENT_FIELDS = tuple(f.name for f in dataclasses.fields(TrialConfig) if f.metadata.get("hashed", True))
 
@@ -280,6 +283,19 @@ def context_key(context: tuple[tuple[str, object], ...]) -> tuple:
     """A sort key for a context ((field, value), ...) whose values may be null beside values (a field at its None
     default in some trials, e.g. normalization): null sorts first, and None is never compared with a str."""
     return tuple((k, v is not None, v if v is not None else 0) for k, v in context)
+
+
+def constant_schedule(table: pa.Table) -> pa.Array:
+    """Row mask: the trial's dropout ran at one rate throughout (dropout_schedule null or 'constant', as every row
+    of a file written before schedules existed).
+
+    The per-layer fits against the closed form pool rows by DROPOUT_KEYS and take dropout_rate as the rate the
+    sites held when the probe ran; a scheduled trial's sites ended at another rate (early dropout: 0) after
+    another history, so those fits leave its layers out; its cells (the schedule is context) report it.
+    """
+    if "dropout_schedule" not in table.column_names:
+        return pa.array(np.ones(table.num_rows, dtype=bool))
+    return pc.fill_null(pc.equal(table.column("dropout_schedule"), "constant"), True).combine_chunks()
 
 
 def varying(trials: pa.Table, fields: list[str]) -> list[str]:

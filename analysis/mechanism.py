@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from search.results import LayerShift, column_names
 
 from .fit import ShiftFit, _fit_group, mean_ci, ols_from_sufficient, ols_sufficient
-from .load import DROPOUT_KEYS, Study, column_floats, group_codes
+from .load import DROPOUT_KEYS, Study, column_floats, constant_schedule, group_codes
 
 __all__ = ["MECHANISM_COLUMNS", "TARGET", "MechanismRow", "NoiseFloor", "WidthMechanism", "missing_columns",
            "fed_layers", "mechanism_rows", "noise_floor", "width_mechanism", "closed_form"]
@@ -29,13 +29,14 @@ GROUP = ("backbone",) + DROPOUT_KEYS
 
 
 def fed_layers(study: Study) -> pa.Table:
-    """BN layers a dropout feeds directly (placement pre_bn / pre_conv), with a finite frozen measurement."""
+    """BN layers a dropout feeds directly (placement pre_bn / pre_conv), with a finite frozen measurement, of
+    trials whose dropout ran at one rate (load.constant_schedule: the closed form reads dropout_rate)."""
     L = study.layers
     if L.num_rows == 0:
         return L
     mask = pc.and_(pc.fill_null(L.column("fed_by_dropout"), False),
                    pc.invert(pc.is_in(L.column("dropout_placement"), value_set=pa.array(["none", "head"]))))
-    return L.filter(mask)
+    return L.filter(pc.and_(mask, constant_schedule(L)))
 
 
 def missing_columns(study: Study) -> list[str]:

@@ -113,9 +113,11 @@ TRIALS_SCHEMA = _schema("trials", ID_FIELDS + CONFIG_FIELDS + METRIC_FIELDS + SE
                         + [_column("ran_on", pa.string(), column_info(TrialResult, "device"))] + CODE_FIELDS)
 
 
-# Config columns repeated on every layer row so analysis groups without a join.
+# Config columns repeated on every layer row so analysis groups without a join. The drop-rate schedule's
+# fields say which rate the sites held as training ended (early dropout: 0, not dropout_rate).
 LAYER_CONFIG_COLUMNS = (
     "backbone", "depth", "width", "dropout_type", "dropout_placement", "dropout_rate", "dataset", "seed",
+    "dropout_schedule", "dropout_cutoff", "dropout_decay",
 )
 
 

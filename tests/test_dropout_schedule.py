@@ -195,7 +195,7 @@ def test_a_module_kind_without_a_rate_attribute_is_refused_in_one_line() -> None
     ("late", None, [0.0, 0.3]),
 ])
 def test_two_epoch_trial_records_the_applied_rate(schedule: str | None, decay: str | None, want: list) -> None:
-    from search.trial.runner import run_trial
+    from search.trial.runner import format_result, run_trial
 
     cutoff = None if schedule is None else 1.0
     cfg = SMALL.replace(dropout_schedule=schedule, dropout_cutoff=cutoff, dropout_decay=decay, train_samples=512)
@@ -204,6 +204,10 @@ def test_two_epoch_trial_records_the_applied_rate(schedule: str | None, decay: s
     assert r.dropout_rate_final == want[-1]
     # The sites are where they were: their BN layers stay fed by dropout whatever rate the schedule ended at.
     assert any(x.fed_by_dropout for x in r.layers)
+    text = format_result(cfg, r)  # the printed summary says which schedule the probes measured the end of
+    assert ("dropout schedule" in text) == (schedule is not None)
+    if schedule is not None:
+        assert f"  dropout schedule  {schedule} (cutoff epoch 1" in text and f"last step {want[-1]:g}" in text
 
 
 def test_the_epoch_history_shows_the_switch() -> None:
@@ -319,3 +323,56 @@ def test_host_float_sites_train_without_graphs(recorded_graphs, monkeypatch, tim
     with pytest.warns(RuntimeWarning, match="training without CUDA graphs"):
         out = train_mod.train(_net_with_sites("timm_dropblock_s", False), data, cfg, torch.device("cpu"))
     assert [h["dropout_rate_applied"] for h in out.history] == [0.3, 0.0]
+
+
+# ------------------------------------------------------------------ analysis: cells split by schedule
+def _with_early_copies(trials, layers):
+    """The planted study plus, for every pre_bn trial, an early-dropout copy (its layers unshifted, as early
+    dropout ends at rate 0) with 0.01 more test accuracy."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def early(t, acc_shift: float, shift_one: bool):
+        t = t.filter(pc.equal(t.column("dropout_placement"), "pre_bn"))
+        n = t.num_rows
+        sets = {"run_id": pa.array([f"early-{r}" for r in t.column("run_id").to_pylist()]),
+                "dropout_schedule": pa.array(["early"] * n), "dropout_cutoff": pa.array([1.0] * n)}
+        if acc_shift:
+            sets["test_acc"] = pc.add(t.column("test_acc"), acc_shift)
+        if shift_one:
+            sets["shift"] = pa.array([1.0] * n)
+        for name, col in sets.items():
+            i = t.schema.get_field_index(name)
+            t = t.set_column(i, t.schema.field(i), col.cast(t.schema.field(i).type))
+        return t
+
+    return (pa.concat_tables([trials, early(trials, 0.01, False)]),
+            pa.concat_tables([layers, early(layers, 0.0, True)]))
+
+
+def test_accuracy_cells_split_by_schedule_and_share_the_no_dropout_baseline() -> None:
+    from test_analysis_fit import _study, planted_study
+
+    from analysis.fit import accuracy_cost
+
+    plain = accuracy_cost(_study(*planted_study()))[0]
+    cells = accuracy_cost(_study(*_with_early_copies(*planted_study())))[0]
+    sched = lambda c: dict(c.context).get("dropout_schedule")  # noqa: E731
+    early = [c for c in cells if sched(c) == "early"]
+    rest = [c for c in cells if sched(c) is None]
+    assert len(early) == 4 and len(rest) == len(plain)  # pre_bn x 4 widths, beside the constant cells
+    for e in early:  # the same none baseline, 0.01 better than its constant twin
+        twin = next(c for c in rest if (c.dropout_placement, c.width) == ("pre_bn", e.width))
+        assert e.cost == pytest.approx(twin.cost + 0.01, abs=1e-9) and e.n == twin.n
+
+
+def test_closed_form_fits_keep_constant_rate_layers_only() -> None:
+    from test_analysis_fit import _study, planted_study
+
+    from analysis.fit import shift_vs_dim
+    from analysis.mechanism import fed_layers
+
+    plain, mixed = _study(*planted_study()), _study(*_with_early_copies(*planted_study()))
+    a, b = shift_vs_dim(plain, n_boot=50), shift_vs_dim(mixed, n_boot=50)
+    assert [(f.dropout_placement, f.n, f.slope) for f in a] == [(f.dropout_placement, f.n, f.slope) for f in b]
+    assert fed_layers(mixed).num_rows == fed_layers(plain).num_rows

@@ -139,6 +139,10 @@ def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str
         f"  d cos^2 (D)       fed-by-dropout {r.d_cos2_init:.3f} -> {r.d_cos2_final:.3f}   "
         f"all BN {r.d_cos2_all_init:.3f} -> {r.d_cos2_all_final:.3f}   (initialisation -> last epoch)",
     ]
+    if cfg.dropout_schedule is not None:  # what the probes above measured: the network at the final rate
+        lines.append(f"  dropout schedule  {cfg.dropout_schedule} (cutoff epoch {cfg.dropout_cutoff:g}"
+                     f"{', linear' if cfg.dropout_decay == 'linear' else ''}): rate {cfg.dropout_rate:g}, at the"
+                     f" last step {r.dropout_rate_final:g}")
     if layers and r.layers:
         lines.append(f"  {'idx':>3} {'layer':<34} {'ch':>5} {'d':>6} {'drop':>4} {'moving':>9} {'real':>9} "
                      f"{'shift':>7} {'chan':>7}")
