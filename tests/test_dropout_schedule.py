@@ -376,3 +376,23 @@ def test_closed_form_fits_keep_constant_rate_layers_only() -> None:
     a, b = shift_vs_dim(plain, n_boot=50), shift_vs_dim(mixed, n_boot=50)
     assert [(f.dropout_placement, f.n, f.slope) for f in a] == [(f.dropout_placement, f.n, f.slope) for f in b]
     assert fed_layers(mixed).num_rows == fed_layers(plain).num_rows
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "gaussian", "uout", "channel", "droppath"])
+def test_rate_tensor_noise_has_the_kinds_mean_and_variance(kind: str) -> None:
+    """The scheduled path draws other numbers than the constant one, from the same distribution: mean 1 and one
+    element's variance noise_var(rate), the closed form the theory uses."""
+    site = make_dropout(kind, 0.5)
+    site.bind_rate(torch.tensor(0.3))
+    torch.manual_seed(1)
+    m = site.train()(torch.ones(4096, 16, 2, 2, dtype=torch.float64)).flatten()  # 4096 samples: droppath's units
+    want = type(site.impl).noise_var(0.3)
+    assert m.mean().item() == pytest.approx(1.0, abs=0.02) and m.var().item() == pytest.approx(want, rel=0.05)
+
+
+def test_bf16_inputs_keep_the_drop_fraction() -> None:
+    site = make_dropout("bernoulli", 0.5)
+    site.bind_rate(torch.tensor(0.3))
+    torch.manual_seed(2)
+    y = site.train()(torch.ones(1 << 20, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.002)

@@ -152,11 +152,12 @@ def _bernoulli_mask(x: Any, shape: tuple[int, ...], rate: float) -> Any:
 def _keep_mask(x: Any, shape: tuple[int, ...], rate: Any) -> Any:
     """`_bernoulli_mask` at a 0-dim tensor rate: U >= rate keeps (probability 1 - rate), kept / (1 - rate).
 
-    U ~ U[0, 1), so at rate 0 every element is kept and divided by 1: exactly the identity.
+    U ~ U[0, 1), so at rate 0 every element is kept and divided by 1: exactly the identity. U is float32 whatever
+    x's dtype: a bf16 uniform has 8 bits, which would move the keep probability off 1 - rate.
     """
     import torch
 
-    return (torch.rand(shape, dtype=x.dtype, device=x.device) >= rate).to(x.dtype) / (1.0 - rate)
+    return (torch.rand(shape, device=x.device) >= rate).to(x.dtype) / (1.0 - rate)
 
 
 @register_dropout("channel")
