@@ -396,3 +396,58 @@ def test_bf16_inputs_keep_the_drop_fraction() -> None:
     torch.manual_seed(2)
     y = site.train()(torch.ones(1 << 20, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.002)
+
+
+# ------------------------------------------------------------------ on a GPU (skipped where there is none)
+CUDA = torch.cuda.is_available()
+NO_CUDA = "a real CUDA graph needs a CUDA device; this machine has none (the CPU stand-ins above cover the logic)"
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("kind", BUILT_IN)
+def test_a_captured_graph_replays_at_the_rate_the_tensor_holds_on_cuda(kind: str) -> None:
+    dev = torch.device("cuda")
+    site = make_dropout(kind, 0.5, block_size=3 if kind == "dropblock" else None).to(dev).train()
+    rate_t = torch.zeros((), device=dev)
+    site.bind_rate(rate_t)
+    x = torch.ones(4096, 2, 16, 16, device=dev)  # 4096 samples: droppath's mean within 0.05 is 5 sd
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as graphs.py does
+        for _ in range(3):
+            site(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = site(x)
+    torch.cuda.set_sync_debug_mode("error")  # a host read of the rate would raise here
+    try:
+        rate_t.fill_(0.0)
+        graph.replay()
+        at_zero = y.clone()
+        rate_t.fill_(0.3)
+        graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(at_zero, x)  # the graph read 0: the identity
+    assert not torch.equal(y, x) and y.mean().item() == pytest.approx(1.0, abs=0.05)
+    if kind in ("bernoulli", "channel", "droppath", "dropblock"):
+        assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.05)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_graphed_training_follows_an_early_linear_schedule_on_cuda() -> None:
+    from search.trial.data import load_data
+    from search.trial.models import build_model
+    from search.trial.train import seed_everything, train
+
+    dev = torch.device("cuda")
+    cfg = SMALL.replace(device="cuda", cuda_graphs="on", dropout_schedule="early", dropout_cutoff=1.5,
+                        dropout_decay="linear", epochs=3, train_samples=512)
+    data = load_data(cfg, dev)
+    seed_everything(0)
+    out = train(build_model(cfg, num_classes=data.num_classes), data, cfg, dev)
+    steps = len(data.train)
+    assert out.status == "ok" and [h["dropout_rate_applied"] for h in out.history] == [
+        dropout_rate_at(e * steps - 1, steps, 0.3, "early", 1.5, "linear") for e in (1, 2, 3)]
+    assert out.dropout_rate_final == 0.0
