@@ -360,7 +360,8 @@ def train(model: nn.Module, data, cfg: TrialConfig, device: torch.device,
         else:
             test_loss, test_acc = evaluate(net, data.test, device, amp=cfg.amp)
         row = dict(epoch=epoch, train_loss=out.train_loss, train_acc=out.train_acc, test_loss=test_loss,
-                   test_acc=test_acc, lr=lr, dropout_rate_applied=drop_rate, epoch_time_s=dt, throughput=n / dt if dt > 0 else float("nan"),
+                   test_acc=test_acc, lr=lr, dropout_rate_applied=drop_rate, epoch_time_s=dt,
+                   throughput=n / dt if dt > 0 else float("nan"),
                    **weight_stats(sites))  # after the epoch's steps and evaluation: outside any capture
         row = {k: float(v) for k, v in row.items()}
         out.history.append(row)
