@@ -178,7 +178,7 @@ def analyse(study: Study, *, n_boot: int = 1000, seed: int = 0, level: float = 0
         out.notes.append(f"{sum(unnormed.values())} ok trial(s) with normalization "
                          f"{', '.join(f'{k} ({v})' for k, v in sorted(unnormed.items()))}: no running statistics: no "
                          "variance shift to measure, and nothing to re-estimate; the shift fits, the shift figures, "
-                         "the noise floor and BN re-estimation skip them (their shift columns are NaN), the "
+                         "the mechanism tables, the noise floor and BN re-estimation skip them (their shift columns are NaN), the "
                          "accuracy tables keep them, compared within their normalization (docs/normalization.md)")
     out.mechanism_missing = missing_columns(ok)
     if out.mechanism_missing:

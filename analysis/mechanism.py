@@ -30,12 +30,18 @@ GROUP = ("backbone",) + DROPOUT_KEYS
 
 def fed_layers(study: Study) -> pa.Table:
     """BN layers a dropout feeds directly (placement pre_bn / pre_conv), with a finite frozen measurement, of
-    trials whose dropout ran at one rate (load.constant_schedule: the closed form reads dropout_rate)."""
+    trials whose dropout ran at one rate (load.constant_schedule: the closed form reads dropout_rate).
+
+    GroupNorm layers (norm_type groupnorm) are not among them: no running statistics, so no paper's shift to
+    compare with and no propagation through them (shift_theory NaN); the report's notes say so.
+    """
     L = study.layers
     if L.num_rows == 0:
         return L
     mask = pc.and_(pc.fill_null(L.column("fed_by_dropout"), False),
                    pc.invert(pc.is_in(L.column("dropout_placement"), value_set=pa.array(["none", "head"]))))
+    if "norm_type" in L.column_names:  # null: batchnorm (files written before the column)
+        mask = pc.and_(mask, pc.fill_null(pc.not_equal(L.column("norm_type"), "groupnorm"), True))
     return L.filter(pc.and_(mask, constant_schedule(L)))
 
 

@@ -5,9 +5,10 @@
                                       (closed_form='elementwise') i.i.d. noise whose variance is
                                       noise_var(rate); the identity in eval mode; input shape kept
     check_placement(placement, fam)   the sites it returns are proven by forward hooks: each inserted
-                                      module runs, right before its target, its noise reaches the BN
-                                      it names (or no BN when it feeds none), and the eval-mode
-                                      function of the model is unchanged
+                                      module runs, right before its target (a before-site) or on exactly
+                                      the output of the module it names (an after-site), its noise
+                                      reaches the BN it names first (or no BN when it feeds none), and
+                                      the eval-mode function of the model is unchanged
     check_backbone(family)            it builds at a small size and runs forward, train and eval
 
 Each raises ContractError with one line saying what was measured and what was expected.
@@ -215,10 +216,15 @@ def check_placement(placement: str, family: str, kind: str = "bernoulli", rate: 
     """Insert `placement` into a small `family` model and prove every returned site by forward hooks.
 
     Proven: the inserted VarianceDropout modules are exactly the sites; in a train-mode
-    forward each runs at least once, changes its input (rate > 0), and the next module
-    called after it is its target; the first BatchNorm called after it is `feeds_bn`
-    (none at all for a placement registered with feeds_bn=False); case 'a' targets a BN,
-    case 'b' a conv or linear layer; the eval-mode output equals the model's before surgery.
+    forward each runs at least once and changes its input (rate > 0). A before-site: the next
+    module called after it is its target. An after-site (`site.after` set): its input is exactly
+    the output of `after`, which is the last module to run before it, and its output is exactly
+    what the wrapper hands on; its target is the first conv/BN/Linear whose input carries its
+    noise. For every site, `feeds_bn` is the first BatchNorm (in call order) whose input carries
+    its noise (none at all for a placement registered with feeds_bn=False): "carries" is shown by
+    perturbing that dropout's output alone in an eval-mode forward and seeing which inputs move.
+    Case 'a' targets a BN, case 'b' a conv or linear layer; the eval-mode output equals the
+    model's before surgery.
 
     Returns:
         The sites.
@@ -250,27 +256,32 @@ def check_placement(placement: str, family: str, kind: str = "bernoulli", rate: 
     if not same:
         raise ContractError(f"{where}: the eval-mode output differs from the model's before surgery "
                             "(a placement may insert only dropout, which is the identity in eval mode)")
-    calls, changed = _record(model, modules)
+    rec = _record(model, modules)
+    calls = rec.calls
     bns = {n for n, m in modules.items() if isinstance(m, _BatchNorm)}
     for s in sites:
         idx = [i for i, n in enumerate(calls) if n == s.module]
         if not idx:
             raise ContractError(f"{where}: site {s.module!r} never runs in a forward")
-        if rate > 0 and not changed.get(s.module):
+        if rate > 0 and not rec.changed.get(s.module):
             raise ContractError(f"{where}: site {s.module!r} leaves its input unchanged in train mode at rate {rate}")
-        nxt = calls[idx[0] + 1] if idx[0] + 1 < len(calls) else None
-        if nxt != s.target:
-            raise ContractError(f"{where}: site {s.module!r} says it runs before {s.target!r}, but the next module "
-                                f"called is {nxt!r}")
-        first_bn = next((n for n in calls[idx[0] + 1:] if n in bns), None)
+        moved = _carries_noise(model, modules, s.module, x)
+        if s.after is None:
+            nxt = calls[idx[0] + 1] if idx[0] + 1 < len(calls) else None
+            if nxt != s.target:
+                raise ContractError(f"{where}: site {s.module!r} says it runs before {s.target!r}, but the next "
+                                    f"module called is {nxt!r}")
+        else:
+            _check_after_site(where, s, modules, rec, idx[0], moved)
+        first_bn = next((n for n in moved if n in bns), None)
         if not meta.get("feeds_bn", True):
             if first_bn is not None:
-                raise ContractError(f"{where}: registered with feeds_bn=False, but BN {first_bn!r} runs after "
-                                    f"{s.module!r}")
+                raise ContractError(f"{where}: registered with feeds_bn=False, but BN {first_bn!r}'s input carries "
+                                    f"the noise of {s.module!r}")
         elif first_bn != s.feeds_bn:
             raise ContractError(f"{where}: site {s.module!r} names feeds_bn={s.feeds_bn!r}, but the first BN "
-                                f"called after it is {first_bn!r}")
-        target = modules[s.target]
+                                f"whose input carries its noise is {first_bn!r}")
+        target = modules[s.target] if s.target else None
         if meta.get("case") == "a" and not isinstance(target, _BatchNorm):
             raise ContractError(f"{where}: case 'a' (dropout -> BN), but {s.module!r} runs before "
                                 f"{type(target).__name__} {s.target!r}")
@@ -280,20 +291,63 @@ def check_placement(placement: str, family: str, kind: str = "bernoulli", rate: 
     return sites
 
 
-def _record(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[list[str], dict[str, bool]]:
-    """Names of every module in call order (pre-hooks) and, per dropout site, whether it changed its input."""
-    names = {m: n for n, m in modules.items() if n}
-    calls: list[str] = []
-    changed: dict[str, bool] = {}
+def _check_after_site(where: str, s: PlacementSite, modules: dict[str, nn.Module], rec: "_Recording", at: int,
+                      moved: list[str]) -> None:
+    """An after-site takes exactly `after`'s output, right after it ran, and its output is what the wrapper returns;
+    its target is the first conv/BN/Linear whose input carries its noise."""
+    inside = [i for i, n in enumerate(rec.calls[:at]) if n == s.after or n.startswith(s.after + ".")]
+    if not inside or modules.get(s.after) is None:
+        raise ContractError(f"{where}: after-site {s.module!r} names after={s.after!r}, which never runs before it")
+    if rec.finished_before.get(s.module) != s.after:
+        raise ContractError(f"{where}: after-site {s.module!r} says it takes the output of {s.after!r}, but the last "
+                            f"module to finish before it is {rec.finished_before.get(s.module)!r}")
+    if rec.inputs.get(s.module) is not rec.outputs.get(s.after):
+        raise ContractError(f"{where}: after-site {s.module!r}'s input is not the output of {s.after!r}")
+    wrapper = s.module.rpartition(".")[0]
+    if rec.outputs.get(wrapper) is not rec.outputs.get(s.module):
+        raise ContractError(f"{where}: after-site {s.module!r}'s output is not what {wrapper!r} hands on")
+    layers = [n for n in moved if isinstance(modules[n], (nn.Conv2d, nn.Linear, _BatchNorm))]
+    if (layers[0] if layers else "") != s.target:
+        raise ContractError(f"{where}: after-site {s.module!r} names target={s.target!r}, but the first layer whose "
+                            f"input carries its noise is {layers[0] if layers else None!r}")
 
-    def pre(mod: nn.Module, _inp: Any) -> None:
-        calls.append(names[mod])
+
+class _Recording:
+    """One train-mode forward: module names in call order (pre-hooks), whether each dropout changed its input,
+    the first input and output object of each module, and per dropout the last module to finish before it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.changed: dict[str, bool] = {}
+        self.inputs: dict[str, Any] = {}
+        self.outputs: dict[str, Any] = {}
+        self.finished_before: dict[str, str | None] = {}
+        self.last_finished: str | None = None
+
+
+def _record(model: nn.Module, modules: dict[str, nn.Module]) -> _Recording:
+    """Record one seeded train-mode forward of `model` (see _Recording)."""
+    names = {m: n for n, m in modules.items() if n}
+    rec = _Recording()
+
+    def pre(mod: nn.Module, inp: Any) -> None:
+        name = names[mod]
+        rec.calls.append(name)
+        rec.inputs.setdefault(name, inp[0] if inp else None)
+        if isinstance(mod, VarianceDropout):
+            rec.finished_before.setdefault(name, rec.last_finished)
 
     def post(mod: nn.Module, inp: Any, out: Any) -> None:
-        changed[names[mod]] = changed.get(names[mod], False) or not torch.equal(inp[0], out)
+        name = names[mod]
+        rec.outputs.setdefault(name, out)
+        rec.last_finished = name
+        if isinstance(mod, VarianceDropout):
+            # An all-zero input cannot show multiplicative noise: timm zero-initialises each block's last BN
+            # (zero_init_last), whose output an after-site (post_bn) takes.
+            rec.changed[name] = rec.changed.get(name, False) or not torch.equal(inp[0], out) or not inp[0].any()
 
     hooks = [m.register_forward_pre_hook(pre) for m in names]
-    hooks += [m.register_forward_hook(post) for m in names if isinstance(m, VarianceDropout)]
+    hooks += [m.register_forward_hook(post) for m in names]
     try:
         model.train()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -302,7 +356,45 @@ def _record(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[list[str],
     finally:
         for h in hooks:
             h.remove()
-    return calls, changed
+    return rec
+
+
+def _carries_noise(model: nn.Module, modules: dict[str, nn.Module], site: str, x: torch.Tensor) -> list[str]:
+    """Names of the modules called after dropout `site` whose input moves when (only) that dropout's output is
+    perturbed, in call order: the layers its noise reaches. Eval mode: no other noise, BN on running statistics."""
+    names = {m: n for n, m in modules.items() if n}
+
+    def run(perturb: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
+        order: list[str] = []
+        seen: dict[str, torch.Tensor] = {}
+
+        def pre(mod: nn.Module, inp: Any) -> None:
+            name = names[mod]
+            if name not in seen and inp and isinstance(inp[0], torch.Tensor):
+                order.append(name)
+                seen[name] = inp[0].detach().clone()
+
+        def bump(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(1)
+            return out + torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+
+        hooks = [m.register_forward_pre_hook(pre) for m in names]
+        if perturb:
+            hooks.append(modules[site].register_forward_hook(bump))
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return order, seen
+
+    order, clean = run(False)
+    _, noisy = run(True)
+    start = order.index(site) + 1 if site in order else len(order)
+    return [n for n in order[start:] if n in noisy and noisy[n].shape == clean[n].shape
+            and not torch.allclose(noisy[n], clean[n], rtol=1e-4, atol=1e-5)]
 
 
 def _first(e: BaseException) -> str:

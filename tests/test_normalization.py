@@ -273,6 +273,29 @@ def test_one_epoch_trial_per_normalization_reads_back_with_the_right_nans(trials
             assert _nan(t["d_cos2_all_final"])
 
 
+def test_analysis_of_real_trials_without_running_statistics_blames_no_missing_column(trials, tmp_path) -> None:
+    from analysis.guidelines import analyse
+    from analysis.load import load_study
+    from search.schema import TRIALS_SCHEMA, layer_rows, layers_schema, trial_row
+
+    rows, lrows = [], []
+    for i, (cfg, r) in enumerate(trials.values()):
+        rows.append(trial_row(cfg, r, run_id=f"r{i}", space="s", profile="quick", finished_at=None,
+                              code={"code_version": "test"}))
+        lrows += layer_rows(cfg, r.layers, run_id=f"r{i}", space="s")
+    for name, data, schema in (("trials", rows, TRIALS_SCHEMA), ("layers", lrows, layers_schema())):
+        os.makedirs(tmp_path / "s" / name)
+        pq.write_table(pa.Table.from_pylist(data, schema=schema), tmp_path / "s" / name / "part-0.parquet")
+    study = load_study("s", root=str(tmp_path))
+    assert sorted(study.trials.column("normalization").to_pylist()) == ["batchnorm", "groupnorm", "none"]
+    assert set(study.layers.column("norm_type").to_pylist()) == {"batchnorm", "groupnorm"}
+    a = analyse(study, n_boot=100)
+    assert any("no running statistics" in n for n in a.notes)
+    # GroupNorm layers have no shift_theory (no propagation through them): not a sign of old results
+    assert not any("predate the mechanism probe" in n for n in a.notes), a.notes
+    assert all(r.dropout_placement == "pre_bn" for r in a.mechanism)
+
+
 # --------------------------------------------------------------- analysis
 def _mixed_study():
     """A planted study with its trials repeated under groupnorm (no running statistics) and none (no layers)."""

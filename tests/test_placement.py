@@ -108,9 +108,21 @@ def test_placement_position(backbone: str, placement: str) -> None:
         assert site.feeds_bn is None and site.fan_in is None and site.block == ""
         return
 
+    if placement == "pre_pool":  # the final feature map, right before global pooling: every BN has run
+        (site,) = sites
+        i = calls.index(site.module)
+        assert all(j < i for j, n in enumerate(calls) if is_bn(n)), "a BN runs after the pre_pool dropout"
+        assert site.target == "global_pool.1" and calls[i + 1] == classifier(model)
+        assert site.feeds_bn is None and site.fan_in is None and site.block == "" and site.after is None
+        return
+
     assert len(sites) == expected_blocks(backbone, cfg.depth)
     assert [s.index for s in sites] == list(range(len(sites)))
     assert len({s.block for s in sites}) == len(sites)
+    if placement in ("post_conv", "post_bn", "post_add"):
+        for site in sites:
+            check_after_site(placement, site, calls, modules)
+        return
     for site in sites:
         i = calls.index(site.module)
         assert calls.count(site.module) == 1
@@ -131,6 +143,48 @@ def test_placement_position(backbone: str, placement: str) -> None:
             conv = modules[nxt]
             assert site.fan_in == conv.in_channels // conv.groups * w.shape[2] * w.shape[3]
         assert on_main_branch(site.target, site.block)
+
+
+def classifier(model: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is model.get_classifier())
+
+
+def check_after_site(placement: str, site, calls: list[str], modules: dict[str, nn.Module]) -> None:
+    """An after-site by its definition, on the leaf calls: the dropout runs right after the last conv (post_conv) or
+    BN (post_bn) of its block's main branch, or after the whole block (post_add); its target and feeds_bn are the
+    first layer and the first BN called after it, passing over the block's own shortcut, which reads the block's
+    input; fan_in is the last conv's between them."""
+    i = calls.index(site.module)
+    assert calls.count(site.module) == 1
+    wrapper = site.module.rpartition(".")[0]
+    assert site.module == f"{wrapper}.1" and site.after == f"{wrapper}.0"
+    if placement == "post_add":
+        assert site.after == site.block  # the block itself moved to P.0
+        assert calls[i - 1].startswith(site.block + ".")  # its last layer ran right before the dropout
+        block_calls = [j for j, n in enumerate(calls) if n.startswith(site.block + ".")]
+        assert max(block_calls) == i - 1
+    else:
+        want = nn.Conv2d if placement == "post_conv" else _BatchNorm
+        assert calls[i - 1] == site.after and isinstance(modules[site.after], want)
+        block = site.block
+        assert on_main_branch(site.after, block)
+        later = [n for n in calls[i + 1:] if on_main_branch(n, block)]
+        assert not any(isinstance(modules[n], want) for n in later), "not the last of its kind in the block"
+    off = tuple(f"{site.block}.{c}" for c in OFF_MAIN_BRANCH) if placement != "post_add" else ()
+    rest = [n for n in calls[i + 1:] if not n.startswith(off) and not isinstance(modules[n], VarianceDropout)]
+    assert site.target == (rest[0] if rest else "")
+    bns = [j for j, n in enumerate(rest) if isinstance(modules[n], _BatchNorm)]
+    assert site.feeds_bn == (rest[bns[0]] if bns else None)
+    convs = [modules[n] for n in rest[:bns[0]] if isinstance(modules[n], (nn.Conv2d, nn.Linear))] if bns else []
+    if convs:
+        c = convs[-1]
+        assert site.fan_in == c.in_channels // c.groups * c.weight.shape[2] * c.weight.shape[3]
+    else:
+        assert site.fan_in is None
+    if placement == "post_conv":  # case (a): no weight layer between the dropout and the BN it feeds
+        assert isinstance(modules[site.target], _BatchNorm) and site.target == site.feeds_bn
+    if placement == "post_bn":  # case (b): a weight layer first
+        assert isinstance(modules[site.target], (nn.Conv2d, nn.Linear))
 
 
 @pytest.mark.parametrize("depth, blocks, last_bn", [(14, 6, "bn2"), (26, 12, "bn2"), (11, 3, "bn3"), (20, 9, "bn2"),
@@ -218,17 +272,18 @@ def test_trace_leaves_model_state_alone() -> None:
 def test_unknown_placement_is_a_clear_error() -> None:
     model = build_model(TrialConfig(backbone="cifar_wrn", depth=10))
     with pytest.raises(ValueError, match=r"field 'dropout_placement' = 'middle' is not allowed "
-                                         r"\(allowed: none, pre_bn, pre_conv, head\)"):
+                                         r"\(allowed: none, pre_bn, pre_conv, head, pre_pool, post_conv, post_bn, "
+                                         r"post_add\)"):
         apply_placement(model, "middle", "bernoulli", 0.1)
     with pytest.raises(ValueError, match="field 'dropout_type'"):
         apply_placement(model, "pre_bn", "salt", 0.1)
 
 
-@pytest.mark.parametrize("placement", ["pre_bn", "pre_conv"])
+@pytest.mark.parametrize("placement", ["pre_bn", "pre_conv", "post_conv", "post_bn", "post_add"])
 def test_bn_placement_on_a_backbone_without_batchnorm(placement: str) -> None:
     cfg = TrialConfig(backbone="convnext_atto", depth=None, dropout_placement=placement)
     with pytest.raises(ValueError, match=rf"field 'dropout_placement' = '{placement}'.*'convnext_atto' has no"
-                                         r" BatchNorm \(allowed for it: none, head\)"):
+                                         r" BatchNorm \(allowed for it: none, head, pre_pool\)"):
         build_model(cfg)
 
 

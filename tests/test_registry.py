@@ -69,9 +69,12 @@ def test_timm_names_read_from_sources_match_timms_registry() -> None:
 @pytest.mark.parametrize("placement", registry.names("placement"))
 @pytest.mark.parametrize("kind", registry.names("dropout"))
 def test_every_kind_placement_and_family(kind: str, placement: str, family: str, no_onednn: None) -> None:
-    """Each inserted module is of the kind, runs right before its target (hooks), and feeds the BN it names."""
+    """Each inserted module is of the kind and feeds the BN it names; a before-site runs right before its target,
+    an after-site takes exactly its module's output, right after it ran, and hands its own output on (hooks)."""
     import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
 
+    from search.contracts import _carries_noise
     from search.trial.dropout.module import VarianceDropout
     from search.trial.models import build_model
 
@@ -87,39 +90,56 @@ def test_every_kind_placement_and_family(kind: str, placement: str, family: str,
     model = build_model(cfg)
     sites = model.dropout_sites
     modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items() if n}
     entry = registry.get("placement", placement)
     assert (len(sites) == 0) == (placement == "none")
-    order: list[str] = []
+    order: list[str] = []  # every module, as its forward starts ("name") and ends ("name/")
+    inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
-    hooks = []
-    def after(name: str):  # hooks must return None, or they replace the module's input/output
-        def hook(m, i, o) -> None:
-            order.append(name)
-            outputs[name] = o
-        return hook
 
-    def before(name: str):
-        def hook(m, i) -> None:
-            order.append(name)
-            outputs[name + "<in"] = i[0]
-        return hook
+    def before(m, i) -> None:  # hooks must return None, or they replace the module's input/output
+        order.append(names[m])
+        inputs.setdefault(names[m], i[0] if i else None)
 
+    def after(m, i, o) -> None:
+        order.append(names[m] + "/")
+        outputs.setdefault(names[m], o)
+
+    hooks = [m.register_forward_pre_hook(before) for m in names] + [m.register_forward_hook(after) for m in names]
     for s in sites:
         assert isinstance(modules[s.module], VarianceDropout) and modules[s.module].kind == kind
-        hooks.append(modules[s.module].register_forward_hook(after(s.module)))
-        hooks.append(modules[s.target].register_forward_pre_hook(before(s.target)))
         if s.feeds_bn is not None:
-            assert isinstance(modules[s.feeds_bn], torch.nn.modules.batchnorm._BatchNorm)
-        assert (s.feeds_bn is not None) == entry.meta["feeds_bn"]
+            assert isinstance(modules[s.feeds_bn], _BatchNorm)
+        if s.after is None:
+            assert (s.feeds_bn is not None) == entry.meta["feeds_bn"]
+        elif not entry.meta["feeds_bn"]:  # an after-site of a BN-feeding placement may feed none: the last block
+            assert s.feeds_bn is None     # of a post-activation net is followed by pooling and classifier only
     model.train()
     with torch.no_grad():
         model(torch.randn(2, 1, 8, 8))
     for h in hooks:
         h.remove()
-    for s in sites:  # the dropout's output is exactly what its target receives
-        i = order.index(s.module)
-        assert order[i + 1] == s.target
-        assert outputs[s.module] is outputs[s.target + "<in"]
+    for s in sites:
+        i, j = order.index(s.module), order.index(s.module + "/")  # the dropout's start and end
+        if s.after is None:  # the dropout's output is exactly what its target receives, and the target runs next
+            assert order[j + 1] == s.target
+            assert outputs[s.module] is inputs[s.target]
+        else:  # the dropout starts right as its module ends, on exactly that module's output ...
+            wrapper = s.module.rpartition(".")[0]
+            assert s.after == f"{wrapper}.0" and s.module == f"{wrapper}.1"
+            assert order[i - 1] == s.after + "/" and inputs[s.module] is outputs[s.after]
+            # ... and what it hands on is exactly what the wrapper (standing where the module stood) returns,
+            # which is what runs next receives
+            assert order[j + 1] == wrapper + "/"
+            assert outputs[wrapper] is outputs[s.module]
+            # where it goes from there (through a residual add, a ReLU, a concatenation): perturbing this dropout's
+            # output alone moves the input of its target first among the layers, and of feeds_bn first among the BNs
+            layers = (torch.nn.Conv2d, torch.nn.Linear, _BatchNorm)
+            moved = [n for n in _carries_noise(model, modules, s.module, torch.randn(2, 1, 8, 8))
+                     if isinstance(modules[n], layers)]
+            assert (moved[0] if moved else "") == s.target
+            bns = [n for n in moved if isinstance(modules[n], _BatchNorm)]
+            assert (bns[0] if bns else None) == s.feeds_bn
 
 
 # ------------------------------------------------------------------ adding a kind is one definition

@@ -472,18 +472,21 @@ def _rho(w_in: _Moments, w_out: _Moments, sq: torch.Tensor, dj: torch.Tensor) ->
 
 
 def own_name(model: nn.Module, path: str) -> str:
-    """A BN's path without the level a dropout wrapper adds: `P.1` inside nn.Sequential(dropout, bn) at P is `P`.
+    """A BN's path without the levels dropout wrappers add: `P.1` inside nn.Sequential(dropout, bn) at P is `P`,
+    `P.0` inside nn.Sequential(bn, dropout) is `P`, and so is a wrapped block's level above the BN.
 
     search/trial/dropout/surgery.py inserts dropout before a module at P by replacing it with
-    nn.Sequential(dropout, module); the module's own name is P under every placement.
+    nn.Sequential(dropout, module), after it (post_* placements, possibly a whole block) with
+    nn.Sequential(module, dropout); the module's own name is the same under every placement.
     """
-    parent, _, child = path.rpartition(".")
-    if child != "1" or not parent:
-        return path
-    wrapper = model.get_submodule(parent)
-    if isinstance(wrapper, nn.Sequential) and len(wrapper) == 2 and isinstance(wrapper[0], VarianceDropout):
-        return parent
-    return path
+    own, module = [], model
+    for part in path.split("."):
+        wrapped = isinstance(module, nn.Sequential) and len(module) == 2 and part in ("0", "1") and \
+            isinstance(module[1 - int(part)], VarianceDropout) and not isinstance(module[int(part)], VarianceDropout)
+        if not wrapped:
+            own.append(part)
+        module = module.get_submodule(part)
+    return ".".join(own)
 
 
 def _record(name: str, index: int, n: int, bn: nn.Module, mom: _Moments, fan_in: int | None,

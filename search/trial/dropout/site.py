@@ -14,13 +14,20 @@ __all__ = ["PlacementSite"]
 class PlacementSite:
     """One inserted dropout module. Paths are module names in the model after surgery.
 
+    A *before-site* (`after` is None) wraps a module P as nn.Sequential(dropout, module): the dropout
+    (`P.0`) runs right before its target (`P.1`). An *after-site* wraps a module P as
+    nn.Sequential(module, dropout): the dropout (`P.1`) takes exactly the output of `after` (`P.0`).
+
     Attributes:
-        index: block order (execution order), from 0; 0 for head.
-        block: path of the block, '' for head.
+        index: block order (execution order), from 0; 0 for a single site (head, pre_pool).
+        block: path of the block, '' for a site outside blocks (head, pre_pool).
         module: path of the inserted dropout module.
-        target: path of the module it runs right before.
-        feeds_bn: path of the BatchNorm its noise reaches first (None for head).
-        fan_in: d = in_channels*kh*kw/groups of the conv between dropout and BN (pre_conv only).
+        target: before-site: path of the module it runs right before. After-site: the first conv, BatchNorm
+            or Linear layer called after it (the first layer its noise reaches).
+        feeds_bn: path of the first BatchNorm whose input carries its noise, by execution order (None if none).
+        fan_in: d = in_channels*kh*kw/groups (in_features for Linear) of the weight layer between the dropout
+            and `feeds_bn` (the paper's d; pre_conv, post_bn), None where no weight layer is between them.
+        after: after-sites only: path of the module whose output the dropout takes; None for before-sites.
     """
 
     index: int
@@ -29,3 +36,4 @@ class PlacementSite:
     target: str
     feeds_bn: str | None
     fan_in: int | None
+    after: str | None = None

@@ -5,9 +5,11 @@ they call the helpers here. A *block* is a module whose class a backbone family 
 in the registry (`register_backbone(..., blocks={'module:Class': skipped children})`).
 Inside a block, "last BN" and "last conv" are found by execution order (forward
 pre-hooks on one dummy forward), ignoring the block's shortcut children, so no family
-needs special-case code. Insertion replaces the target module `t` at path P by
-nn.Sequential(dropout, t): the dropout lives at `P.0`, the target at `P.1`. See
-docs/placement.md.
+needs special-case code. A before-site replaces the target module `t` at path P by
+nn.Sequential(dropout, t): the dropout lives at `P.0`, the target at `P.1`. An after-site
+replaces the module `m` whose output the dropout takes by nn.Sequential(m, dropout): `m` at
+`P.0`, the dropout at `P.1`. Both are plain modules: state_dict keys move by one predictable
+level, FX and TorchScript see them, and the probes' hooks find the dropout. See docs/placement.md.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from search import registry
 from search.trial.dropout.module import make_dropout
 from search.trial.dropout.site import PlacementSite
 
-__all__ = ["PlacementSite", "apply_placement", "per_block", "wrap_classifier", "wrap_before", "block_types", "trace_calls",
-           "classifier_path"]
+__all__ = ["PlacementSite", "apply_placement", "per_block", "per_block_after", "wrap_classifier", "wrap_before",
+           "wrap_after", "wrap_pool", "block_types", "trace_calls", "classifier_path"]
 
 _TRACED = (nn.Conv2d, _BatchNorm, nn.Linear)
 
@@ -97,46 +99,95 @@ def per_block(model: nn.Module, make: Callable[[], nn.Module], *, target: str, p
         ValueError: the model has no BatchNorm, none of the registered block types, or a
             block runs no module of the target type.
     """
-    name = _model_name(model)
-    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
-        allowed = ", ".join(e.name for e in registry.entries("placement") if not e.meta.get("feeds_bn", True))
-        raise ValueError(
-            f"field 'dropout_placement' = {placement!r} needs BatchNorm layers, but backbone {name!r} has no"
-            f" BatchNorm (allowed for it: {allowed})")
-    types = block_types()
-    blocks = _outermost_blocks(model, tuple(types))
-    if not blocks:
-        known = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in types))
-        raise ValueError(
-            f"field 'dropout_placement' = {placement!r}: backbone {name!r} has none of the registered block types"
-            f" ({known}); use 'head' or 'none', or list its block class in its family's"
-            " register_backbone(..., blocks=...)")
-    modules = dict(model.named_modules())
-    calls = trace_calls(model, input_size)
+    modules, calls, blocks = _block_calls(model, placement, input_size)
     want = _BatchNorm if target == "bn" else nn.Conv2d
     plan = []  # (block, target, feeds_bn, fan_in, first call index)
-    for bpath, block in blocks:
-        prefix = bpath + "."
-        skipped = tuple(f"{prefix}{s}" for s in types[_block_type(block, types)])
-        main = [(i, n) for i, n in enumerate(calls)
-                if n.startswith(prefix) and not any(n == s or n.startswith(s + ".") for s in skipped)]
-        if not main:
-            continue  # never executed: no noise would reach anything
-        picks = [(i, n) for i, n in main if isinstance(modules[n], want)]
-        if not picks:
-            what = "BatchNorm" if target == "bn" else "conv"
-            raise ValueError(f"field 'dropout_placement' = {placement!r}: block {bpath!r} of {name!r} runs no {what}")
-        pos, tpath = picks[-1]
+    for bpath, main, _, _ in blocks:
+        pos, tpath = _last_of(main, modules, want, placement, bpath, model)
         if target == "bn":
             feeds, fan_in = tpath, None
         else:
             feeds = next((n for n in calls[pos + 1:] if isinstance(modules[n], _BatchNorm)), None)
-            w = modules[tpath].weight
-            fan_in = int(w.shape[1] * w.shape[2] * w.shape[3])  # in_channels/groups * kh * kw
+            fan_in = _fan_in(modules[tpath])
         plan.append((bpath, tpath, feeds, fan_in, main[0][0]))
     plan.sort(key=lambda p: p[4])
     return [wrap_before(model, tpath, make, index, bpath, feeds, fan_in)
             for index, (bpath, tpath, feeds, fan_in, _) in enumerate(plan)]
+
+
+def per_block_after(model: nn.Module, make: Callable[[], nn.Module], *, after: str, placement: str,
+                    input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
+    """One dropout per block on the output of the block's last conv (after='conv'), its last BatchNorm ('bn'),
+    or the whole block, i.e. after the residual add ('block'); main branch and execution order as `per_block`.
+
+    Each site's `target`, `feeds_bn` and `fan_in` are read off the same trace: the first conv/BN/Linear
+    called after the dropout, the first BN called after it, and the last weight layer called between them.
+
+    Raises:
+        ValueError: the model has no BatchNorm, none of the registered block types, or a block runs no
+            module of the wanted type.
+    """
+    modules, calls, blocks = _block_calls(model, placement, input_size)
+    plan = []  # (first call index, block, module taken from, index of its last call, shortcut paths)
+    for bpath, main, every, skipped in blocks:
+        if after == "block":
+            plan.append((main[0][0], bpath, bpath, every[-1][0], ()))
+            continue
+        pos, apath = _last_of(main, modules, _BatchNorm if after == "bn" else nn.Conv2d, placement, bpath, model)
+        plan.append((main[0][0], bpath, apath, pos, skipped))
+    plan.sort(key=lambda p: p[0])
+    # Resolve paths through the module objects: wrapping one module renames everything inside it.
+    resolved = [(modules[bpath], modules[apath], _downstream(calls, modules, end, off))
+                for _, bpath, apath, end, off in plan]
+    for _, module, _ in resolved:
+        _wrap_after(model, _path_of(model, module), make())
+    names = {m: n for n, m in model.named_modules()}
+    return [_after_site(names, index, names[block], module, down)
+            for index, (block, module, down) in enumerate(resolved)]
+
+
+def wrap_after(model: nn.Module, path: str, make: Callable[[], nn.Module], index: int = 0, block: str = "", *,
+               input_size: tuple[int, int, int] | None = None) -> PlacementSite:
+    """Insert one dropout on the output of the module at `path` (nn.Sequential(module, dropout)).
+
+    `target`, `feeds_bn` and `fan_in` come from one traced forward (as `per_block_after`); paths are the
+    names after surgery (the module moves to `path.0`, the dropout is `path.1`).
+    """
+    modules = dict(model.named_modules())
+    if path not in modules or not path:
+        raise ValueError(f"wrap_after: model {_model_name(model)!r} has no module {path!r}")
+    calls = _trace(model, input_size, also=(modules[path],))
+    end = max(i for i, n in enumerate(calls) if n == path or n.startswith(path + "."))
+    down = _downstream(calls, modules, end)
+    held = modules[block] if block else None
+    _wrap_after(model, path, make())
+    names = {m: n for n, m in model.named_modules()}
+    return _after_site(names, index, names[held] if held is not None else "", modules[path], down)
+
+
+def wrap_pool(model: nn.Module, make: Callable[[], nn.Module], *, placement: str = "pre_pool",
+              input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
+    """One dropout on the final feature map, right before the model's global pooling module: timm's
+    `global_pool` (the CIFAR families' and timm's ResNet/DenseNet; `head.global_pool` in ConvNeXt's head).
+    `feeds_bn` is the first BN called after the pooling (None in every built-in family: all BN layers run
+    before it).
+
+    Raises:
+        ValueError: the model has no global_pool module, or several (a ViT's `global_pool` is a string).
+    """
+    pools = [n for n, m in model.named_modules() if n.rpartition(".")[2] == "global_pool"]
+    if len(pools) != 1:
+        found = f"several ({', '.join(pools)})" if pools else "no"
+        raise ValueError(f"field 'dropout_placement' = {placement!r}: backbone {_model_name(model)!r} has {found}"
+                         " global_pool module before its classifier (allowed for it: head, none)")
+    (path,) = pools
+    modules = dict(model.named_modules())
+    calls = _trace(model, input_size, also=(modules[path],))
+    down = _downstream(calls, modules, calls.index(path))
+    site = wrap_before(model, path, make)
+    names = {m: n for n, m in model.named_modules()}
+    feeds = names[down[1]] if down[1] is not None else None
+    return [PlacementSite(0, "", site.module, site.target, feeds, down[2] if feeds else None)]
 
 
 def trace_calls(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> list[str]:
@@ -147,7 +198,13 @@ def trace_calls(model: nn.Module, input_size: tuple[int, int, int] | None = None
     cannot run on meta tensors. Running statistics, the random state and every
     module's training flag are left as they were.
     """
-    names = {m: n for n, m in model.named_modules() if isinstance(m, _TRACED)}
+    return _trace(model, input_size)
+
+
+def _trace(model: nn.Module, input_size: tuple[int, int, int] | None = None,
+           also: tuple[nn.Module, ...] = ()) -> list[str]:
+    """`trace_calls`, also recording the modules in `also` (each as one call, where its forward starts)."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, _TRACED) or any(m is a for a in also)}
     calls: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, _inp: calls.append(names[mod])) for m in names]
     modes = {m: m.training for m in model.modules()}  # restored one by one: some may be frozen in eval
@@ -213,6 +270,94 @@ def _wrap(model: nn.Module, path: str, dropout: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, nn.Sequential(dropout, getattr(parent, child)))
+
+
+def _wrap_after(model: nn.Module, path: str, dropout: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, nn.Sequential(getattr(parent, child), dropout))
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _fan_in(layer: nn.Module) -> int:
+    """d = in_channels/groups * kernel size (in_features for Linear): the paper's d of a weight layer."""
+    if isinstance(layer, nn.Linear):
+        return int(layer.in_features)
+    w = layer.weight
+    return int(w.shape[1] * w[0, 0].numel())
+
+
+def _downstream(calls: list[str], modules: dict[str, nn.Module], end: int, off: tuple[str, ...] = ()
+                ) -> tuple[nn.Module | None, nn.Module | None, int | None]:
+    """After call `end`: the first conv/BN/Linear called, the first BN called, and the fan-in of the last
+    weight layer called between the two (None if none is). Calls under the paths `off` (the block's
+    shortcut, which reads the block's input, not the branch's output) are passed over."""
+    rest = [modules[n] for n in calls[end + 1:] if isinstance(modules[n], _TRACED)
+            and not any(n == o or n.startswith(o + ".") for o in off)]
+    first = rest[0] if rest else None
+    at = next((i for i, m in enumerate(rest) if isinstance(m, _BatchNorm)), None)
+    if at is None:
+        return first, None, None
+    weights = [m for m in rest[:at] if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return first, rest[at], _fan_in(weights[-1]) if weights else None
+
+
+def _after_site(names: dict[nn.Module, str], index: int, block: str, module: nn.Module,
+                down: tuple[nn.Module | None, nn.Module | None, int | None]) -> PlacementSite:
+    """The site of the dropout wrapped after `module` (now at P.0, the dropout at P.1), paths after surgery."""
+    wrapper = names[module].rpartition(".")[0]
+    first, bn, fan_in = down
+    return PlacementSite(index, block, f"{wrapper}.1", names[first] if first is not None else "",
+                         names[bn] if bn is not None else None, fan_in, after=f"{wrapper}.0")
+
+
+def _block_calls(model: nn.Module, placement: str, input_size: tuple[int, int, int] | None
+                 ) -> tuple[dict[str, nn.Module], list[str], list[tuple[str, list, list, tuple[str, ...]]]]:
+    """The model's modules, its traced calls, and per executed block (path, its main-branch calls, all its
+    calls, the paths of its skipped children), calls as (index, name).
+
+    Raises:
+        ValueError: no BatchNorm in the model, or none of the registered block types.
+    """
+    name = _model_name(model)
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        allowed = ", ".join(e.name for e in registry.entries("placement") if not e.meta.get("feeds_bn", True))
+        raise ValueError(
+            f"field 'dropout_placement' = {placement!r} needs BatchNorm layers, but backbone {name!r} has no"
+            f" BatchNorm (allowed for it: {allowed})")
+    types = block_types()
+    blocks = _outermost_blocks(model, tuple(types))
+    if not blocks:
+        known = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in types))
+        raise ValueError(
+            f"field 'dropout_placement' = {placement!r}: backbone {name!r} has none of the registered block types"
+            f" ({known}); use 'head' or 'none', or list its block class in its family's"
+            " register_backbone(..., blocks=...)")
+    modules = dict(model.named_modules())
+    calls = trace_calls(model, input_size)
+    out = []
+    for bpath, block in blocks:
+        prefix = bpath + "."
+        skipped = tuple(f"{prefix}{s}" for s in types[_block_type(block, types)])
+        every = [(i, n) for i, n in enumerate(calls) if n.startswith(prefix)]
+        main = [(i, n) for i, n in every if not any(n == s or n.startswith(s + ".") for s in skipped)]
+        if main:  # a block never executed is left out: no noise would reach anything
+            out.append((bpath, main, every, skipped))
+    return modules, calls, out
+
+
+def _last_of(main: list[tuple[int, str]], modules: dict[str, nn.Module], want: type, placement: str, bpath: str,
+             model: nn.Module) -> tuple[int, str]:
+    """(call index, path) of the last module of type `want` in a block's main branch."""
+    picks = [(i, n) for i, n in main if isinstance(modules[n], want)]
+    if not picks:
+        what = "BatchNorm" if want is _BatchNorm else "conv"
+        raise ValueError(f"field 'dropout_placement' = {placement!r}: block {bpath!r} of {_model_name(model)!r}"
+                         f" runs no {what}")
+    return picks[-1]
 
 
 def _outermost_blocks(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
