@@ -1,4 +1,5 @@
-"""A plugin (docs/extending.md): spatial dropout, dropout before global pooling, and a space using both.
+"""A plugin (docs/extending.md): spatial dropout, dropout after the first conv, and a space using spatial dropout
+before global pooling (the built-in `pre_pool`).
 
     python -m search.run --plugin examples/plugin_spatial.py --space spatial_pool --dry-run
     python -m search.run --space examples/plugin_spatial.py:spatial_pool --profile tiny --num-cpus 2
@@ -35,17 +36,18 @@ class SpatialKind(DropoutKind):
         return torch.bernoulli(torch.full(shape, keep, dtype=x.dtype, device=x.device)) / keep
 
 
-@register_placement("pre_pool", case=None, feeds_bn=False,
-                    paper="after every BN: one dropout on the last feature map, before global pooling")
-def pre_pool(model: Any, make: Callable[[], Any], *,
-             input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
-    """One dropout right before `model.global_pool` (timm's name, which our CIFAR networks use too)."""
-    from search import wrap_before
+@register_placement("post_stem", case="a", paper="one dropout on the output of the network's first conv")
+def post_stem(model: Any, make: Callable[[], Any], *,
+              input_size: tuple[int, int, int] | None = None) -> list[PlacementSite]:
+    """One dropout right after the first conv (timm's pretrained_cfg['first_conv']): an after-site, whose
+    target, first fed BN and fan-in `wrap_after` reads off one traced forward."""
+    from search.trial.dropout.surgery import wrap_after
 
-    if not hasattr(model, "global_pool"):
-        raise ValueError(f"field 'dropout_placement' = 'pre_pool': backbone {type(model).__name__!r} has no "
-                         "global_pool module (allowed for it: head, none)")
-    return [wrap_before(model, "global_pool", make)]
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    if not first:
+        raise ValueError(f"field 'dropout_placement' = 'post_stem': backbone {type(model).__name__!r} names no "
+                         "first conv in its pretrained_cfg (allowed for it: head, none, pre_pool)")
+    return [wrap_after(model, first, make, input_size=input_size)]
 
 
 @register_space

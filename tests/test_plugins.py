@@ -50,7 +50,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
 def test_plugin_registers_its_names_and_its_identity_enters_the_hash(tmp_path: Path, clean: None) -> None:
     path = write(tmp_path, "myplug", EXAMPLE.read_text())
     p = plugins.load_plugin(str(path))
-    assert set(p.registered) == {("dropout", "spatial"), ("placement", "pre_pool"), ("space", "spatial_pool")}
+    assert set(p.registered) == {("dropout", "spatial"), ("placement", "post_stem"), ("space", "spatial_pool")}
     import hashlib
 
     assert p.identity == "myplug:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -274,7 +274,8 @@ def test_tutorial_plugin_passes_every_contract(tmp_path: Path, clean: None) -> N
     plugins.load_plugin(str(write(tmp_path, "myplug", EXAMPLE.read_text())))
     contracts.check_dropout("spatial")
     for family in registry.names("backbone"):
-        assert len(contracts.check_placement("pre_pool", family, kind="spatial")) == 1
+        assert len(contracts.check_placement("pre_pool", family, kind="spatial")) == 1  # built in, its kind with it
+        assert len(contracts.check_placement("post_stem", family, kind="spatial")) == 1
     # Declared without a closed form: its masks are shared per channel, which the element-wise check rejects.
     assert registry.get("dropout", "spatial").meta["closed_form"] is None
 
