@@ -9,7 +9,8 @@
   constant schedule at the same placement, kind and rate.
 
 A comparison is made only where it is identified: the two trials of a pair share every experiment field
-but the factor compared, and the seed (weights, data order and dropout masks). Differences are tested
+but the factor compared, and the seed (the initial weights and the data order; the dropout masks differ
+wherever the sites differ, and a scheduled rate draws its masks its own way). Differences are tested
 with `analysis.fit.mean_test` (t over the seeds; no interval below 3 seeds or without spread).
 """
 from __future__ import annotations

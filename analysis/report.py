@@ -226,8 +226,8 @@ def literature_tables(a: Analysis) -> list[Table]:
                                _f(dr.mean, 2, 100, True), _ci(dr.low, dr.high, 2, 100),
                                _f(dl.mean, 3, sign=True), _f(lv.means["mean_shift_fed"], 3),
                                _method(dn, dr)])
-        t.note = (f"n: seeds with an ok trial. Differences are paired by seed (the same weights, data order and "
-                  f"masks' seed) over the seeds both levels ran; method: t over the pairs (a {lvl}), sign-flip "
+        t.note = (f"n: seeds with an ok trial. Differences are paired by seed (the same initial weights and data "
+                  f"order) over the seeds both levels ran; method: t over the pairs (a {lvl}), sign-flip "
                   f"where every pair differs alike (no interval), not testable below {MIN_UNITS} pairs. The "
                   f"reference rows compare with themselves (n/a). mean shift fed: the mean variance shift of the "
                   f"BN layers the dropout feeds (n/a where it feeds none).")

@@ -25,7 +25,7 @@ from ._space import (
 )
 
 # Importing a space module registers its space.
-from . import backbones, paper_cifar, smoke, uout_beta, wrn_widths  # noqa: E402,F401  isort: skip
+from . import backbones, literature, paper_cifar, smoke, uout_beta, wrn_widths  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Axis",

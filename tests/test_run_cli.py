@@ -30,7 +30,7 @@ def test_dry_run_prints_table_and_count_and_writes_nothing(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--space", "wrn_width"], "field 'space' = 'wrn_width' is not allowed (allowed: backbones, paper_cifar, smoke, uout_beta, wrn_widths); did you mean 'wrn_widths'?"),
+    (["--space", "wrn_width"], "field 'space' = 'wrn_width' is not allowed (allowed: backbones, literature, paper_cifar, smoke, uout_beta, wrn_widths); did you mean 'wrn_widths'?"),
     (["--space", "smoke", "--profile", "huge"], "'huge'"),
     (["--space", "smoke", "--set", "epochs=ten"], "field 'epochs' expects int, got 'ten'"),
     (["--space", "smoke", "--set", "epoch=1"], "unknown field 'epoch'; did you mean epochs"),

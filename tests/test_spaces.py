@@ -97,10 +97,12 @@ def test_grid_configs_are_valid_unique_and_counted(name: str, profile: str) -> N
 
 @pytest.mark.parametrize("name,profile", CASES)
 def test_placement_none_once_per_combination_of_relevant_axes(name: str, profile: str) -> None:
-    grid = get_space(name).grid(profile)
+    space = get_space(name)
+    grid = space.grid(profile)
+    governed = set(GOVERNED).union(*(c.fields for c in space.conditions))  # e.g. literature's schedule fields
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for cfg in grid:
-        groups[tuple(sorted((k, repr(v)) for k, v in cfg.items() if k not in GOVERNED))].append(cfg)
+        groups[tuple(sorted((k, repr(v)) for k, v in cfg.items() if k not in governed))].append(cfg)
     for group in groups.values():
         placements = Counter(c["dropout_placement"] for c in group)
         if "none" in {c["dropout_placement"] for c in grid}:
