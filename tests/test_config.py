@@ -36,7 +36,8 @@ def test_hash_stable_across_processes() -> None:
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(dropout_rate=1.0), r"field 'dropout_rate' must be in \[0, 1\), got 1.0"),
     (dict(dropout_rate=-0.1), r"field 'dropout_rate' must be in \[0, 1\)"),
-    (dict(dropout_placement="pre"), r"field 'dropout_placement' = 'pre' is not allowed \(allowed: none, pre_bn, pre_conv, head\); did you mean 'pre_bn'"),
+    (dict(dropout_placement="pre"), r"field 'dropout_placement' = 'pre' is not allowed \(allowed: none, pre_bn, pre_conv, head, pre_pool, post_conv,"
+     r" post_bn, post_add\); did you mean 'pre_bn'"),
     (dict(dropout_type="bernouli"), r"field 'dropout_type' = 'bernouli' .*allowed: bernoulli, gaussian, uout.*did you mean 'bernoulli'"),
     (dict(depth=15), r"field 'depth' = 15 is invalid for backbone 'cifar_wrn': depth must be 6n\+4"),
     (dict(backbone="cifar_resnext", depth=28), r"field 'depth' = 28 .*'cifar_resnext'.*9n\+2"),
