@@ -7,7 +7,8 @@ trial starts; a mistake is one line on stderr and exit code 2. Heavy imports
 
 Exit codes (docs/errors.md): 0 done; 1 the sweep ran but every trial it trained failed;
 2 bad input, refused before anything ran; 3 a failure during the sweep (one line, and the
-full traceback in the log file it names); 130 / 143 interrupted by SIGINT / SIGTERM
+full traceback in the log file it names); 128 + n ended by signal n (130 SIGINT, 143 SIGTERM, 129 SIGHUP,
+131 SIGQUIT, 138 / 140 SIGUSR1 / SIGUSR2, 141 SIGPIPE), at any phase
 (rerun with --resume).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from typing import Any
 
 from search.config import ConfigError, TrialConfig, parse_override
+from search.sweep.signals import exit_code
 
 __all__ = ["main", "build_configs", "resolve_seeds"]
 
@@ -27,7 +29,7 @@ ALGOS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 REUSE = ("same-code", "any", "none")
 EXIT_OK, EXIT_ALL_FAILED, EXIT_USAGE, EXIT_SWEEP_FAILED = 0, 1, 2, 3
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports it
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports it (every signal: exit_code)
 # Every number a user can type is finite and bounded (issue 30): NaN passes every comparison (a sweep asked for
 # nan CPUs per trial waited forever holding the lock), and counts no machine can hold used to be accepted.
 # Integer flags: (lowest, highest) allowed.
@@ -252,6 +254,18 @@ def _validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m search.run`; returns the exit code (see the module docstring)."""
     args = _parser().parse_args(argv)
+    from search.sweep.signals import DriverSignals
+
+    # Every signal that would end the driver ends it with one line and 128 + its number, runs closed and Ray
+    # stopped, from here to the end (search/sweep/signals.py); handed back as it was when main returns.
+    guard = DriverSignals().install()
+    try:
+        return _main(args)
+    finally:
+        guard.restore()
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         from search.plugins import load_cli_plugins
 
@@ -310,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted before the sweep started: nothing was trained", file=sys.stderr)
-        return EXIT_SIGINT
+    except KeyboardInterrupt as e:  # Ctrl-C, or any signal DriverSignals turns into Signalled
+        name = getattr(e, "name", "SIGINT")
+        print(f"interrupted by {name} before the sweep started: nothing was trained", file=sys.stderr)
+        return exit_code(name)
     return _drive(args, configs, overrides, gpus)
 
 
@@ -345,11 +360,17 @@ def _drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: d
         return EXIT_USAGE
     except Interrupted as e:
         print(f"interrupted by {e.name}: {e.detail}; rerun with --resume to complete the sweep", file=sys.stderr)
-        return EXIT_SIGTERM if e.name == "SIGTERM" else EXIT_SIGINT
-    except KeyboardInterrupt:
-        print("interrupted by SIGINT: finished trials are saved; rerun with --resume to complete the sweep",
-              file=sys.stderr)
-        return EXIT_SIGINT
+        return exit_code(e.name)
+    except (KeyboardInterrupt, BrokenPipeError) as e:  # a signal outside Tune's loop, or a second one in it
+        from search.sweep.signals import mute_closed_outputs
+
+        name = "SIGPIPE" if isinstance(e, BrokenPipeError) else getattr(e, "name", "SIGINT")
+        if name == "SIGPIPE":
+            mute_closed_outputs()  # the output whose reader went away: the last line goes to stderr if it can
+        where = f" during {e.phase}" if getattr(e, "phase", "") else ""
+        print(f"interrupted by {name}{where}: finished trials are saved, the sweep's open runs are closed KILLED and "
+              "its Ray stopped; rerun with --resume to complete the sweep", file=sys.stderr)
+        return exit_code(name)
     except Exception as e:  # noqa: BLE001 - any failure during the sweep: one line, the traceback in a log
         if args.debug:
             raise

@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 from search.config import TrialConfig
-from search.sweep.errors import Refused
+from search.sweep.errors import Interrupted, Refused
 from search.sweep.lock import SweepLock
+from search.sweep.signals import DriverSignals, stop_ray
 from search.sweep.tracking import Tracker
 
 __all__ = ["drive", "init_ray", "reusable_runs"]
@@ -22,6 +23,23 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
+    _phase("starting Ray")
+    try:
+        _init_ray(address, num_cpus)
+    finally:
+        if DriverSignals.active is not None:
+            DriverSignals.active.install()  # ray.init sets handlers of its own (SIGTERM: Ray's, a core dump)
+
+
+def _phase(what: str) -> None:
+    """Name what the driver does now, for the line a signal ends it with (search/sweep/signals.py)."""
+    if DriverSignals.active is not None:
+        DriverSignals.active.phase = what
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
     import ray._private.ray_constants as ray_constants
 
     from search.sweep.ray_token import make_private
@@ -98,6 +116,19 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
     from search.sweep.progress import quiet_libraries
 
     quiet_libraries()  # routine library notices off stderr; warnings and errors stay
+    try:
+        return _drive(args, configs, overrides, gpus)
+    except (KeyboardInterrupt, Interrupted, BrokenPipeError):
+        # Stopped by a signal (or stdout's reader gone: SIGPIPE), wherever it was: the Ray this driver started
+        # goes with it (its processes were orphaned when the driver ended on a signal outside Tune's loop)
+        _phase("stopping Ray")
+        stop_ray()
+        raise
+
+
+def _drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
+           gpus: float | str) -> int:
+    _phase("taking the space's lock")
     if args.address:
         # Joining a cluster is the one check that needs Ray: done before anything is written.
         init_ray(args.address, args.num_cpus)
@@ -201,7 +232,6 @@ def reusable_runs(tracker: Tracker, reuse: str, version: str, algo: str | None =
 def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
                   gpus: float | str) -> int:
     from search.code_version import code_version
-    from search.sweep.tune import SweepPlan, run_sweep
 
     t0 = time.time()
     version = code_version().label
@@ -209,7 +239,28 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
         from search.sweep.ablate import write_plan
 
         write_plan(args.storage, args.space, args.profile, args.ablation_plan)
+    _phase("opening the tracking store")
     tracker = Tracker(args.tracking_uri, args.space, args.profile, args.storage)
+    try:
+        return _drive_tracked(args, configs, overrides, gpus, tracker, t0, version)
+    except BaseException as e:
+        # Whatever ended the sweep (a signal during Ray's start, the compaction or the end-of-sweep report: KILLED;
+        # an error: FAILED), its parent run is closed, never left RUNNING; the trials' runs were closed where
+        # they ran
+        if tracker.parent_id and not tracker.parent_closed:
+            signalled = isinstance(e, (KeyboardInterrupt, Interrupted, BrokenPipeError))
+            try:
+                tracker.flush()
+                tracker.close_sweep("killed" if signalled else "failed", {})
+            except Exception:  # noqa: BLE001 - the store itself may be what failed; the next sweep closes it
+                pass
+        raise
+
+
+def _drive_tracked(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: dict[str, Any],
+                   gpus: float | str, tracker: Tracker, t0: float, version: str) -> int:
+    from search.sweep.tune import SweepPlan, run_sweep
+
     stale = tracker.close_stale()
     tracker.store.remove_temporaries()
     damaged = tracker.store.set_aside_damaged()
@@ -267,6 +318,7 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
             tracker.flush()
             tracker.close_sweep("failed" if isinstance(e, Refused) else "killed", {})
             raise
+        _phase("recording the last results")
         for line in tracker.flush():  # the per-trial previews drawn in the background
             print(f"warning: MLflow preview not logged: {line}", flush=True)
         if outcome.exhausted:
@@ -274,7 +326,9 @@ def _drive_locked(args: argparse.Namespace, configs: list[dict[str, Any]], overr
                   f"exhausted after {sum(outcome.statuses.values())} new trial(s)", flush=True)
     else:
         _close_parent_left_running(tracker, args)
+    _phase("compaction")
     tracker.store.compact()
+    _phase("the end-of-sweep report")
     summary = _captured(_summary, tracker, set(hashes) if args.algo != "optuna" else None, args, time.time() - t0)
     if tracker.parent_id:
         _close_parent(tracker, args, outcome, summary)

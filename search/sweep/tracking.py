@@ -187,6 +187,7 @@ class Tracker:
         self.store = ResultStore(root, space)
         self.versions = package_versions()
         self.parent_id: str | None = None  # this sweep's parent run (open_sweep)
+        self.parent_closed = False  # close_sweep ended it (a signal after that leaves it as it is)
         self._artifact_uri: dict[str, str] = {}  # run_id -> artifact URI, from create_run (saves a get_run)
         self._algo: dict[str, str] = {}  # run_id -> the algo of the sweep that started it (the trials' `algo`)
         self._previews: Any = None  # one background thread drawing the per-trial PNG and table (see _log_layers)
@@ -245,6 +246,7 @@ class Tracker:
             if r.info.status == "RUNNING":
                 self.client.set_tag(r.info.run_id, "status", "killed")
                 self.client.set_terminated(r.info.run_id, status="KILLED")
+        self.parent_closed = False
         if self.parent_id is None:
             tags = {KIND_TAG: "sweep", "space": self.space, "profile": self.profile, "algo": algo, "status": "running",
                     "command": command, **_source_tags(), **code_version().tags(),
@@ -286,6 +288,7 @@ class Tracker:
             self.client.log_artifacts(self.parent_id, folder, artifact_path=os.path.basename(folder.rstrip("/")))
             self._log_images(folder)
         self.client.set_terminated(self.parent_id, status={"done": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+        self.parent_closed = True
 
     def _log_images(self, folder: str) -> None:
         from PIL import Image

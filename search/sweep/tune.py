@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +155,11 @@ def _guarded(method: Any) -> Any:
             return None
         try:
             return method(self, *a, **k)
+        except BrokenPipeError:  # stdout's reader went away: SIGPIPE, a signal like the others, not a failed write
+            from search.sweep.signals import mute_closed_outputs
+
+            mute_closed_outputs()
+            self.abort.signal = self.abort.signal or "SIGPIPE"
         except Exception as e:  # noqa: BLE001
             self.abort.error = e
             return None
@@ -630,29 +634,27 @@ def run_sweep(plan: SweepPlan, tracker: Tracker) -> SweepOutcome:
 
 
 class _stop_on_signals:
-    """SIGINT and SIGTERM stop the tuner through the stopper instead of killing the driver mid-write.
+    """While Tune's loop runs, the first signal of any kind that would end the driver (SIGINT, SIGTERM, SIGHUP,
+    SIGQUIT, SIGUSR1/2, SIGPIPE) stops the tuner through the stopper instead of killing the driver mid-write;
+    a second one raises at once (`search.sweep.signals.DriverSignals`, which search.run installs for the
+    driver's whole life; outside search.run it is installed here for the loop only).
 
     Tune's own SIGINT handler ends the loop but returns as if the sweep were done, and a
-    SIGTERM reached Ray's C++ handler (a core dump, exit 134). A second signal of either
-    kind raises KeyboardInterrupt at once.
+    SIGTERM reached Ray's C++ handler (a core dump, exit 134).
     """
 
     def __init__(self, abort: _Abort) -> None:
-        self.abort = abort
-        self.previous: dict[int, Any] = {}
+        from search.sweep.signals import DriverSignals
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.abort.signal:
-            raise KeyboardInterrupt
-        self.abort.signal = signal.Signals(signum).name
-        print(f"\n{self.abort.signal}: stopping the sweep (send it again to abort at once)", flush=True)
+        self.own = DriverSignals.active is None
+        self.guard = DriverSignals() if self.own else DriverSignals.active
+        self.stopping = self.guard.stopping(abort)
 
     def __enter__(self) -> "_stop_on_signals":
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # otherwise Tune replaces ours inside fit()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handler)
+        self.stopping.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, old in self.previous.items():
-            signal.signal(sig, old)
+        self.stopping.__exit__(*exc)
+        if self.own:
+            self.guard.restore()
