@@ -151,8 +151,11 @@ def test_wrap_after_names_what_its_noise_reaches() -> None:
         "stem.1", "stem.0", "body.0.0.bn1", "body.0.0.bn1", None)
     head = wrap_after(model, "pre_head", make)  # after the final BN-ReLU: only pooling and classifier follow
     assert (head.module, head.target, head.feeds_bn, head.fan_in) == ("pre_head.1", "fc", None, None)
-    with pytest.raises(ValueError, match="wrap_after: model 'cifar_wrn' has no module 'nope'"):
+    with pytest.raises(ValueError, match=r"argument 'path' = 'nope' is not a module of 'cifar_wrn' \(wrap_after\)"):
         wrap_after(model, "nope", make)
+    model.unused = nn.Conv2d(1, 1, 1)
+    with pytest.raises(ValueError, match="argument 'path' = 'unused': a forward of 'cifar_wrn' never calls it"):
+        wrap_after(model, "unused", make)
 
 
 def test_own_name_strips_every_wrapper_level() -> None:

@@ -121,7 +121,9 @@ def per_block_after(model: nn.Module, make: Callable[[], nn.Module], *, after: s
     or the whole block, i.e. after the residual add ('block'); main branch and execution order as `per_block`.
 
     Each site's `target`, `feeds_bn` and `fan_in` are read off the same trace: the first conv/BN/Linear
-    called after the dropout, the first BN called after it, and the last weight layer called between them.
+    called after the dropout, the first BN called after it, and the last weight layer called between them,
+    passing over the block's own shortcut (in post-activation blocks it runs after the branch but reads the
+    block's input, not the dropout's output).
 
     Raises:
         ValueError: the model has no BatchNorm, none of the registered block types, or a block runs no
@@ -150,15 +152,22 @@ def wrap_after(model: nn.Module, path: str, make: Callable[[], nn.Module], index
                input_size: tuple[int, int, int] | None = None) -> PlacementSite:
     """Insert one dropout on the output of the module at `path` (nn.Sequential(module, dropout)).
 
-    `target`, `feeds_bn` and `fan_in` come from one traced forward (as `per_block_after`); paths are the
-    names after surgery (the module moves to `path.0`, the dropout is `path.1`).
+    `target`, `feeds_bn` and `fan_in` come from one traced forward (as `per_block_after`, but with no block
+    shortcut to pass over: a layer called later that reads another tensor would be named anyway, which
+    `search.contracts.check_placement` catches); paths are the names after surgery (the module moves to
+    `path.0`, the dropout is `path.1`).
+
+    Raises:
+        ValueError: `path` names no module of the model, or one that a forward never calls.
     """
     modules = dict(model.named_modules())
     if path not in modules or not path:
-        raise ValueError(f"wrap_after: model {_model_name(model)!r} has no module {path!r}")
+        raise ValueError(f"argument 'path' = {path!r} is not a module of {_model_name(model)!r} (wrap_after)")
     calls = _trace(model, input_size, also=(modules[path],))
-    end = max(i for i, n in enumerate(calls) if n == path or n.startswith(path + "."))
-    down = _downstream(calls, modules, end)
+    inside = [i for i, n in enumerate(calls) if n == path or n.startswith(path + ".")]
+    if not inside:
+        raise ValueError(f"argument 'path' = {path!r}: a forward of {_model_name(model)!r} never calls it (wrap_after)")
+    down = _downstream(calls, modules, inside[-1])
     held = modules[block] if block else None
     _wrap_after(model, path, make())
     names = {m: n for n, m in model.named_modules()}
@@ -183,6 +192,9 @@ def wrap_pool(model: nn.Module, make: Callable[[], nn.Module], *, placement: str
     (path,) = pools
     modules = dict(model.named_modules())
     calls = _trace(model, input_size, also=(modules[path],))
+    if path not in calls:
+        raise ValueError(f"field 'dropout_placement' = {placement!r}: a forward of {_model_name(model)!r} never calls"
+                         f" {path!r} (allowed for it: head, none)")
     down = _downstream(calls, modules, calls.index(path))
     site = wrap_before(model, path, make)
     names = {m: n for n, m in model.named_modules()}
