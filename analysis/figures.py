@@ -29,7 +29,7 @@ import pyarrow.compute as pc  # noqa: E402
 from .fit import mean_ci  # noqa: E402
 from .guidelines import Analysis, fmt_width  # noqa: E402
 from .literature import PLACEMENT_ORDER, placement_comparison, schedule_comparison  # noqa: E402
-from .load import group_codes  # noqa: E402
+from .load import constant_schedule, group_codes  # noqa: E402
 
 __all__ = ["Figure", "write_figures"]
 
@@ -173,6 +173,13 @@ def _shift_by_layer(a: Analysis, **_: object):
     L = a.study.layers
     if L.num_rows == 0:
         return
+    # A scheduled trial's sites ended training at another rate after another history (early dropout: 0):
+    # averaged into its placement's line it would blur that line (load.constant_schedule).
+    constant = constant_schedule(L)
+    left_out = L.num_rows - pc.sum(constant).as_py()
+    L = L.filter(constant)
+    if L.num_rows == 0:
+        return
     keys = list(LAYER_CONTEXT) + ["dropout_type", "dropout_placement", "dropout_rate", "width", "index"]
     L = L.set_column(L.schema.get_field_index("fed_by_dropout"), "fed_by_dropout",
                      pc.fill_null(L.column("fed_by_dropout"), False))
@@ -235,7 +242,8 @@ def _shift_by_layer(a: Analysis, **_: object):
         yield (f"shift_by_layer_{dtype}", f"Variance shift at each BN layer, {dtype} dropout, one panel per "
                "placement on one y-scale; lines: mean over seeds" + (f" ({', '.join(lines)})" if lines else "")
                + ("; red rings: BN layers fed by dropout" if fig_fed else "")
-               + "; dashed: no shift (1)", fig)
+               + "; dashed: no shift (1)" + ("; trials with an early or late drop-rate schedule left out (their "
+                                               "sites ended at another rate)" if left_out else ""), fig)
 
 
 def _d_cos2_vs_epoch(a: Analysis, **_: object):
@@ -553,10 +561,12 @@ def _decomposition(a: Analysis, **_: object):
 
 
 def _match(t: pa.Table, where: dict) -> pa.Array:
-    mask = None
+    """Rows whose columns equal `where`'s values; a None value matches a null (a field left at its default,
+    e.g. no drop-rate schedule or normalization)."""
+    mask = pa.array(np.ones(t.num_rows, dtype=bool))
     for k, v in where.items():
-        m = pc.equal(t.column(k), v)
-        mask = m if mask is None else pc.and_(mask, m)
+        m = pc.is_null(t.column(k)) if v is None else pc.fill_null(pc.equal(t.column(k), v), False)
+        mask = pc.and_(mask, m)
     return mask
 
 
