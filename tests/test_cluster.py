@@ -139,15 +139,21 @@ def test_staging_copies_again_when_the_source_changed(tmp_path: Path, remote_dir
     local = Path(stage_data_dir(uri, root=root))
     marker = (local.parent / "DONE").read_text()
     assert stage_data_dir(uri, root=root) == str(local) and (local.parent / "DONE").read_text() == marker
+    base, seen = local.parent.parent, [local]
     batch = remote_dir / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(os.urandom(4096))  # same size, new content
     os.utime(batch, ns=(batch.stat().st_atime_ns, batch.stat().st_mtime_ns + 10**9))
-    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
     (remote_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"new")
-    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
-    (remote_dir / "README").unlink()
-    assert stage_data_dir(uri, root=root) == str(local) and _tree(local) == _tree(remote_dir)
-    assert not [p for p in local.parent.iterdir() if p.name.startswith(".tmp-")]  # no copy left half-way
+    for change in (None, lambda: (remote_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"new"),
+                   lambda: (remote_dir / "README").unlink()):
+        if change is not None:
+            change()
+        now = Path(stage_data_dir(uri, root=root))
+        assert now not in seen and now == Path(staged_path(uri, root=root)) and _tree(now) == _tree(remote_dir)
+        seen.append(now)
+        # A new version is a new folder; the older one, which no process holds any more, is gone
+        assert [p.name for p in base.iterdir() if p.is_dir()] == [now.parent.name], list(base.iterdir())
+    assert not [p for p in base.iterdir() if p.name.startswith((".tmp-", ".old-"))]  # no copy left half-way
 
 
 @pytest.mark.timeout(60)
@@ -290,6 +296,73 @@ def test_concurrent_trials_on_a_node_copy_once(tmp_path: Path, remote_dir: Path)
     assert len(set(outs)) == 1 and outs[0] == staged_path(uri, root=root)
     # The processes that waited got the complete copy, not a half-written one.
     assert _tree(Path(outs[0])) == _tree(remote_dir)
+
+
+_STAGE_READER = textwrap.dedent("""
+    import os, sys, time
+    from search.sweep.staging import stage_data_dir
+
+    uri, root, go = sys.argv[1:4]
+    local = stage_data_dir(uri, root=root)
+    print(local, flush=True)
+    while not os.path.exists(go):  # a trial that has its path and reads the files later
+        time.sleep(0.02)
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(local) for n in names)
+    print(repr({os.path.relpath(f, local): open(f, "rb").read() for f in files}), flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_recopy_never_changes_a_copy_a_trial_still_reads(tmp_path: Path, remote_dir: Path) -> None:
+    """The re-copy race (issue 30): a trial had its staged path, the source changed, and the next trial's
+    re-copy deleted and rewrote that folder under it (it read a half-written or a mixed copy). Now each version
+    of the source is its own folder, published by one rename: the reader, a real second process, reads the
+    version it was handed, whole and unchanged, while the new version is copied beside it; the old version is
+    deleted only after the reader has gone."""
+    import ast
+
+    uri, root, go = remote_dir.as_uri(), str(tmp_path / "stage"), tmp_path / "go"
+    before = _tree(remote_dir)
+    reader = subprocess.Popen([sys.executable, "-c", _STAGE_READER, uri, root, str(go)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        old = Path(reader.stdout.readline().strip())
+        assert old.is_dir(), reader.stderr.read()[-2000:]
+        (remote_dir / "cifar-10-batches-py" / "data_batch_1").write_bytes(os.urandom(4096))
+        (remote_dir / "cifar-10-batches-py" / "data_batch_9").write_bytes(b"new file")
+        new = Path(stage_data_dir(uri, root=root))  # the next trial, in this process: a copy of the new source
+        assert new != old and _tree(new) == _tree(remote_dir)
+        assert _tree(old) == before  # the folder the reader holds was not touched
+        go.touch()
+        out, err = reader.communicate(timeout=60)
+    finally:
+        go.touch()
+        reader.kill() if reader.poll() is None else None
+    assert reader.returncode == 0, err[-2000:]
+    assert {k: v for k, v in ast.literal_eval(out.strip()).items()} == before  # read whole, the old version
+    stage_data_dir(uri, root=root)  # the reader has gone: nobody holds the old version, and it is deleted
+    assert not old.parent.exists() and new.is_dir()
+
+
+def test_a_staged_copy_is_checked_by_the_dataset_on_the_node_that_uses_it(tmp_path: Path) -> None:
+    """The readers' checks ran on the driver's staged copy only; a trial on a node whose copy was bad failed in
+    the reader, naming a temporary path. `stage_and_check` (what every trial calls) runs the dataset's own file
+    check on this node's copy: one line naming the URI, the copy and what is wrong."""
+    from _idx import write_idx
+
+    from search.sweep.staging import stage_and_check
+
+    src = tmp_path / "fashion-mnist"
+    write_idx(src, gz=False)
+    uri, root = src.as_uri(), str(tmp_path / "stage")
+    local = stage_and_check(uri, "fashion_mnist", root=root)
+    assert _tree(Path(local)) == _tree(src)
+    (src / "train-labels-idx1-ubyte").write_bytes((src / "t10k-images-idx3-ubyte").read_bytes())  # a wrong file
+    with pytest.raises(ValueError) as e:
+        stage_and_check(uri, "fashion_mnist", root=root)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"--data-dir {uri!r} (staged at {root}/")
+    assert "train-labels-idx1-ubyte" in msg, msg
 
 
 # --------------------------------------------------------------------------- cluster

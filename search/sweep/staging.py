@@ -8,15 +8,21 @@ lock altogether. A plain local path is returned unchanged.
 
 Layout under the staging root (``$DBN_STAGE_DIR``, default ``/tmp/dbn-data-<uid>``)::
 
-    <sha>/data/      the copy that trials read
-    <sha>/DONE       completion marker (JSON: uri, source fingerprint, files, bytes, seconds)
-    <sha>.lock       fcntl lock held while copying
+    <sha>/<source fingerprint>/data/   the copy that trials read, one folder per version of the source
+    <sha>/<source fingerprint>/DONE    completion marker (JSON: uri, source fingerprint, files, bytes, seconds)
+    <sha>/<source fingerprint>.use     shared flock held by every process that was handed that copy
+    <sha>.lock                         fcntl lock held while copying
 
 A copy is reused only while it matches (issue 30): the source's fingerprint (every file's path, size and
-mtime) must equal the marker's, else the source changed and it is copied again; the copy's files and
+mtime) names the version folder, so a changed source is a new folder, copied afresh; the copy's files and
 bytes must equal the marker's, else it was cut short or partly deleted (a temp cleaner) and is copied
-again. The staging root must be this user's own and not writable by others (anyone who can write there
-could plant training data for a URI), writable, and have room for the source, or one line says which.
+again. A copy is never changed in place (issue 30: a re-copy deleted the folder a trial was reading): it is
+built in a temporary folder, its marker inside, and published by one atomic rename (two copiers on a shared
+staging folder: the second rename fails and the first copy is used); a damaged copy is renamed aside first;
+an older version is deleted only once no process holds its `.use` lock. The staging root must be this
+user's own and not writable by others (anyone who can write there could plant training data for a URI),
+writable, and have room for the source, or one line says which. `stage_and_check` also runs the dataset's
+own file check on the staged copy, on the node that trains on it.
 """
 from __future__ import annotations
 
@@ -30,10 +36,15 @@ import time
 import uuid
 from typing import Any
 
-__all__ = ["stage_data_dir", "staged_path", "check_data_uri", "check_stage_root", "DEFAULT_STAGE_ROOT"]
+__all__ = ["stage_data_dir", "stage_and_check", "staged_path", "check_data_uri", "check_stage_root",
+           "DEFAULT_STAGE_ROOT"]
 
 DEFAULT_STAGE_ROOT = f"/tmp/dbn-data-{os.getuid()}"  # one per user: another user's folder is refused
 MIN_SPARE_BYTES = 16 * 2**20  # free space left beside a copy: the marker, the lock, other trials' temp files
+# Version folders this process was handed: path -> the open file holding its shared `.use` flock
+_IN_USE: dict[str, Any] = {}
+# (copy, dataset) pairs whose file check passed in this process
+_CHECKED: set[tuple[str, str]] = set()
 
 
 def _root(root: str | None) -> str:
@@ -46,12 +57,13 @@ def _key(uri: str) -> str:
 
 
 def staged_path(data_dir: str, *, root: str | None = None) -> str:
-    """Where `stage_data_dir` puts (or has put) the copy of URI `data_dir` on this node."""
-    return os.path.join(_root(root), _key(data_dir), "data")
+    """Where `stage_data_dir` puts (or has put) the copy of URI `data_dir`'s current contents on this node."""
+    fs, path = _open(data_dir)
+    return os.path.join(_root(root), _key(data_dir), _fingerprint(_listing(fs, path)), "data")
 
 
 def stage_data_dir(data_dir: str, *, root: str | None = None) -> str:
-    """A local directory with the contents of `data_dir`, copied at most once per node.
+    """A local directory with the contents of `data_dir`, copied at most once per node and version of it.
 
     Args:
         data_dir: a local path (returned unchanged) or a URI that
@@ -59,7 +71,8 @@ def stage_data_dir(data_dir: str, *, root: str | None = None) -> str:
         root: the node-local staging folder (default ``$DBN_STAGE_DIR`` or ``/tmp/dbn-data-<uid>``).
 
     Returns:
-        The local path of the staged copy (or `data_dir` itself when it is a local path).
+        The local path of the staged copy (or `data_dir` itself when it is a local path). It is never changed
+        or deleted while this process runs (it holds the copy's `.use` lock).
 
     Raises:
         FileNotFoundError: the URI does not name an existing directory.
@@ -74,21 +87,51 @@ def stage_data_dir(data_dir: str, *, root: str | None = None) -> str:
     source = _fingerprint(files)
     stage_root = _root(root)
     base = os.path.join(stage_root, _key(data_dir))
-    dest, marker = os.path.join(base, "data"), os.path.join(base, "DONE")
-    if _current(marker, dest, source):  # fast path: no lock once a node has its copy of this source
+    version = os.path.join(base, source)
+    dest, marker = os.path.join(version, "data"), os.path.join(version, "DONE")
+    if _hold(version, marker, dest, source):  # fast path: no copy lock once a node has this version
+        _tidy(base, version)
         return dest
     check_stage_root(stage_root, sum(size for _, size, _ in files), uri=data_dir)
+    _let_go(base, keep=version)  # this process moves to another version: its older one may go
+    os.makedirs(base, mode=0o700, exist_ok=True)
     with open(base + ".lock", "a+") as lock:
         # Blocks while another trial on this node copies; the kernel releases the lock
         # if that process dies, and the next one starts over (see below).
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if _current(marker, dest, source):
-                return dest
-            _copy(fs, path, data_dir, base, dest, marker, source)
+            if not _current(marker, dest, source):
+                _copy(fs, path, data_dir, base, version, source)
+            _drop_older(base, keep=version)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    if not _hold(version, marker, dest, source):  # deleted between the copy and here: only a temp cleaner does
+        raise OSError(f"staging --data-dir {data_dir!r}: the copy at {dest} vanished right after it was made "
+                      "(a temp cleaner?); set DBN_STAGE_DIR to a folder nothing else cleans")
     return dest
+
+
+def stage_and_check(data_dir: str, dataset: str, *, root: str | None = None) -> str:
+    """`stage_data_dir`, then the dataset's own file check (search/trial/datasets.py: every file there, its
+    header read before the file) on the staged copy, on this node, once per copy and process (issue 30: the
+    checks ran on the driver's copy only, so a node whose copy was bad failed in the reader, naming a temp path).
+
+    Raises:
+        ValueError: one line naming the URI, the staged copy and what is wrong; or stage_data_dir's errors.
+    """
+    local = stage_data_dir(data_dir, root=root)
+    if local == data_dir or (local, dataset) in _CHECKED:
+        return local
+    from search import registry
+
+    check = registry.get("dataset", dataset, field_name="dataset").meta.get("check")
+    if check is not None:
+        try:
+            check(local)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--data-dir {data_dir!r} (staged at {local}): {str(e).splitlines()[0]}") from None
+    _CHECKED.add((local, dataset))
+    return local
 
 
 def check_data_uri(data_dir: str, *, stage_here: bool = False, root: str | None = None) -> None:
@@ -103,8 +146,8 @@ def check_data_uri(data_dir: str, *, stage_here: bool = False, root: str | None 
     fs, path = _open(data_dir)
     if stage_here:
         files = _listing(fs, path)
-        marker = os.path.join(_root(root), _key(data_dir), "DONE")
-        if not _current(marker, os.path.join(os.path.dirname(marker), "data"), _fingerprint(files)):
+        version = os.path.join(_root(root), _key(data_dir), _fingerprint(files))
+        if not _current(os.path.join(version, "DONE"), os.path.join(version, "data"), _fingerprint(files)):
             check_stage_root(_root(root), sum(size for _, size, _ in files), uri=data_dir, create=False)
 
 
@@ -191,26 +234,96 @@ def _open(uri: str) -> tuple[Any, str]:
     return fs, path
 
 
-def _copy(fs: Any, path: str, uri: str, base: str, dest: str, marker: str, source: str) -> None:
-    """Copy `path` of `fs` into a private temp folder, then rename it to `dest` and write the marker."""
+def _hold(version: str, marker: str, dest: str, source: str) -> bool:
+    """Take (or keep) this process's shared `.use` lock on `version` and say whether its copy is complete.
+    A process moving to a newer version of a URI lets go of the older ones it held (its earlier trials are
+    done: a worker runs one trial at a time), so they can be deleted."""
+    if version in _IN_USE:
+        if _current(marker, dest, source):
+            return True
+        _IN_USE.pop(version).close()
+    if not os.path.isdir(version):
+        return False
+    try:
+        fh = open(version + ".use", "a+")
+    except OSError:
+        return False
+    fcntl.flock(fh, fcntl.LOCK_SH)  # waits while an older version is being deleted under LOCK_EX
+    if not _current(marker, dest, source):
+        fh.close()
+        return False
+    _let_go(os.path.dirname(version), keep=version)
+    _IN_USE[version] = fh
+    return True
+
+
+def _let_go(base: str, keep: str) -> None:
+    """Release this process's `.use` locks on the versions of `base` other than `keep`."""
+    for other in [v for v in _IN_USE if os.path.dirname(v) == base and v != keep]:
+        _IN_USE.pop(other).close()
+
+
+def _tidy(base: str, keep: str) -> None:
+    """`_drop_older` when `base` holds more than the version in use, if no copier holds the lock right now."""
+    try:
+        if not [n for n in os.listdir(base) if n != os.path.basename(keep) and not n.endswith(".use")]:
+            return
+        with open(base + ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                _drop_older(base, keep)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:  # BlockingIOError: a copier works there now and tidies after itself
+        return
+
+
+def _drop_older(base: str, keep: str) -> None:
+    """Delete the version folders of `base` other than `keep` that no process holds (their `.use` lock free),
+    and the temporary and set-aside folders of copiers that died; a held one stays for a later call."""
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        if path == keep or name.endswith(".use") or not os.path.isdir(path):
+            continue
+        if name.startswith(".tmp-") or name.startswith(".old-"):
+            shutil.rmtree(path, ignore_errors=True)  # only under the copy lock: no live copier is writing there
+            continue
+        with open(path + ".use", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a process still trains on it
+            shutil.rmtree(path, ignore_errors=True)
+            os.unlink(path + ".use")
+
+
+def _copy(fs: Any, path: str, uri: str, base: str, version: str, source: str) -> None:
+    """Copy `path` of `fs` into a private temporary folder with its marker, then publish it as `version` in one
+    rename; a damaged copy already there is renamed aside first (a trial may still hold its files open)."""
     import pyarrow.fs as pafs
 
-    # Whatever a killed copier left behind is incomplete (no marker), and a copy of an older source is stale:
-    # start over. The marker goes first, so a copier killed from here on leaves no marker.
-    shutil.rmtree(base, ignore_errors=True)
-    os.makedirs(base, mode=0o700)
     tmp = os.path.join(base, f".tmp-{uuid.uuid4().hex[:8]}")
     t0 = time.time()
     # pyarrow creates the subfolders it copies, not the destination itself: files directly in the source (the
     # Debian dataset packages' layout, /usr/share/datasets/fashion-mnist) failed with FileNotFoundError.
-    os.makedirs(tmp)
-    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    os.replace(tmp, dest)
-    files, size = _count(dest)
-    done = {"uri": uri, "source": source, "files": files, "bytes": size, "seconds": round(time.time() - t0, 3),
-            "pid": os.getpid()}
-    with open(marker + ".tmp", "w") as fh:
-        json.dump(done, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(marker + ".tmp", marker)  # the marker appears only after the data is complete
+    os.makedirs(os.path.join(tmp, "data"), mode=0o700)
+    try:
+        pafs.copy_files(path, os.path.join(tmp, "data"), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        files, size = _count(os.path.join(tmp, "data"))
+        done = {"uri": uri, "source": source, "files": files, "bytes": size,
+                "seconds": round(time.time() - t0, 3), "pid": os.getpid()}
+        with open(os.path.join(tmp, "DONE"), "w") as fh:
+            json.dump(done, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(version):  # damaged (checked under the lock): aside, never rewritten in place
+            os.replace(version, os.path.join(base, f".old-{uuid.uuid4().hex[:8]}"))
+        try:
+            os.rename(tmp, version)  # the copy and its marker appear together, complete
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # another copier (a node sharing this staging folder) published this version first: use theirs
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

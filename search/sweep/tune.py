@@ -83,9 +83,11 @@ def trainable(config: dict[str, Any]) -> None:
         # (and is retried) instead of pushing its neighbours out of memory.
         torch.cuda.set_per_process_memory_fraction(gpu)
     if cfg.data_dir and "://" in cfg.data_dir:
-        from search.sweep.staging import stage_data_dir
+        from search.sweep.staging import stage_and_check
 
-        cfg = cfg.replace(data_dir=stage_data_dir(cfg.data_dir))  # once per node, not per trial
+        # Once per node and version of the source, not per trial; the dataset's file check runs on this node's
+        # copy (a node whose copy is bad fails its trials with one line naming the URI, issue 30)
+        cfg = cfg.replace(data_dir=stage_and_check(cfg.data_dir, cfg.dataset))
     t0 = time.time()
     # The last epoch goes out with the final report below: one Tune iteration per epoch, so Optuna's
     # intermediate values and ASHA's rungs see `epochs` steps, not one more.
