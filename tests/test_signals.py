@@ -21,8 +21,6 @@ import pytest
 from _procs import session_pids
 from _sweeps import KILL_ARGS, N_KILL_TRIALS, PY, SPACE, _client, _dataset, _env, _finish, _popen, _terminal_signals
 
-pytestmark = [pytest.mark.slow]
-
 # Runs search.run after arranging for the driver to send itself DBN_TEST_SIGNAL at DBN_TEST_SIGNAL_AT; the
 # file DBN_TEST_SIGNAL_MARK proves it was sent.
 _SIGNAL_HOOK = r'''
@@ -128,6 +126,7 @@ def _last_line(log: str) -> str:
     return [ln for ln in log.strip().splitlines() if ln.strip()][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sighup_during_preflight_ends_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
     rc, log, cwd = _signalled(tmp_path, "preflight", "SIGHUP")
@@ -136,6 +135,7 @@ def test_sighup_during_preflight_ends_with_one_line_and_writes_nothing(tmp_path:
     assert sorted(os.listdir(cwd)) == [], "a sweep stopped in preflight wrote something"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigusr1_right_after_ray_started_stops_ray_and_leaves_no_run_running(tmp_path: Path) -> None:
     rc, log, cwd = _signalled(tmp_path, "ray_started", "SIGUSR1")
@@ -146,6 +146,7 @@ def test_sigusr1_right_after_ray_started_stops_ray_and_leaves_no_run_running(tmp
     assert _dataset(cwd / "results", "trials") is None  # nothing trained
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("point, name", [("compaction", "SIGQUIT"), ("report", "SIGTERM")])
 def test_a_signal_after_training_closes_the_parent_killed_and_keeps_every_trial(tmp_path: Path, point: str,
@@ -170,6 +171,7 @@ def test_a_signal_after_training_closes_the_parent_killed_and_keeps_every_trial(
     assert table is not None and table.num_rows >= N_KILL_TRIALS
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigusr2_while_training_closes_every_run_killed(tmp_path: Path) -> None:
     """Inside Tune's loop a signal other than SIGINT/SIGTERM stops the tuner as they do: the running trials'
@@ -186,6 +188,7 @@ def test_sigusr2_while_training_closes_every_run_killed(tmp_path: Path) -> None:
     assert sorted(set(table.column("run_id").to_pylist()) if table is not None else []) == finished
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stdout_reader_gone_is_sigpipe_141_with_runs_closed(tmp_path: Path) -> None:
     """`search.run ... | head -1`: stdout's reader goes away after the first line. The next write is SIGPIPE
@@ -218,3 +221,32 @@ def test_stdout_reader_gone_is_sigpipe_141_with_runs_closed(tmp_path: Path) -> N
 
 def exit_code(name: str) -> int:
     return 128 + int(signal.Signals[name])
+
+
+def test_driver_signals_are_taken_and_handed_back_and_an_ignored_one_stays_ignored() -> None:
+    """search.run's main takes every signal that would end the driver and hands them back as they were (it runs
+    inside tests and notebooks); one its parent ignored (SIGHUP under nohup) stays ignored; outside Tune's loop
+    a signal raises Signalled (a KeyboardInterrupt) naming the signal and the phase, and during the clean-up
+    that follows, a second one is ignored."""
+    from search.sweep.signals import CAUGHT, DriverSignals, Signalled
+
+    before = {sig: signal.getsignal(sig) for sig in CAUGHT}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        guard = DriverSignals().install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert all(signal.getsignal(sig) == guard._handler for sig in CAUGHT if sig != signal.SIGHUP)
+        guard.phase = "compaction"
+        with pytest.raises(Signalled) as e:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(1)
+        assert isinstance(e.value, KeyboardInterrupt) and (e.value.name, e.value.phase) == ("SIGUSR1", "compaction")
+        os.kill(os.getpid(), signal.SIGUSR2)  # during the clean-up: ignored, not raised
+        time.sleep(0.2)
+        guard.restore()
+        assert {sig: signal.getsignal(sig) for sig in CAUGHT if sig != signal.SIGHUP} == \
+            {sig: h for sig, h in before.items() if sig != signal.SIGHUP}
+        assert DriverSignals.active is None
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
