@@ -122,6 +122,8 @@ def drive(args: argparse.Namespace, configs: list[dict[str, Any]], overrides: di
         # Stopped by a signal (or stdout's reader gone: SIGPIPE), wherever it was: the Ray this driver started
         # goes with it (its processes were orphaned when the driver ended on a signal outside Tune's loop)
         _phase("stopping Ray")
+        if DriverSignals.active is not None:
+            DriverSignals.active.raised = True  # a further signal must not cut Ray's stop short (orphans)
         stop_ray()
         raise
 

@@ -110,14 +110,14 @@ class _Stopping:
 
     def __enter__(self) -> "_Stopping":
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # otherwise Tune replaces ours inside fit()
-        self.guard.abort, self.phase = self.abort, self.guard.phase
+        self.guard.abort = self.abort
         self.guard.phase = "training"
         self.guard.install()  # Ray's start set handlers of its own (SIGTERM: a core dump, exit 134)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.guard.abort = None
-        self.guard.phase = self.phase
+        self.guard.phase = "the end of training"  # closing the stopped trials' runs, until the driver names more
 
 
 def _say(text: str) -> None:
