@@ -263,6 +263,9 @@ def test_one_epoch_trial_per_normalization_reads_back_with_the_right_nans(trials
                   "test_loss_reest"):
             assert _nan(t[k]), (norm, k, t[k])
         assert t["n_reest"] is None and t["bn_unconverged"] is False
+        from search.trial.runner import format_result
+
+        assert f"normalization     {norm}: no running statistics" in format_result(cfg, r)
         if norm == "groupnorm":
             assert len(layers) == 7 and all(x["norm_type"] == "groupnorm" for x in layers)
             assert all(_nan(x["moving_var"]) and _nan(x["shift"]) and math.isfinite(x["real_var"]) for x in layers)

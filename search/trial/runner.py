@@ -139,6 +139,9 @@ def format_result(cfg: TrialConfig, r: TrialResult, layers: bool = False) -> str
         f"  d cos^2 (D)       fed-by-dropout {r.d_cos2_init:.3f} -> {r.d_cos2_final:.3f}   "
         f"all BN {r.d_cos2_all_init:.3f} -> {r.d_cos2_all_final:.3f}   (initialisation -> last epoch)",
     ]
+    if cfg.normalization is not None and r.status == "ok":  # why the re-estimation and shift lines read nan
+        lines.append(f"  normalization     {cfg.normalization}: no running statistics, so no variance shift to"
+                     " measure and no BN re-estimation (nan above; docs/normalization.md)")
     if cfg.dropout_schedule is not None:  # what the probes above measured: the network at the final rate
         lines.append(f"  dropout schedule  {cfg.dropout_schedule} (cutoff epoch {cfg.dropout_cutoff:g}"
                      f"{', linear' if cfg.dropout_decay == 'linear' else ''}): rate {cfg.dropout_rate:g}, at the"
