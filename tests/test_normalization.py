@@ -62,6 +62,18 @@ def test_norm_groups_dividing_no_layer_is_refused_at_build() -> None:
     assert "\n" not in msg and "'norm_groups' = 7" in msg and "16, 32, 64" in msg
 
 
+def test_a_model_without_batchnorm_refuses_a_normalization_that_would_change_nothing() -> None:
+    from search.trial.models.normalization import apply_normalization
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    assert apply_normalization(plain, None) == [] and apply_normalization(plain, "batchnorm") == []
+    for norm in ("groupnorm", "none"):
+        with pytest.raises(ConfigError) as e:
+            apply_normalization(plain, norm)
+        assert "\n" not in str(e.value) and f"'normalization' = {norm!r}" in str(e.value) and "allowed: None" in \
+            str(e.value)
+
+
 # ------------------------------------------------------- the swap, by forward hooks
 PLACEMENTS = ("pre_bn", "pre_conv")
 

@@ -49,7 +49,8 @@ def apply_normalization(model: nn.Module, normalization: str | None, groups: int
 
     Raises:
         ConfigError: `groups` divides the channel count of no BatchNorm (it would only ever be cut down by the
-            gcd rule), or an unknown normalization.
+            gcd rule), the model has no BatchNorm (the hashed setting would change nothing), or an unknown
+            normalization.
     """
     if normalization in (None, "batchnorm"):
         return []
@@ -57,7 +58,10 @@ def apply_normalization(model: nn.Module, normalization: str | None, groups: int
         raise ConfigError(f"field 'normalization' = {normalization!r} is not allowed (allowed: batchnorm, groupnorm,"
                           " none)")
     paths = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    if normalization == "groupnorm" and groups is not None and paths:
+    if not paths:
+        raise ConfigError(f"field 'normalization' = {normalization!r}: the model ({type(model).__name__}) has no"
+                          " BatchNorm to replace, so it would change nothing (allowed: None)")
+    if normalization == "groupnorm" and groups is not None:
         channels = sorted({model.get_submodule(p).num_features for p in paths})
         if not any(c % groups == 0 for c in channels):
             raise ConfigError(f"field 'norm_groups' = {groups!r} divides the channels of no BatchNorm of this model"
