@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from search import registry
 from search.config import NORMALIZATIONS, ConfigError, TrialConfig
 from search.trial.dropout import VarianceDropout
 from search.trial.models import SUPPORTED_BACKBONES, build_model
@@ -75,7 +76,7 @@ def test_a_model_without_batchnorm_refuses_a_normalization_that_would_change_not
 
 
 # ------------------------------------------------------- the swap, by forward hooks
-PLACEMENTS = ("pre_bn", "pre_conv")
+PLACEMENTS = tuple(p for p in registry.names("placement") if p != "none")  # every one that inserts dropout
 
 
 def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int]]:
@@ -98,6 +99,39 @@ def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int]
         for h in hooks:
             h.remove()
     return calls, chans
+
+
+def _first_reached(model: nn.Module, site: str, swapped: list[str], x: torch.Tensor) -> str | None:
+    """The first of the `swapped` layers, in call order, whose input changes when the output of `site` alone is
+    shifted by 1 (eval mode, so dropout is the identity and the two passes differ by that shift only)."""
+    modules = dict(model.named_modules())
+
+    def run(perturb: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+        seen: dict[str, torch.Tensor] = {}
+        order: list[str] = []
+
+        def pre(path: str):  # noqa: ANN202
+            def hook(_m: nn.Module, args: tuple) -> None:
+                if path not in seen:
+                    seen[path] = args[0].detach().clone()
+                    order.append(path)
+            return hook
+
+        hooks = [modules[p].register_forward_pre_hook(pre(p)) for p in swapped]
+        if perturb:
+            hooks.append(modules[site].register_forward_hook(lambda _m, _i, out: out + 1.0))
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen, order
+
+    base, order = run(False)
+    moved, _ = run(True)
+    return next((p for p in order if not torch.equal(base[p], moved[p])), None)
 
 
 @pytest.mark.parametrize("normalization", ("groupnorm", "none"))
@@ -125,15 +159,14 @@ def test_every_family_builds_without_batchnorm_and_sites_feed_the_swapped_layer(
                 assert chans[path] == m.num_channels  # the tensor it normalises has its channels
         else:
             assert not any(isinstance(s, (nn.GroupNorm, _BatchNorm)) for s in m.modules())
-    # Dropout sites: same paths as under batchnorm, and the first swapped layer to run after each is feeds_bn.
+    # Dropout sites: same paths as under batchnorm, and the first swapped layer the site's output reaches (the
+    # first, in call order, whose input moves when that output alone is perturbed) is feeds_bn.
     sites, twin_sites = model.dropout_sites, twin.dropout_sites
     assert [(s.module, s.target, s.feeds_bn) for s in sites] == [(s.module, s.target, s.feeds_bn) for s in twin_sites]
     assert sites
     for s in sites:
-        assert isinstance(modules[s.module], VarianceDropout)
-        i = calls.index(s.module)
-        first = next((n for n in calls[i + 1:] if n in bn_paths), None)
-        assert first == s.feeds_bn, (s, first)
+        assert isinstance(modules[s.module], VarianceDropout) and s.module in calls
+        assert _first_reached(model, s.module, list(bn_paths), x) == s.feeds_bn, s
         if s.feeds_bn is not None and normalization == "groupnorm":
             assert isinstance(modules[s.feeds_bn], nn.GroupNorm)
     # Eval-mode outputs are finite and the weights are the twin's (no random number drawn by the swap).
