@@ -236,6 +236,23 @@ def test_probe_on_groupnorm_records_input_moments_and_nan_running_columns() -> N
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("placement", ("pre_bn", "pre_conv"))
+def test_propagation_predicts_the_first_groupnorm_the_noise_reaches_and_stops_there(placement) -> None:
+    from search.trial.probes import measure_variance_shift
+
+    model = build_model(TrialConfig(backbone="cifar_wrn", depth=10, dropout_placement=placement, dropout_rate=0.3,
+                                    normalization="groupnorm"), 10)
+    layers = measure_variance_shift(model, _loader(8, 32), None, every=1)
+    first = next(i for i, r in enumerate(layers) if r.fed_by_dropout)
+    for r in layers[:first]:  # upstream of every dropout: no noise, exactly
+        assert r.shift_theory == 1.0 and r.shift_frozen == 1.0 and r.excess_local == 0.0
+    r = layers[first]
+    # the local identity (exact for element-wise Bernoulli noise) against the frozen pass's own masks
+    assert r.excess_local > 0.1 and r.shift_theory == pytest.approx(r.shift_frozen, rel=0.01)
+    assert all(math.isnan(x.shift_theory) for x in layers[first + 1:])  # no rule through a GroupNorm's noise
+    assert all(math.isfinite(x.shift_frozen) for x in layers)
+
+
 def test_probe_on_no_normalization_has_no_rows_and_reads_no_batch() -> None:
     from search.trial.probes import measure_variance_shift, reestimate_bn
 

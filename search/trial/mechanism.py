@@ -14,6 +14,8 @@ activations, on a torch.fx graph of the model:
 - dropout (k):       s_out = (1 + k) s_in + k x^2       (exact: E[m] = 1, Var m = k, mask independent)
 - conv / linear:     s_out = conv(s_in, w^2)             (exact for independent input noise)
 - frozen BN:         s_out = s_in * gamma^2 / (running_var + eps)   (exact: an affine map)
+- GroupNorm:         recorded at its input like a BN; noise past it unknown (each sample divided by its own
+                     noisy group statistics: no rule), a clean input stays clean (normalization groupnorm)
 - ReLU:              s_out = s_in * 1[z > 0]             (first order in the noise, z the eval input)
 - add / cat / views: summed / concatenated / re-viewed  (sum: noise of two branches taken independent)
 - mean / avg pool:   mean(s) / (elements averaged)       (noise of distinct elements taken independent)
@@ -176,13 +178,16 @@ class NoisePropagator(fx.Interpreter):
         pre = args[0].detach().clone() if noisy and isinstance(module, nn.ReLU) and module.inplace else None
         out = getattr(self, n.op)(n.target, args, kwargs)
         shared = module is not None and _shared_noise(module)
-        special = module is not None and (site_noise_var(module) is not None or isinstance(module, _BatchNorm))
+        special = module is not None and (site_noise_var(module) is not None or
+                                          isinstance(module, (_BatchNorm, nn.GroupNorm)))
         if n.op in ("placeholder", "get_attr", "output") or not noisy and not special and not shared:
             state = _State()
         elif shared:  # masks shared across elements: no propagation rule, so every BN it reaches is unknown
             state = _State(_UNKNOWN)
         elif isinstance(module, _BatchNorm):
             state = self._bn(module, args[0], noisy[0] if noisy else _State())
+        elif isinstance(module, nn.GroupNorm):
+            state = self._gn(module, args[0], noisy[0] if noisy else _State())
         elif any(s.total is _UNKNOWN for s in noisy):
             state = _State(_UNKNOWN)
         elif module is not None:
@@ -239,6 +244,22 @@ class NoisePropagator(fx.Interpreter):
         # ReLU mixes local and inherited noise; the local part keeps its share of the variance.
         frac = None if loc is None else torch.where(s.total > 0, loc / s.total.clamp_min(1e-30), torch.zeros_like(tot))
         return _State(tot, None if frac is None else tot * frac, s.tag, mean - z.clamp_min(0))
+
+    def _gn(self, m: nn.GroupNorm, x: torch.Tensor, s: _State) -> _State:
+        """A GroupNorm (normalization groupnorm): recorded at its input like a BN; past it the noise is unknown.
+
+        It divides each sample by that sample's own (noisy) group statistics, a map with no rule here, so
+        its output carries unknown noise (a clean input stays clean).
+        """
+        rec = self.records.get(m)
+        fed, self._fed = self._fed, False
+        if s.total is _UNKNOWN:
+            if rec is not None:
+                rec.unknown = True
+            return _State(_UNKNOWN)
+        if rec is not None:
+            rec.add(x, s.total, self._local(s) if fed else None, s.mu)
+        return _State() if s.total is None else _State(_UNKNOWN)
 
     def _bn(self, m: _BatchNorm, x: torch.Tensor, s: _State) -> _State:
         rec = self.records.get(m)
