@@ -61,3 +61,24 @@ def test_part_files_are_compacted_as_the_sweep_goes(tmp_path: Path) -> None:
     assert len(files) == 2 and sum(f.startswith("part-compact-") for f in files) == 1, files
     trials = t.store.read_deduped()[0]
     assert sorted(trials.column("config_hash").to_pylist()) == sorted(hashes)  # nothing lost, nothing twice
+
+
+@pytest.mark.parametrize("changes, want", [
+    ({}, "none-w1-s0-cifar_wrn-d10"),
+    (dict(dropout_placement="pre_conv", dropout_rate=0.2), "pre_conv-bernoulli-0.2-w1-s0-cifar_wrn-d10"),
+    (dict(dropout_placement="pre_conv", dropout_rate=0.2, dropout_schedule="early", dropout_cutoff=2.0),
+     "pre_conv-bernoulli-0.2-early2-w1-s0-cifar_wrn-d10"),
+    (dict(dropout_placement="pre_conv", dropout_rate=0.2, dropout_schedule="early", dropout_cutoff=2.0,
+          dropout_decay="linear"), "pre_conv-bernoulli-0.2-early2-linear-w1-s0-cifar_wrn-d10"),
+    (dict(dropout_placement="pre_conv", dropout_rate=0.2, dropout_schedule="late", dropout_cutoff=2.5),
+     "pre_conv-bernoulli-0.2-late2.5-w1-s0-cifar_wrn-d10"),
+    (dict(normalization="groupnorm", norm_groups=8), "none-groupnorm8-w1-s0-cifar_wrn-d10"),
+    (dict(dropout_placement="pre_conv", dropout_type="dropblock", dropout_rate=0.1, dropout_block_size=3),
+     "pre_conv-dropblock-0.1-b3-w1-s0-cifar_wrn-d10"),
+])
+def test_run_names_tell_every_setting_apart(changes: dict, want: str) -> None:
+    """The live display and MLflow's name column: early dropout never reads as dropout for the whole run."""
+    from search.config import TrialConfig
+    from search.sweep.tracking import run_name
+
+    assert run_name(TrialConfig(backbone="cifar_wrn", depth=10, epochs=6, **changes)) == want

@@ -414,6 +414,14 @@ def run_name(cfg: TrialConfig) -> str:
     `pre_bn-bernoulli-0.5-w4-s0-cifar_wrn-d10`: the runs table's name column shows what tells runs apart."""
     drop = (cfg.dropout_placement if cfg.dropout_placement == "none"
             else f"{cfg.dropout_placement}-{cfg.dropout_type}-{cfg.dropout_rate:g}")
+    # Settings left at their default say nothing; a set one tells its trial apart (e.g. early dropout from
+    # dropout for the whole run, `pre_conv-bernoulli-0.2-early2-linear-w1-s0-...`).
+    if cfg.dropout_block_size is not None:
+        drop += f"-b{cfg.dropout_block_size}"
+    if cfg.dropout_schedule is not None:
+        drop += f"-{cfg.dropout_schedule}{cfg.dropout_cutoff:g}" + (f"-{cfg.dropout_decay}" if cfg.dropout_decay else "")
+    if cfg.normalization is not None:
+        drop += f"-{cfg.normalization}" + (f"{cfg.norm_groups}" if cfg.norm_groups is not None else "")
     return f"{drop}-w{cfg.width:g}-s{cfg.seed}-{cfg.backbone}-d{cfg.depth}"
 
 
