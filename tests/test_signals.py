@@ -250,3 +250,16 @@ def test_driver_signals_are_taken_and_handed_back_and_an_ignored_one_stays_ignor
     finally:
         for sig, h in before.items():
             signal.signal(sig, h)
+
+
+def test_list_into_a_closed_pipe_is_sigpipe_141_not_a_traceback(tmp_path: Path) -> None:
+    """`search.run --list | head -1`: a BrokenPipeError before any sweep was a traceback (or 'error: [Errno 32]',
+    exit 2, as if the input were bad). Now one line on stderr and 141."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line: the first write meets the closed pipe, always
+    proc = subprocess.Popen([PY, "-m", "search.run", "--list"], cwd=tmp_path, env=_env(), stdout=write,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_terminal_signals)
+    os.close(write)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err[-3000:]
+    assert err.strip() == "interrupted by SIGPIPE before the sweep started: nothing was trained", err[-3000:]

@@ -260,7 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     # stopped, from here to the end (search/sweep/signals.py); handed back as it was when main returns.
     guard = DriverSignals().install()
     try:
-        return _main(args)
+        rc = _main(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit (which says exit 120)
+        return rc
+    except BrokenPipeError:  # stdout's reader went away before the sweep started (`--list | head -1`): SIGPIPE
+        from search.sweep.signals import mute_closed_outputs
+
+        guard.raised = True
+        mute_closed_outputs()
+        try:
+            print("interrupted by SIGPIPE before the sweep started: nothing was trained", file=sys.stderr)
+        except OSError:
+            pass
+        return exit_code("SIGPIPE")
     finally:
         guard.restore()
 
@@ -318,6 +330,8 @@ def _main(args: argparse.Namespace) -> int:
                 _check_staged(args.data_dir, configs + ([] if args.algo == "grid" else
                                                         reachable_configs(args, overrides)))
         args.ablation_plan = ablation  # written by the driver once it holds the sweep's lock
+    except BrokenPipeError:
+        raise  # SIGPIPE, not bad input (main says so)
     except (ConfigError, UsageError, ValueError, FileNotFoundError, ConnectionError, PermissionError,
             OSError) as e:
         if args.debug:

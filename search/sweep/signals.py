@@ -13,7 +13,9 @@ local Ray's processes orphaned. `DriverSignals` is installed by `search.run` for
 
 A signal its parent set to be ignored (SIGHUP under nohup) stays ignored. Signals during the clean-up are
 ignored: it is what makes the state truthful. SIGPIPE: the output whose reader went away is sent to
-/dev/null first, so the clean-up and the last line (on stderr) do not die on it.
+/dev/null, so the clean-up and the last line (on stderr) do not die on it; the BrokenPipeError of the write
+that met it is handled as the signal (in Tune's callbacks it stops the tuner; elsewhere it unwinds as
+`Signalled` does), and the handler itself raises nothing.
 """
 from __future__ import annotations
 
@@ -92,7 +94,13 @@ class DriverSignals:
     def _handler(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if signum == getattr(signal, "SIGPIPE", None):
+            # The write that met the closed pipe raises BrokenPipeError where it was, which the driver handles as
+            # this signal; raising here too would land inside that handling. Later writes go to /dev/null.
             mute_closed_outputs()
+            if self.abort is not None and not self.abort.signal:
+                self.abort.signal = name
+            self.received = self.received or name
+            return
         if self.raised:
             return  # cleaning up after the first signal: let it finish
         if self.abort is not None and not self.abort.signal:
