@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from spaces._defaults import FOLLOW_UP_PLACEMENTS
 
 from .fit import MeanTest, mean_test
-from .load import EXPERIMENT_FIELDS, column_floats
+from .load import EXPERIMENT_FIELDS, column_floats, constant_schedule
 
 __all__ = ["Comparison", "Level", "placement_comparison", "schedule_comparison", "KIM_REFERENCE",
            "FOLLOW_UP_PLACEMENTS", "PLACEMENT_ORDER", "schedule_label", "METRICS"]
@@ -35,7 +35,9 @@ __all__ = ["Comparison", "Level", "placement_comparison", "schedule_comparison",
 PLACEMENT_ORDER = ("none", "pre_bn", "pre_conv", "post_conv", "post_bn", "post_add", "pre_pool", "head")
 KIM_REFERENCE = "pre_conv"  # Kim et al.'s recommended branch position (their code and ours put it in one place)
 
-METRICS = ("test_acc", "test_loss", "mean_shift_fed")  # compared per pair (train_loss is not: see the note)
+# Compared per pair. train_loss is measured in train mode at the rate in force in the last epoch, so it compares
+# only trials that end at rate 0 (no dropout, early dropout): `Level.final_rate` says which.
+METRICS = ("test_acc", "test_loss", "mean_shift_fed", "train_loss", "dropout_rate_final")
 _SCHEDULE_FIELDS = ("dropout_schedule", "dropout_cutoff", "dropout_decay")
 
 
@@ -46,6 +48,12 @@ class Level:
     label: str
     n: int  # seeds with an ok trial at this level
     means: dict[str, float]  # metric -> mean over those seeds
+
+    @property
+    def ends_without_dropout(self) -> bool:
+        """Every seed's last step ran at rate 0 (no dropout, or early dropout): its train_loss is comparable
+        with no dropout's (NaN final rate, as in trials recorded before schedules, counts as not known)."""
+        return self.label == "none" or self.means.get("dropout_rate_final") == 0.0
     vs_none: dict[str, MeanTest]  # metric -> level - no dropout, paired by seed
     vs_reference: dict[str, MeanTest]  # metric -> level - the reference level, paired by seed
 
@@ -82,6 +90,7 @@ def placement_comparison(trials: pa.Table, level: float = 0.95) -> list[Comparis
     tables already).
     """
     ok = _ok(trials)
+    ok = ok.filter(constant_schedule(ok))  # a placement's level is its dropout for the whole run
     if ok.num_rows == 0 or not set(FOLLOW_UP_PLACEMENTS) & set(ok.column("dropout_placement").to_pylist()):
         return []
     # The setting: every experiment field but the placement, kind, rate and seed; `none` trials join
@@ -107,11 +116,13 @@ def schedule_comparison(trials: pa.Table, level: float = 0.95) -> list[Compariso
     varying = [f for f in EXPERIMENT_FIELDS if f in ok.column_names and f not in
                ("dropout_placement", "dropout_type", "dropout_rate", "dropout_block_size", "seed",
                 *_SCHEDULE_FIELDS)]
-    return _compare(ok, varying, factor="schedule", reference="constant", label=schedule_label,
-                    subgroup=lambda r: None if schedule_label(r) == "none" else
-                    (("dropout_placement", r["dropout_placement"]), ("dropout_type", r["dropout_type"]),
-                     ("dropout_rate", r["dropout_rate"])),
-                    level=level)
+    comps = _compare(ok, varying, factor="schedule", reference="constant", label=schedule_label,
+                     subgroup=lambda r: None if schedule_label(r) == "none" else
+                     (("dropout_placement", r["dropout_placement"]), ("dropout_type", r["dropout_type"]),
+                      ("dropout_rate", r["dropout_rate"])),
+                     level=level)
+    # Only the dropout settings a schedule other than constant ran at (the others compare placements).
+    return [c for c in comps if any(lv.label not in ("none", "constant") for lv in c.levels)]
 
 
 # ----------------------------------------------------------------------- helpers

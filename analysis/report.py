@@ -215,8 +215,10 @@ def literature_tables(a: Analysis) -> list[Table]:
             continue
         key, title, name = _LITERATURE[comps[0].factor]
         ref = comps[0].reference
+        schedules = comps[0].factor == "schedule"
         t = Table(key, title, ["setting", name, "n", "acc (%)", "vs none (pp)", lvl, f"vs {ref} (pp)", lvl,
-                               "test loss vs none", "mean shift fed", "method"])
+                               "test loss vs none", "mean shift fed", "method"]
+                  + (["train loss vs none", lvl] if schedules else []))
         for c in comps:
             setting = ", ".join(f"{k}={fmt_width(v) if k == 'width' else v}" for k, v in c.setting) or "-"
             for lv in c.levels:
@@ -226,14 +228,21 @@ def literature_tables(a: Analysis) -> list[Table]:
                                _f(dr.mean, 2, 100, True), _ci(dr.low, dr.high, 2, 100),
                                _f(dl.mean, 3, sign=True), _f(lv.means["mean_shift_fed"], 3),
                                _method(dn, dr)])
+                if schedules:  # final train loss, only where the last epoch ran without dropout (comparable)
+                    tl = lv.vs_none["train_loss"]
+                    t.rows[-1] += ([_f(tl.mean, 3, sign=True), _ci(tl.low, tl.high, 3)]
+                                   if lv.ends_without_dropout else ["n/a (ends with dropout on)", NA])
         t.note = (f"n: seeds with an ok trial. Differences are paired by seed (the same initial weights and data "
                   f"order) over the seeds both levels ran; method: t over the pairs (a {lvl}), sign-flip "
                   f"where every pair differs alike (no interval), not testable below {MIN_UNITS} pairs. The "
                   f"reference rows compare with themselves (n/a). mean shift fed: the mean variance shift of the "
                   f"BN layers the dropout feeds (n/a where it feeds none).")
-        if comps[0].factor == "schedule":
+        if schedules:
             t.note += (" The shift is measured as the network ends training, with the rate in force then: an "
-                       "early schedule ends at rate 0, so its sites inject nothing and it has no fed shift.")
+                       "early schedule ends at rate 0, so its fed BN layers show only what is left without noise "
+                       "(~1). train loss: the mean training loss of the last epoch, in train mode at the rate in "
+                       "force, so it is compared with no dropout's only for schedules that end at rate 0 (Liu et "
+                       "al.'s underfitting measure); a lower value fits the training set better.")
         tabs.append(t)
     return tabs
 
@@ -694,6 +703,8 @@ SECTIONS = [  # (heading, table keys, figure stem prefixes)
     ("The mechanism: three predictions vs the measurement", ["mechanism", "mechanism_paper", "width_mechanism"],
      ["decomposition"]),
     ("Factor importance", ["factors_test_acc", "factors_mean_shift"], []),
+    ("The follow-up literature: where dropout goes, and when it is on", ["kim2023", "liu2023"],
+     ["literature_placements", "literature_schedules"]),
     ("One-factor-at-a-time ablation", ["ablation"], []),
     ("Per-layer metrics", ["layer_metrics"], []),
     ("The paper's numbers beside ours", ["paper"], []),
@@ -749,8 +760,9 @@ def render_markdown(a: Analysis, full: Study, tables: list[Table], gls: list[Gui
     else:
         out += ["No guideline: no fit in this study has an interval that supports a statement.", ""]
     for heading, keys, stems in SECTIONS:
-        if keys in (["ablation"], ["layer_metrics"]) and keys[0] not in by:
-            continue  # only a study run with --ablate (with registered per-layer metrics) has this section
+        if keys in (["ablation"], ["layer_metrics"], ["kim2023", "liu2023"]) and not any(k in by for k in keys):
+            continue  # only a study run with --ablate (registered per-layer metrics; the literature's placements
+            # or schedules) has this section
         out += [f"## {heading}", ""]
         out += [md_table(by[k]) for k in keys if k in by]
         for f in figs:

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from analysis.literature import PLACEMENT_ORDER
 from test_analysis_fit import planted_study
 
 SEEDS = (0, 1, 2, 3, 4)
@@ -104,6 +105,14 @@ def schedule_study() -> pa.Table:
     t = _set(t, "dropout_cutoff", [2.0 if c[1] else None for c in cell], pa.float64())
     t = _set(t, "dropout_decay", [c[2] for c in cell], pa.string())
     t = _set(t, "run_id", [f"r{i}" for i in range(t.num_rows)])
+    # The last epoch's rate: 0 without dropout and after early dropout; early dropout fits the training set
+    # better than none by 0.05 nats (Liu et al.'s claim, planted), with the seeds' spread shared.
+    final = [0.0 if c[0] == "none" or c[1] == "early" else 0.2 for c in cell]
+    t = _set(t, "dropout_rate_final", final, pa.float64())
+    g = np.random.default_rng(3)
+    seed = t.column("seed").to_numpy()
+    loss = 0.5 + g.normal(0, 0.05, max(SEEDS) + 1)[seed] - np.where([c[1] == "early" for c in cell], 0.05, 0.0)
+    t = _set(t, "train_loss", (loss + g.normal(0, 0.001, t.num_rows)).tolist())
     return _accuracy(t, np.array([SCHEDULED[c] for c in cell]))
 
 
@@ -150,6 +159,12 @@ def test_report_has_a_section_for_each_comparison() -> None:
         assert "paired by seed" in t.note
         assert t.rows[0][4] == "n/a" and t.rows[ref][6] == "n/a"  # none vs none, the reference vs itself
         assert all(r[10].startswith("t (detects") for i, r in enumerate(t.rows) if i not in (0, ref))
+        if key == "liu2023":  # train loss against none only where the last epoch ran without dropout
+            loss = {r[1]: (r[11], r[12]) for r in t.rows}
+            assert loss["constant"] == loss["late (cutoff 2)"] == ("n/a (ends with dropout on)", "n/a")
+            for early in ("early (cutoff 2)", "early (cutoff 2, linear)"):
+                lo, hi = (float(x) for x in loss[early][1].strip("[]").split(","))
+                assert lo <= -0.05 <= hi and hi - lo < 0.01, loss[early]
 
 
 def test_figures_show_each_level_in_block_order_with_its_n() -> None:
@@ -171,3 +186,36 @@ def test_figures_show_each_level_in_block_order_with_its_n() -> None:
                                                                        "post_add", "pre_pool", "head")]),
                    ("literature_schedules", ["constant (n = 5)", "early (cutoff 2) (n = 5)",
                                              "early (cutoff 2, linear) (n = 5)", "late (cutoff 2) (n = 5)"])]
+
+
+def test_the_report_renders_the_literature_section(tmp_path) -> None:
+    """analysis.report on a planted study with the follow-up placements: the section, its table and figure."""
+    from analysis.report import main
+    from test_analysis_fit import write_study
+
+    trials, layers = planted_study(placements=tuple(PLACED), widths=(1.0,), rates=(0.2,), seeds=SEEDS)
+    write_study(str(tmp_path / "results"), trials, layers)
+    out = tmp_path / "out"
+    assert main(["--space", "planted", "--root", str(tmp_path / "results"), "--out", str(out), "--n-boot", "100"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## The follow-up literature: where dropout goes, and when it is on" in md
+    assert "**Where one dropout goes in a residual network (Kim et al. 2023)" in md
+    assert "(figures/literature_placements.png)" in md and (out / "figures" / "literature_placements.png").is_file()
+    assert "Early and late dropout" not in md  # no schedule ran: no such table
+    tex = (out / "report.tex").read_text()
+    assert "Kim et al. 2023" in tex and "literature_placements" in tex
+
+
+def test_one_grid_with_both_comparisons_gives_one_table_each() -> None:
+    """The literature space's grid: placements at a constant rate plus pre_conv under each schedule."""
+    from analysis.literature import placement_comparison, schedule_comparison
+
+    both = pa.concat_tables([placement_study(), schedule_study().filter(
+        pa.compute.is_valid(schedule_study().column("dropout_schedule")))], promote_options="default")
+    (places,) = placement_comparison(both)
+    assert [lv.label for lv in places.levels] == list(PLACEMENT_ORDER) and places.setting == (
+        ("dropout_type", "bernoulli"), ("dropout_rate", 0.2))  # the early/late trials are not pre_conv's level
+    (scheds,) = schedule_comparison(both)
+    assert [lv.label for lv in scheds.levels] == ["none", "constant", "early (cutoff 2)", "early (cutoff 2, linear)",
+                                                  "late (cutoff 2)"]
+    assert all(lv.n == len(SEEDS) for lv in scheds.levels)
