@@ -30,6 +30,10 @@ PLACEMENT_TEXT = {
     "pre_bn": "directly before BN (pre_bn, the paper's Dropout-(a))",
     "pre_conv": "before the conv feeding BN (pre_conv, the paper's Dropout-(b))",
     "head": "after all BN, before the classifier (head)",
+    "post_conv": "right after the branch's last conv (post_conv)",
+    "post_bn": "right after the branch's last BN (post_bn)",
+    "post_add": "after the residual add (post_add)",
+    "pre_pool": "on the feature map before global pooling (pre_pool)",
 }
 
 
@@ -257,7 +261,8 @@ def _ci_pp(c: CostCell | ReestRow, level: float) -> str:
 
 
 def _who(a: Analysis, context: tuple, dtype: str, placement: str, rate: float) -> str:
-    ctx = ", ".join(f"{k}={v}" for k, v in context if k in a.context)
+    # A field at its None default (no schedule, the models' own normalization) says nothing in a sentence.
+    ctx = ", ".join(f"{k}={v}" for k, v in context if k in a.context and v is not None)
     where = f" on {ctx}" if ctx else ""
     return f"with {dtype} dropout at {_rate(dtype, rate)} {PLACEMENT_TEXT.get(placement, placement)}{where}"
 
@@ -323,7 +328,8 @@ def _width_guidelines(a: Analysis) -> list[Guideline]:
 
 
 def _who_cfg(a: Analysis, e: WidthEffect) -> str:
-    ctx = ", ".join(f"{k}={v}" for k, v in e.context if k in a.context or k in ("backbone", "depth"))
+    ctx = ", ".join(f"{k}={v}" for k, v in e.context if (k in a.context or k in ("backbone", "depth"))
+                    and v is not None)
     return (f"on {ctx} with {e.dropout_type} dropout at {_rate(e.dropout_type, e.dropout_rate)} "
             f"{PLACEMENT_TEXT.get(e.dropout_placement, e.dropout_placement)}")
 
