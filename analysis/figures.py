@@ -166,7 +166,8 @@ def _grid(rows: int, cols: int, w: float = 3.6, h: float = 3.0, **share: object)
 
 
 def _ctx_label(key: dict, varying: list[str]) -> str:
-    return ", ".join(f"{k}={key[k]}" for k in varying)
+    """'k=v, ...' of the context fields that vary, a field at its None default (no schedule) left out."""
+    return ", ".join(f"{k}={key[k]}" for k in varying if key[k] is not None)
 
 
 def _shift_by_layer(a: Analysis, **_: object):
