@@ -219,3 +219,21 @@ def test_report_html_embeds_figures_and_renders_the_markdown(tmp_path: Path) -> 
     assert "<blockquote><strong>Warning.</strong> careful</blockquote>" in page
     assert '<img src="data:image/png;base64,iVBORw0KGgpmYWtl" alt="A &amp; B">' in page
     assert '<em>A &amp; B</em> (<a href="figures/a.pdf">PDF</a>)' in page
+
+
+def test_the_summary_tells_a_schedule_apart_within_100_columns() -> None:
+    """The end-of-sweep best/worst tables: early dropout never reads as dropout for the whole run."""
+    from search.sweep.driver import _table
+
+    base = dict(width=1.0, dropout_type="bernoulli", dropout_rate=0.2, seed=3, test_acc=0.8312, test_acc_reest=0.8401,
+                mean_shift=1.1, max_shift=1.3)
+    rows = [dict(base, dropout_placement="post_conv", dropout_schedule="early", dropout_cutoff=2.0,
+                 dropout_decay="linear"),
+            dict(base, dropout_placement="pre_conv", dropout_schedule="late", dropout_cutoff=2.5),
+            dict(base, dropout_placement="pre_conv")]
+    head, *lines = _table(rows, schedules=True)
+    assert head.split() == ["width", "placement", "type", "rate", "schedule", "seed", "test_acc", "acc_reest",
+                            "mean_shift", "max_shift"]
+    assert [ln.split()[4] for ln in lines] == ["early2-lin", "late2.5", "-"]
+    assert all(len(ln) <= 100 for ln in [head, *lines])
+    assert "schedule" not in _table(rows[2:])[0]  # a sweep without schedules keeps its table

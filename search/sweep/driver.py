@@ -387,12 +387,26 @@ SUMMARY_COLUMNS = {"width": "width", "dropout_placement": "placement", "dropout_
                    "mean_shift": "mean_shift", "max_shift": "max_shift"}
 
 
-def _table(rows: list[dict[str, Any]]) -> list[str]:
-    """Rows of SUMMARY_COLUMNS as aligned lines, each column as wide as its widest cell."""
+def _schedule_cell(r: dict[str, Any]) -> str:
+    """A drop-rate schedule, compact: '-' (the rate for the whole run), 'early2', 'early2-lin', 'late2.5'."""
+    if not r.get("dropout_schedule"):
+        return "-"
+    return f"{r['dropout_schedule']}{r['dropout_cutoff']:g}" + ("-lin" if r.get("dropout_decay") == "linear" else "")
+
+
+def _table(rows: list[dict[str, Any]], schedules: bool = False) -> list[str]:
+    """Rows of SUMMARY_COLUMNS as aligned lines, each column as wide as its widest cell; with `schedules`
+    (some trial of the sweep had one) a schedule column after the rate, so early dropout never reads as
+    dropout for the whole run."""
     cells = [[_fmt(r.get(c), c) for c in SUMMARY_COLUMNS] for r in rows]
     heads = list(SUMMARY_COLUMNS.values())
+    if schedules:
+        at = heads.index("rate") + 1
+        heads.insert(at, "schedule")
+        for row, r in zip(cells, rows):
+            row.insert(at, _schedule_cell(r))
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
-    left = {1, 2}  # names read left-aligned, numbers right-aligned
+    left = {1, 2} | ({heads.index("schedule")} if schedules else set())  # names left-aligned, numbers right
     line = lambda vals: "  " + "  ".join(v.ljust(w) if i in left else v.rjust(w)  # noqa: E731
                                           for i, (v, w) in enumerate(zip(vals, widths)))
     return [line(heads).rstrip()] + [line(row).rstrip() for row in cells]
@@ -417,7 +431,7 @@ def _summary(tracker: Tracker, hashes: set[str] | None, args: argparse.Namespace
         k = min(5, (len(ok) + 1) // 2)
         for title, part in (("best", ok[:k]), ("worst", ok[-k:][::-1])):
             print(f"\n{title} {k} by test accuracy:")
-            print("\n".join(_table(part)))
+            print("\n".join(_table(part, schedules=any(r.get("dropout_schedule") for r in ok))))
     store = tracker.store
     print(f"\nresults:  {store.path('trials')}  and  {store.path('layers')}  (Parquet)")
     # A tracking server is its own UI; a sqlite store is viewed with `mlflow ui`.
