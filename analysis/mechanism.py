@@ -140,17 +140,19 @@ def closed_form(L: pa.Table) -> np.ndarray:
     """The paper's closed form per fed layer from the measured inputs: case (a) for pre_bn, case (b) for pre_conv
     with rho, D = d cos^2 (so cos^2 = D / d), c_in and v_in of the dropout's input (NaN where any is missing or
     the kind has no closed form)."""
-    from .theory import closed_form_kinds, predict_layer_shift
+    from .theory import closed_form_kinds, placement_cases, predict_layer_shift
 
     out = np.full(L.num_rows, math.nan)
     if L.num_rows == 0:
         return out
     c, v, rho, dc, d = (column_floats(L, k) for k in ("c_in", "v_in", "rho", "d_cos2", "fan_in"))
     codes, keys = group_codes(L, DROPOUT_KEYS)
-    kinds = closed_form_kinds()
+    kinds, cases = closed_form_kinds(), placement_cases()
     for g, (kind, placement, rate) in enumerate(keys):
         m = codes == g
-        if kind not in kinds:
+        # A kind without the closed form, or a placement with no case of the paper's (post_add: case (a) in a
+        # pre-activation family, (b) in a post-activation one; the theory's 1 there would read as a prediction).
+        if kind not in kinds or cases.get(placement) is None:
             continue
         try:
             with np.errstate(divide="ignore", invalid="ignore"):

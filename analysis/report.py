@@ -360,8 +360,9 @@ def mechanism_tables(a: Analysis) -> list[Table]:
                "propagation error", "propagation 90th pct", f"propagation <= {TARGET:.0%}"],
               note=miss if a.mechanism_missing else
               "Medians over dropout-fed BN layers. frozen (measured): BN input variance with dropout on and BN "
-              "frozen over its eval-mode variance. closed form: the paper's case (a) (pre_bn) or case (b) (pre_conv) "
-              "from the measured rho, d cos^2(theta), c_in and v_in; local identity: the exact extra variance the "
+              "frozen over its eval-mode variance. closed form: the paper's case (a) (pre_bn, post_conv) or case (b) "
+              "(pre_conv, post_bn) from the measured rho, d cos^2(theta), c_in and v_in; n/a for post_add, which "
+              "is case (a) in a pre-activation family and (b) in a post-activation one; local identity: the exact extra variance the "
               "feeding dropout alone injects (1 + excess_local); propagation: the local identity plus the noise "
               "earlier dropouts send down the residual stream, carried through the network (shift_theory; "
               "docs/theory.md). error: median |prediction - frozen| / frozen.")

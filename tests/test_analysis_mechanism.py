@@ -1,6 +1,8 @@
 """analysis.mechanism and the report's mechanism sections on planted layers with known answers."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -146,3 +148,20 @@ def test_report_shows_the_mechanism_and_old_results_say_what_is_missing(tmp_path
     md = open(f"{out}/report.md").read()
     assert "columns missing: c_in, v_in, d_cos2, rho, shift_frozen, shift_theory" in md
     assert not (tmp_path / "rep_old" / "figures" / "decomposition.png").exists()
+
+
+def test_no_closed_form_for_a_placement_without_the_papers_case() -> None:
+    """post_add is case (a) in a pre-activation family and (b) in a post-activation one: the closed form is
+    n/a there, not the theory's 1 (which the mechanism table would print as a prediction 23% off)."""
+    import pyarrow as pa
+
+    from analysis.mechanism import closed_form
+    from analysis.theory import predict_layer_shift
+
+    L = pa.table(dict(dropout_type=["bernoulli"] * 3, dropout_placement=["pre_bn", "post_conv", "post_add"],
+                      dropout_rate=[0.2] * 3, c_in=[0.4] * 3, v_in=[0.3] * 3, rho=[0.1] * 3, d_cos2=[3.0] * 3,
+                      fan_in=[144] * 3))
+    got = closed_form(L)
+    want_a = float(predict_layer_shift("bernoulli", "pre_bn", 0.2, 0.4, 0.3))
+    assert got[0] == pytest.approx(want_a) and got[1] == pytest.approx(want_a)  # post_conv is case (a) too
+    assert math.isnan(got[2])
