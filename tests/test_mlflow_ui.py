@@ -315,3 +315,31 @@ def test_eta_weighs_the_trials_left_by_their_cost(monkeypatch: pytest.MonkeyPatc
     q.started("a", "a")
     q.finished("a", "ok", "a: ok")
     assert q.eta() == pytest.approx(10.0 * 2)
+
+
+def _red_pixels(path) -> int:
+    """Pixels of the preview in matplotlib's tab:red (the bars of layers fed by dropout)."""
+    import numpy as np
+    from PIL import Image
+
+    px = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.abs(px - np.array([214, 39, 40])).sum(axis=2) < 30).sum())
+
+
+def test_a_groupnorm_trials_preview_draws_its_frozen_measurement(tmp_path) -> None:
+    """GroupNorm layers have no running statistics (shift NaN): the preview draws their train/eval input-variance
+    ratio instead of empty bars; without either there is nothing red to draw."""
+    import dataclasses
+
+    from search.results import LayerShift
+    from search.sweep.artifacts import write_layers_png
+
+    req = {f.name: 0 for f in dataclasses.fields(LayerShift) if f.default is dataclasses.MISSING
+           and f.default_factory is dataclasses.MISSING}
+    rows = [LayerShift(**dict(req, name=f"gn{i}", index=i, fed_by_dropout=True, shift=float("nan"),
+                              shift_frozen=1.3, norm_type="groupnorm")) for i in range(4)]
+    write_layers_png(str(tmp_path / "gn.png"), rows, "groupnorm trial")
+    blank = [dataclasses.replace(r, shift_frozen=float("nan")) for r in rows]
+    write_layers_png(str(tmp_path / "blank.png"), blank, "nothing measured")
+    # Only the legend's red patch (~560 px) where nothing is drawn; the bars cover ~200,000 px.
+    assert _red_pixels(tmp_path / "gn.png") > 50_000 and _red_pixels(tmp_path / "blank.png") < 2_000

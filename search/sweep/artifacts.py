@@ -7,6 +7,7 @@ state, no display), once per driver.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from search.results import LayerShift, column_names, layer_metrics
@@ -55,11 +56,17 @@ def write_layers_png(path: str, layers: list[LayerShift], title: str) -> None:
     fig.subplots_adjust(left=0.12, right=0.98, bottom=0.16, top=0.84)
     ax = fig.add_subplot()
     fed = [bool(x.fed_by_dropout) for x in rows]
-    ax.bar([x.index for x in rows], [x.shift for x in rows], width=0.75,
+    values, ylabel, what = [x.shift for x in rows], "variance shift", "BN layer"
+    if not any(math.isfinite(v) for v in values):
+        # GroupNorm layers have no running statistics, so no shift: their train/eval input-variance ratio
+        # (the frozen measurement) is what there is to show (docs/normalization.md).
+        values = [x.shift_frozen for x in rows]
+        ylabel, what = "train / eval input variance\n(no running statistics)", "norm layer"
+    ax.bar([x.index for x in rows], [v if math.isfinite(v) else 0.0 for v in values], width=0.75,
            color=["tab:red" if f else "0.65" for f in fed], edgecolor="none")
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xlabel("BN layer (execution order)")
-    ax.set_ylabel("variance shift")
+    ax.set_xlabel(f"{what} (execution order)")
+    ax.set_ylabel(ylabel, fontsize=7 if "\n" in ylabel else None)
     fig.text(0.01, 0.97, title, fontsize=8, va="top")  # not set_title: its auto-placement measures every tick
     ax.set_ylim(bottom=0)
     if len(rows) <= 24:  # an integer tick per layer while they stay readable

@@ -376,7 +376,8 @@ class Tracker:
             from concurrent.futures import ThreadPoolExecutor
 
             self._previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-previews")
-        self._previews.submit(self._log_previews, run_id, run_name(cfg), list(layers))
+        if layers:  # a model without norm layers (normalization none) has nothing to draw
+            self._previews.submit(self._log_previews, run_id, run_name(cfg), list(layers))
 
     def _log_folder(self, run_id: str, folder: str) -> None:
         uri = self._artifact_uri.get(run_id)
