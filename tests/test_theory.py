@@ -164,7 +164,7 @@ def test_predict_layer_shift_maps_the_framework_vocabulary() -> None:
 
 @pytest.mark.parametrize("args, match", [
     (("dropconnect", "pre_bn", 0.1), "dropout_type.*bernoulli, gaussian, uout"),
-    (("bernoulli", "post_bn", 0.1), "dropout_placement.*pre_bn"),
+    (("bernoulli", "after_bn", 0.1), "dropout_placement.*pre_bn"),
     (("bernoulli", "pre_bn", 1.0), r"dropout_rate.*\[0, 1\).*1\.0"),
     (("uout", "pre_bn", -0.1), r"dropout_rate.*-0\.1"),
 ])
