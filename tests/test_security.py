@@ -204,8 +204,9 @@ def _payloads(marker: Path) -> dict[str, bytes]:
         "builtins.exec": pickle.dumps({b"data": _Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
                                        b"labels": []}),
         "builtins.open": pickle.dumps({b"data": _Payload(builtins.open, str(marker), "w"), b"labels": []}),
-        # protocol 0: GLOBAL numpy.load, then a call: an allowed module with a name that is not allowed
-        "numpy-other-name": b"cnumpy\nload\n(S'%s'\ntR." % str(marker).encode(),
+        # GLOBAL numpy.load, then a call, as the value of a dict (the batch files' shape, protocol 2, which the
+        # header check lets through): an allowed module with a name that is not allowed
+        "numpy-other-name": b"\x80\x02}(U\x04datacnumpy\nload\n(S'%s'\ntRu." % str(marker).encode(),
     }
 
 
