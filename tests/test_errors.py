@@ -204,6 +204,10 @@ CASES = [
     Case("trial-corrupt-idx", "search.trial.cli",
          "--dataset fashion_mnist --image-size 16 --in-chans 1 --data-dir {idx_corrupt}",
          ("train-labels-idx1-ubyte: not a readable idx file of dataset 'fashion_mnist'",)),
+    Case("trial-corrupt-idx-uri", "search.trial.cli",
+         "--dataset fashion_mnist --image-size 16 --in-chans 1 --data-dir file://{idx_corrupt}",
+         ("--data-dir 'file://", "(staged at ", "train-labels-idx1-ubyte: not a readable idx file of dataset "
+          "'fashion_mnist'")),
     Case("report-out-not-regular", "analysis.report", "--space smoke --root {study} --out {out_fifo} --no-figures",
          ("--out", "report.md' is a named pipe (FIFO), not a regular file", "writing would replace it")),
     Case("tracking-db-not-regular", "search.run", f"{S} --tracking-uri sqlite:///{{fifo}}",

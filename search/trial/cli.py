@@ -89,10 +89,11 @@ def _preflight(cfg: TrialConfig) -> TrialConfig:
 
     check_trials([cfg.to_dict()])  # a URI's files are checked once staged (run_trial's reader)
     if cfg.data_dir and "://" in cfg.data_dir:
-        from search.sweep.staging import check_data_uri, stage_data_dir
+        from search.sweep.staging import check_data_uri, stage_and_check
 
         check_data_uri(cfg.data_dir, stage_here=True)
-        cfg = cfg.replace(data_dir=stage_data_dir(cfg.data_dir))
+        # The dataset's file check on the staged copy, as every sweep trial runs it: one line naming the URI.
+        cfg = cfg.replace(data_dir=stage_and_check(cfg.data_dir, cfg.dataset))
     return cfg
 
 
