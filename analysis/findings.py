@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .fit import mean_ci
-from .load import Study, load_study
+from .load import Study, constant_schedule, load_study
 from .report import select_profile
 
-__all__ = ["Finding", "findings", "main"]
+__all__ = ["Finding", "findings", "main", "paper_setting"]
 
 HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "cannot be tested here"
 
@@ -34,9 +36,22 @@ class Finding:
     lines: list[str] = field(default_factory=list)
 
 
+def paper_setting(trials: pa.Table) -> pa.Array:
+    """Row mask: the paper's setting, dropout at one rate for the whole run with BatchNorm (no drop-rate schedule,
+    normalization at its default). The findings are about that setting; an early/late schedule or a GroupNorm
+    trial would sit in a (type, placement, rate) cell beside trials that mean something else."""
+    mask = constant_schedule(trials)
+    if "normalization" in trials.column_names:
+        norm = trials.column("normalization")
+        mask = pc.and_(mask, pc.fill_null(pc.equal(norm, "batchnorm"), True))
+    return mask
+
+
 def _rows(study: Study) -> list[dict]:
-    return study.ok().trials.select(["backbone", "dataset", "width", "seed", "dropout_type", "dropout_placement",
-                                     "dropout_rate", "test_acc", "test_acc_reest", "mean_shift_fed"]).to_pylist()
+    t = study.ok().trials
+    return t.filter(paper_setting(t)).select(
+        ["backbone", "dataset", "width", "seed", "dropout_type", "dropout_placement", "dropout_rate", "test_acc",
+         "test_acc_reest", "mean_shift_fed"]).to_pylist()
 
 
 def _by(rows: list[dict], **where) -> dict[tuple, dict]:
@@ -75,6 +90,7 @@ def findings(study: Study) -> list[Finding]:
     f = Finding(1, "the shift grows with the drop rate; Dropout-(a) (pre_bn) shifts more than (b) (pre_conv); WRN "
                    "shifts least", HOLDS)
     misses: list[str] = []
+    ab_tested = False
     for t in types:
         for pl in ("pre_bn", "pre_conv"):
             rs = rates[t]
@@ -89,12 +105,19 @@ def findings(study: Study) -> list[Finding]:
             d = _paired(_by(rows, dropout_type=t, dropout_placement="pre_bn", dropout_rate=r),
                         _by(rows, dropout_type=t, dropout_placement="pre_conv", dropout_rate=r), "mean_shift_fed")
             if d:
+                ab_tested = True
                 if not _lo_hi(d)[0] > 0:
                     misses.append(f"{t} {r:g}: pre_bn vs pre_conv")
                 f.lines.append(f"{t} {r:g}: pre_bn minus pre_conv mean shift of fed BNs, paired: {_ci(d)}")
     f.lines.append(f"WRN shifts least: one family here ({', '.join(backbones)}): cannot be tested")
-    f.verdict = (HOLDS + " for rate and (a) > (b)" + (f", except {'; '.join(misses)} (interval holds 0)" if misses
-                 else "") + "; WRN vs other families " + UNTESTABLE)
+    # A part of the claim the study has no two levels of is not tested, so it cannot hold.
+    tested = [what for what, ok in (("rate", any(len(rates[t]) >= 2 for t in types)), ("(a) > (b)", ab_tested))
+              if ok]
+    untested = [w for w in ("rate", "(a) > (b)") if w not in tested]
+    f.verdict = ((HOLDS + " for " + " and ".join(tested) + (f", except {'; '.join(misses)} (interval holds 0)"
+                                                            if misses else "") + "; " if tested else "")
+                 + "".join(f"{w} {UNTESTABLE} (one level); " for w in untested)
+                 + "WRN vs other families " + UNTESTABLE)
     out.append(f)
 
     # 2. BN re-estimation lowers error in every cell; still worse than no dropout.
@@ -203,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"analysis.findings: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     print(text)
+    ok = study.ok().trials
+    if (left := ok.num_rows - pc.sum(paper_setting(ok)).as_py()):
+        print(f"{left} of {ok.num_rows} ok trials left out: a drop-rate schedule or a normalization other than "
+              "BatchNorm (the findings are about constant-rate dropout with BatchNorm; analysis.report has them)")
     for f in findings(study):
         print(f"\n{f.number}. {f.claim}\n   -> {f.verdict}")
         for line in f.lines:

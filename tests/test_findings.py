@@ -50,3 +50,27 @@ def test_cli_prints_every_finding_and_refuses_an_unknown_profile(tmp_path, capsy
     assert main(["--space", "planted", "--root", str(tmp_path), "--profile", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("analysis.findings: error: --profile 'nope'") and err.count("\n") == 1
+
+
+def test_scheduled_and_groupnorm_trials_stay_out_of_the_papers_findings() -> None:
+    """A study that also ran early dropout and GroupNorm: the findings rest on the paper's setting only."""
+    import pyarrow as pa
+
+    from analysis.findings import paper_setting
+
+    t = pa.table(dict(dropout_schedule=[None, "constant", "early", None, None],
+                      normalization=[None, None, None, "groupnorm", "batchnorm"]))
+    assert paper_setting(t).to_pylist() == [True, True, False, False, True]
+    assert paper_setting(pa.table(dict(x=[1, 2]))).to_pylist() == [True, True]  # files from before both axes
+
+
+def test_a_study_with_one_rate_does_not_claim_the_rate_effect() -> None:
+    """Finding 1's rate part needs two rates: with one (the literature study's), it cannot be tested, not 'holds'."""
+    trials, layers = _planted()
+    one = pa.compute.equal(trials.column("dropout_rate"), 0.5)
+    keep = pa.compute.or_(one, pa.compute.equal(trials.column("dropout_placement"), "none"))
+    (f1,) = [f for f in findings(_study(trials.filter(keep), layers)) if f.number == 1]
+    assert f1.verdict == (f"{HOLDS} for (a) > (b); rate {UNTESTABLE} (one level); WRN vs other families "
+                          f"{UNTESTABLE}")
+    (f1,) = [f for f in findings(_study(trials, layers)) if f.number == 1]
+    assert f1.verdict.startswith(f"{HOLDS} for rate and (a) > (b)")
