@@ -53,11 +53,12 @@ def literature() -> Space:
         profiles=dict(
             # 1 + 7 placements + 3 more schedules at pre_conv = 11 configurations on digits, 1 seed: ~3 min.
             quick=Profile(fixed=dict(QUICK, epochs=6), text="WRN-10-1 on digits, 6 epochs, cutoff 2"),
-            # The study of docs/results.md: 11 configurations x 4 seeds = 44 trials; a trial at 6 epochs costs
-            # ~50 CPU-s (WRN-10-1, 16 px, 3000 images; 10,000 test images after every epoch), ~20 min on 2 cores.
+            # The study of docs/results.md: 11 configurations x 6 seeds = 66 trials; a trial at 6 epochs costs
+            # ~35-50 CPU-s (WRN-10-1, 16 px, 3000 images; 10,000 test images after every epoch), ~20-25 min on
+            # 2 cores.
             fashion=Profile(fixed=dict(FASHION, epochs=6),
                             text="WRN-10-1 on Fashion-MNIST (16 px, 3000 training images, 6 epochs, cutoff 2)",
-                            seeds=4),
+                            seeds=6),
             # WRN-28-10 on CIFAR-10 for 200 epochs; Liu et al.'s cutoff is 50 of 300 epochs on ImageNet (1/6).
             paper=Profile(fixed=dict(PAPER, depth=28, width=10.0),
                           axes=dict(dropout_rate=rate_axis((0.1, 0.3)), dropout_cutoff=[33.0]),
