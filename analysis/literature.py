@@ -139,7 +139,7 @@ def _compare(t: pa.Table, fields: list[str], *, factor: str, reference: str, lab
     values = {m: column_floats(t, m) for m in METRICS}
     for i, r in enumerate(rows):
         r["_i"] = i
-    shared = [f for f in fields if len({_key(r.get(f)) for r in rows}) > 1]  # what tells settings apart
+    shared = [f for f in fields if len({repr(r.get(f)) for r in rows}) > 1]  # what tells settings apart
     settings: dict[tuple, list[dict]] = {}
     for r in rows:
         settings.setdefault(tuple((f, r.get(f)) for f in shared), []).append(r)
@@ -173,10 +173,6 @@ def _rank(label: str) -> int:
     order = (*PLACEMENT_ORDER, "constant", "early", "late")
     word = label.split(" ")[0]
     return order.index(word) if word in order else len(order)
-
-
-def _key(v: Any) -> Any:
-    return repr(v)
 
 
 def _per_seed(rows: list[dict], values: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:

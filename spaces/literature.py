@@ -53,9 +53,9 @@ def literature() -> Space:
         profiles=dict(
             # 1 + 7 placements + 3 more schedules at pre_conv = 11 configurations on digits, 1 seed: ~3 min.
             quick=Profile(fixed=dict(QUICK, epochs=6), text="WRN-10-1 on digits, 6 epochs, cutoff 2"),
-            # The study of docs/results.md: 11 configurations x 6 seeds = 66 trials; a trial at 6 epochs costs
-            # ~35-50 CPU-s (WRN-10-1, 16 px, 3000 images; 10,000 test images after every epoch), ~20-25 min on
-            # 2 cores.
+            # The study of docs/results.md: 11 configurations x 6 seeds = 66 trials (WRN-10-1, 16 px, 3000 images;
+            # 10,000 test images after every epoch). Measured on 2 cores: 44 trials in 997 s with other jobs
+            # loading the machine, 22 in 185 s idle.
             fashion=Profile(fixed=dict(FASHION, epochs=6),
                             text="WRN-10-1 on Fashion-MNIST (16 px, 3000 training images, 6 epochs, cutoff 2)",
                             seeds=6),
